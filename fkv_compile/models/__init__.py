@@ -1,0 +1,6 @@
+"""Miniature AR video diffusion models reproducing the cache and attention code of real pipelines."""
+
+from .rollout import RolloutInputs, build, make_inputs, new_caches, rollout
+from .self_forcing import CausalVideoDiT, MiniConfig
+
+__all__ = ["MiniConfig", "CausalVideoDiT", "RolloutInputs", "build", "make_inputs", "new_caches", "rollout"]

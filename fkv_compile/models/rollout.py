@@ -1,0 +1,98 @@
+"""A Self Forcing-style AR rollout: chunk by chunk, a few denoising steps, then a clean pass that commits the chunk.
+
+The pipeline (not the model) allocates the per-layer caches, as the real pipelines do, and the
+same (possibly compiled) model is called ``len(steps) + 1`` times per chunk at the same position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .self_forcing import CausalVideoDiT, CrossCache, KVCache, MiniConfig
+
+__all__ = ["RolloutInputs", "make_inputs", "new_caches", "rollout", "build"]
+
+DENOISING_STEPS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
+
+
+@dataclass
+class RolloutInputs:
+    """Everything random a rollout consumes, drawn up front so that runs are comparable."""
+
+    context: torch.Tensor  # [B, Lt, text_dim]
+    noise: list[list[torch.Tensor]]  # per chunk, per denoising step: [B, C, C_in, H, W]
+
+
+def build(cfg: MiniConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> CausalVideoDiT:
+    """The miniature with seeded random weights, in eval mode."""
+    torch.manual_seed(seed)
+    return CausalVideoDiT(cfg).to(dtype).eval()
+
+
+def make_inputs(
+    cfg: MiniConfig, *, batch: int = 1, chunks: int, seed: int = 0, dtype: torch.dtype = torch.float32,
+    steps: Sequence[float] = DENOISING_STEPS,
+) -> RolloutInputs:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, cfg.chunk_frames, cfg.in_channels, cfg.latent_height, cfg.latent_width)
+    context = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=gen).to(dtype)
+    noise = [[torch.randn(shape, generator=gen).to(dtype) for _ in steps] for _ in range(chunks)]
+    return RolloutInputs(context=context, noise=noise)
+
+
+def new_caches(cfg: MiniConfig, *, batch: int, dtype: torch.dtype) -> tuple[list[KVCache], list[CrossCache]]:
+    """Per-layer self-attention caches (dense, preallocated) and cross-attention caches."""
+    lc = cfg.cache_frames * cfg.frame_tokens
+    shape = (batch, lc, cfg.num_heads, cfg.head_dim)
+    kv = [
+        {
+            "k": torch.zeros(shape, dtype=dtype),
+            "v": torch.zeros(shape, dtype=dtype),
+            "global_end_index": torch.tensor([0], dtype=torch.long),
+            "local_end_index": torch.tensor([0], dtype=torch.long),
+        }
+        for _ in range(cfg.num_layers)
+    ]
+    text_shape = (batch, cfg.text_len, cfg.num_heads, cfg.head_dim)
+    cross = [
+        {"k": torch.zeros(text_shape, dtype=dtype), "v": torch.zeros(text_shape, dtype=dtype), "is_init": False}
+        for _ in range(cfg.num_layers)
+    ]
+    return kv, cross
+
+
+@torch.no_grad()
+def rollout(
+    model: nn.Module | Callable[..., torch.Tensor],
+    cfg: MiniConfig,
+    inputs: RolloutInputs,
+    *,
+    steps: Sequence[float] = DENOISING_STEPS,
+    on_chunk: Callable[[int], None] | None = None,
+) -> list[torch.Tensor]:
+    """Generate ``len(inputs.noise)`` chunks; returns the denoised latents of every chunk.
+
+    Flow matching: ``x_t = (1 - t) x0 + t noise``, the model predicts ``noise - x0``. The clean
+    pass at ``t = 0`` writes the chunk's keys and values into the caches for the next chunk.
+    """
+    batch, dtype = inputs.context.shape[0], inputs.context.dtype
+    kv_cache, cross_cache = new_caches(cfg, batch=batch, dtype=dtype)
+    outputs = []
+    for chunk, noises in enumerate(inputs.noise):
+        start = chunk * cfg.chunk_frames * cfg.frame_tokens
+        x = noises[0]
+        for i, t in enumerate(steps):
+            tt = torch.full((batch, cfg.chunk_frames), t * 1000.0, dtype=dtype)
+            flow = model(x, tt, inputs.context, kv_cache, cross_cache, start)
+            x0 = x - t * flow
+            x = x0 if i + 1 == len(steps) else (1 - steps[i + 1]) * x0 + steps[i + 1] * noises[i + 1]
+        zero = torch.zeros((batch, cfg.chunk_frames), dtype=dtype)
+        model(x, zero, inputs.context, kv_cache, cross_cache, start)
+        outputs.append(x)
+        if on_chunk is not None:
+            on_chunk(chunk)
+    return outputs

@@ -1,0 +1,263 @@
+"""A miniature Self Forcing-style causal video DiT, written from scratch.
+
+It reproduces the code path a compiler pass meets in Self Forcing (Wan2.1-based, see
+shared/reference/MODELS.md) at any size: dict KV caches allocated by the caller with int64 index
+tensors read by ``.item()``, RMSNorm on q/k over the model dim, 3-axis complex RoPE at absolute
+positions with a ``.tolist()`` loop, in-place slice writes, a rolling window with a protected sink,
+``fill_`` index updates, per-frame adaLN modulation, a cross-attention cache filled on first use,
+and SDPA in ``[B, H, L, D]`` after transposes. Every size comes from :class:`MiniConfig`, so the
+same classes run at real size (dim 1536, 12 heads, 30 layers, 1560 tokens per frame).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MiniConfig", "CausalVideoDiT", "KVCache", "CrossCache"]
+
+KVCache = dict  # {"k", "v": [B, Lc, H, D], "global_end_index", "local_end_index": int64 [1]}
+CrossCache = dict  # {"k", "v": [B, Lt, H, D], "is_init": bool}
+
+
+@dataclass(frozen=True)
+class MiniConfig:
+    """Sizes of the miniature. ``window_frames=None`` is global attention (cache = whole video)."""
+
+    dim: int = 256
+    num_heads: int = 2
+    num_layers: int = 2
+    ffn_dim: int = 512
+    in_channels: int = 16
+    latent_height: int = 8
+    latent_width: int = 12
+    patch: tuple[int, int] = (2, 2)
+    chunk_frames: int = 3
+    num_frames: int = 21
+    window_frames: int | None = None
+    sink_frames: int = 3
+    text_len: int = 20
+    text_dim: int = 64
+    freq_dim: int = 64
+    rope_positions: int = 1024
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.latent_height // self.patch[0], self.latent_width // self.patch[1]
+
+    @property
+    def frame_tokens(self) -> int:
+        h, w = self.grid
+        return h * w
+
+    @property
+    def cache_frames(self) -> int:
+        return self.num_frames if self.window_frames is None else self.window_frames
+
+
+def _rope_table(head_dim: int, positions: int) -> torch.Tensor:
+    """Complex128 ``[positions, head_dim / 2]``: temporal, height, width bands side by side (Wan split)."""
+    c = head_dim // 2
+    parts = [c - 2 * (c // 3), c // 3, c // 3]
+    tables = []
+    for part in parts:
+        inv = 1.0 / (10000 ** (torch.arange(part, dtype=torch.float64) / part))
+        angles = torch.outer(torch.arange(positions, dtype=torch.float64), inv)
+        tables.append(torch.polar(torch.ones_like(angles), angles))
+    return torch.cat(tables, dim=1)
+
+
+def rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor, start_frame: int) -> torch.Tensor:
+    """Rotate ``x [B, L, H, D]`` at absolute frame positions ``start_frame + f`` (3-axis, complex128)."""
+    n, c = x.size(2), x.size(3) // 2
+    bands = freqs.split([c - 2 * (c // 3), c // 3, c // 3], dim=1)
+    out = []
+    for i, (f, h, w) in enumerate(grid_sizes.tolist()):
+        seq = f * h * w
+        xi = torch.view_as_complex(x[i, :seq].to(torch.float64).reshape(seq, n, -1, 2))
+        fi = torch.cat(
+            [
+                bands[0][start_frame : start_frame + f].view(f, 1, 1, -1).expand(f, h, w, -1),
+                bands[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
+                bands[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
+            ],
+            dim=-1,
+        ).reshape(seq, 1, -1)
+        xi = torch.view_as_real(xi * fi).flatten(2)
+        out.append(torch.cat([xi, x[i, seq:]]))
+    return torch.stack(out).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class CausalSelfAttention(nn.Module):
+    """Self-attention of one chunk against the layer's KV cache (append, or roll with a sink)."""
+
+    def __init__(self, cfg: MiniConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
+        self.sink_size = cfg.sink_frames if cfg.window_frames is not None else 0
+        self.max_attention_tokens = cfg.cache_frames * cfg.frame_tokens
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        grid_sizes: torch.Tensor,
+        freqs: torch.Tensor,
+        kv_cache: KVCache,
+        current_start: int,
+    ) -> torch.Tensor:
+        b, s = x.shape[:2]
+        n, d = self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, s, n, d)
+        k = self.norm_k(self.k(x)).view(b, s, n, d)
+        v = self.v(x).view(b, s, n, d)
+
+        frame_tokens = math.prod(grid_sizes[0][1:]).item()
+        current_start_frame = current_start // frame_tokens
+        roped_q = rope_apply(q, grid_sizes, freqs, current_start_frame).type_as(v)
+        roped_k = rope_apply(k, grid_sizes, freqs, current_start_frame).type_as(v)
+
+        current_end = current_start + s
+        sink_tokens = self.sink_size * frame_tokens
+        cache_size = kv_cache["k"].shape[1]
+        global_end = kv_cache["global_end_index"].item()
+        local_end_prev = kv_cache["local_end_index"].item()
+        if self.sink_size and current_end > global_end and s + local_end_prev > cache_size:
+            # evict the oldest non-sink tokens: roll the history left, keep the sink in place
+            evicted = s + local_end_prev - cache_size
+            rolled = local_end_prev - evicted - sink_tokens
+            src = slice(sink_tokens + evicted, sink_tokens + evicted + rolled)
+            kv_cache["k"][:, sink_tokens : sink_tokens + rolled] = kv_cache["k"][:, src].clone()
+            kv_cache["v"][:, sink_tokens : sink_tokens + rolled] = kv_cache["v"][:, src].clone()
+            local_end = local_end_prev + current_end - global_end - evicted
+        else:
+            local_end = local_end_prev + current_end - global_end
+        local_start = local_end - s
+        kv_cache["k"][:, local_start:local_end] = roped_k
+        kv_cache["v"][:, local_start:local_end] = v
+        window = slice(max(0, local_end - self.max_attention_tokens), local_end)
+        out = F.scaled_dot_product_attention(
+            roped_q.transpose(1, 2), kv_cache["k"][:, window].transpose(1, 2), kv_cache["v"][:, window].transpose(1, 2)
+        ).transpose(1, 2)
+        kv_cache["global_end_index"].fill_(current_end)
+        kv_cache["local_end_index"].fill_(local_end)
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention to the text; its k/v are computed once per video into ``cross_cache``."""
+
+    def __init__(self, cfg: MiniConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, cross_cache: CrossCache) -> torch.Tensor:
+        b, n, d = x.shape[0], self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, -1, n, d)
+        if not cross_cache["is_init"]:
+            cross_cache["is_init"] = True
+            cross_cache["k"] = self.norm_k(self.k(context)).view(b, -1, n, d)
+            cross_cache["v"] = self.v(context).view(b, -1, n, d)
+        k, v = cross_cache["k"], cross_cache["v"]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MiniConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.self_attn = CausalSelfAttention(cfg)
+        self.cross_attn = CrossAttention(cfg)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e, grid_sizes, freqs, context, kv_cache, cross_cache, current_start):
+        frames = e.shape[1]
+        # e: [B, F, 6, C]: shift/scale/gate for attention and FFN, one set per frame
+        e = (self.modulation.unsqueeze(1) + e).chunk(6, dim=2)
+
+        def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return (h.unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2)
+
+        def gated(h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+            return (h.unflatten(1, (frames, -1)) * gate).flatten(1, 2)
+
+        y = self.self_attn(modulate(self.norm1(x), e[0], e[1]), grid_sizes, freqs, kv_cache, current_start)
+        x = x + gated(y, e[2])
+        x = x + self.cross_attn(self.norm3(x), context, cross_cache)
+        y = self.ffn(modulate(self.norm2(x), e[3], e[4]))
+        return x + gated(y, e[5])
+
+
+def _sinusoidal(dim: int, t: torch.Tensor) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t.to(torch.float64), freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class CausalVideoDiT(nn.Module):
+    """Denoises one chunk of latent frames given the KV caches of all earlier frames.
+
+    ``forward(x [B, F, C_in, H, W], t [B, F], context [B, Lt, text_dim], kv_cache, cross_cache,
+    current_start)`` returns the flow prediction with x's shape; ``kv_cache`` and ``cross_cache``
+    are lists of one dict per layer, allocated by the caller (see :mod:`.rollout`).
+    """
+
+    def __init__(self, cfg: MiniConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=(1, *cfg.patch), stride=(1, *cfg.patch))
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.head_modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+        self.head = nn.Linear(cfg.dim, cfg.in_channels * math.prod(cfg.patch))
+        # a plain attribute, as in Wan: Module.to(dtype) would cast a complex buffer to real
+        self.freqs = _rope_table(cfg.head_dim, cfg.rope_positions)
+
+    def forward(self, x, t, context, kv_cache, cross_cache, current_start: int):
+        cfg = self.cfg
+        b, frames = x.shape[:2]
+        h = self.patch_embedding(x.transpose(1, 2))  # [B, C, F, h, w]
+        grid_sizes = torch.tensor([h.shape[2:]] * b, dtype=torch.long)
+        h = h.flatten(2).transpose(1, 2)  # [B, F * h * w, C]
+        e = self.time_embedding(_sinusoidal(cfg.freq_dim, t.flatten()).type_as(h))  # [B * F, C]
+        e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (b, frames))  # [B, F, 6, C]
+        ctx = self.text_embedding(context)
+        for i, block in enumerate(self.blocks):
+            h = block(h, e0, grid_sizes, self.freqs, ctx, kv_cache[i], cross_cache[i], current_start)
+        shift, scale = (self.head_modulation.unsqueeze(1) + e.unflatten(0, (b, frames)).unsqueeze(2)).chunk(2, dim=2)
+        h = (self.head_norm(h).unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2)
+        out = self.head(h)  # [B, F * h * w, C_in * ph * pw]
+        gh, gw = cfg.grid
+        ph, pw = cfg.patch
+        out = out.view(b, frames, gh, gw, cfg.in_channels, ph, pw)
+        return out.permute(0, 1, 4, 2, 5, 3, 6).reshape(b, frames, cfg.in_channels, gh * ph, gw * pw)

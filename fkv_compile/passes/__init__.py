@@ -1,0 +1,69 @@
+"""Graph passes over the dynamo FX graph (torch-level IR) that a ``forcing_kv`` backend call receives.
+
+Invariants every pass keeps:
+
+- only attention nodes the matchers accept are touched; everything else stays exactly as traced,
+  and every declined attention call gets a report row with its reason;
+- a new node gets an ``example_value`` from its op's fake implementation;
+- no new aliasing: the custom ops return fresh tensors and mutate nothing;
+- no dead-code elimination: ``eliminate_dead_code`` on a dynamo graph deletes in-place cache
+  writes (``setitem``, ``fill_``), so the passes erase only the nodes they replace;
+- no buffers owned by the backend inside the graph: run-time state lives in
+  :mod:`fkv_compile.runtime`, reached through integer ids baked into the op calls.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.fx as fx
+
+from ..plan import PlanError
+from ..runtime import Session
+from .attention import AttentionSite, Declined, find_attention_sites
+from .rewrite import lint_and_recompile, rewrite_site
+
+__all__ = ["SiteError", "run_passes", "AttentionSite", "Declined", "find_attention_sites"]
+
+log = logging.getLogger("fkv_compile")
+
+
+class SiteError(RuntimeError):
+    """``strict=True`` and an attention call over a cache window could not be rewritten."""
+
+
+def _check_heads(site: AttentionSite, session: Session) -> None:
+    heads = site.q.meta["example_value"].shape[1]
+    if isinstance(heads, int) and heads != session.plan.num_heads:
+        raise PlanError(
+            f"plan does not match the model: num_heads: plan has {session.plan.num_heads}, the attention at "
+            f"{site.node.name} (keys from {site.k_window.source}) has {heads}"
+        )
+
+
+def run_passes(gm: fx.GraphModule, session: Session) -> None:
+    """Find the attention sites of ``gm``, record them in ``session``, and rewrite them per its mode."""
+    graph_id = session.graphs
+    session.graphs += 1
+    sites, declined = find_attention_sites(gm.graph)
+    for site in sites:
+        _check_heads(site, session)
+    for no in declined:
+        if no.candidate and session.strict:
+            raise SiteError(f"strict: attention {no.node.name} in graph {graph_id} left dense: {no.reason}")
+        session.new_site(graph=graph_id, node=no.node.name, pattern="-", action="left alone", reason=no.reason)
+        log.info("graph %d: %s left alone: %s", graph_id, no.node.name, no.reason)
+    for site in sites:
+        record = session.new_site(
+            graph=graph_id,
+            node=site.node.name,
+            pattern="cache-window" + (" (+writes)" if site.writes_in_graph else ""),
+            action="found" if session.mode == "off" else "rewritten",
+            cache=site.k_window.source,
+            layer_key=site.layer_key_kind,
+        )
+        if session.mode != "off":
+            rewrite_site(gm, site, mode=session.mode, session=session.id, site_id=record.site)
+        log.info("graph %d: %s over %s: %s", graph_id, site.node.name, record.cache, record.action)
+    if sites and session.mode != "off":
+        lint_and_recompile(gm)

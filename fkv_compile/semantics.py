@@ -1,0 +1,181 @@
+"""The specification: which KV tokens each head keeps in one attention call, and the masked-dense oracle.
+
+Everything else (the select path in :mod:`fkv_compile.select`, future kernels and stores) implements
+this rule independently and is tested against it. The code here favours being obviously right over
+being fast: loops over frames and segments, plain torch, runs on CPU in float64.
+
+Shape legend: ``B`` batch, ``H`` heads, ``Lq``/``Lk`` query/key tokens, ``D`` head dim,
+``F`` tokens per frame, ``C`` frames per chunk, ``P`` segments per frame.
+
+The rule (DESIGN.md, "The contract"; Forcing-KV, arXiv 2605.09681), for a window of
+``n = Lk / F`` frames whose last ``C`` frames are the current chunk, ``h = n - C`` history frames:
+
+- sink = frames ``[0, min(S, h))``; recent = ``[max(S, h - R), h)``;
+  dynamic candidates = ``[max(S, h - R - N_c), h - R)``; the current chunk is always kept;
+- segment ``j`` of a frame = tokens ``[floor(j F / P), floor((j + 1) F / P))``;
+- similarity of a candidate segment = mean over its tokens of the cosine between the token's key
+  and the key of the same token in the next frame;
+- ``k = min(floor(N_c P r + 0.5), candidate segments available)``; keep the ``k`` lowest
+  similarities, ties to the lower (frame-major) index;
+- a call whose ``Lq != C F`` or whose ``Lk`` is not a whole number of frames (or holds fewer than
+  ``C`` frames) stays dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .plan import HeadPlan, RoleParams
+
+__all__ = [
+    "COSINE_EPS",
+    "WindowLayout",
+    "window_layout",
+    "segment_bounds",
+    "segment_similarity",
+    "select_segments",
+    "keep_mask",
+    "oracle_attention",
+]
+
+COSINE_EPS = 1e-8
+"""Norms below this are clamped in the cosine, so all-zero keys have similarity 0, not NaN."""
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """Frame structure of one attention call's KV window."""
+
+    frame_tokens: int
+    chunk_frames: int
+    frames: int
+
+    @property
+    def history(self) -> int:
+        return self.frames - self.chunk_frames
+
+    def sink(self, p: RoleParams) -> range:
+        return range(0, min(p.sink_frames, self.history))
+
+    def recent(self, p: RoleParams) -> range:
+        return range(max(p.sink_frames, self.history - p.recent_frames), self.history)
+
+    def candidates(self, p: RoleParams) -> range:
+        end = self.history - p.recent_frames
+        return range(max(p.sink_frames, end - p.candidate_frames), end)
+
+    def current(self) -> range:
+        return range(self.history, self.frames)
+
+    def tokens(self, frames: range) -> range:
+        return range(frames.start * self.frame_tokens, frames.stop * self.frame_tokens) if frames else range(0)
+
+
+def window_layout(lq: int, lk: int, frame_tokens: int, chunk_frames: int) -> WindowLayout | None:
+    """The window's frame layout, or ``None`` when the call does not fit the geometry (stays dense)."""
+    if lq != chunk_frames * frame_tokens or lk % frame_tokens != 0 or lk < lq:
+        return None
+    return WindowLayout(frame_tokens=frame_tokens, chunk_frames=chunk_frames, frames=lk // frame_tokens)
+
+
+def segment_bounds(frame_tokens: int, segments: int) -> list[tuple[int, int]]:
+    """Token bounds ``[start, end)`` of each raster band of a frame."""
+    return [(j * frame_tokens // segments, (j + 1) * frame_tokens // segments) for j in range(segments)]
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine over the last dim, computed in at least float32."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    a, b = a.to(dtype), b.to(dtype)
+    na = a.norm(dim=-1).clamp_min(COSINE_EPS)
+    nb = b.norm(dim=-1).clamp_min(COSINE_EPS)
+    return (a * b).sum(-1) / (na * nb)
+
+
+def segment_similarity(keys: torch.Tensor, layout: WindowLayout, p: RoleParams) -> torch.Tensor:
+    """Similarity of every candidate segment, frame-major.
+
+    keys: ``[B, G, Lk, E]``: ``G`` independent selections (one per head, or 1 for heads
+    concatenated into ``E = heads * D``). Returns ``[B, G, len(candidates) * P]``.
+    """
+    f = layout.frame_tokens
+    sims = []
+    for frame in layout.candidates(p):
+        for start, end in segment_bounds(f, p.segments_per_frame):
+            here = keys[:, :, frame * f + start : frame * f + end]
+            nxt = keys[:, :, (frame + 1) * f + start : (frame + 1) * f + end]
+            sims.append(_cosine(here, nxt).mean(-1))
+    if not sims:
+        return keys.new_zeros((keys.shape[0], keys.shape[1], 0), dtype=torch.promote_types(keys.dtype, torch.float32))
+    return torch.stack(sims, dim=-1)
+
+
+def select_segments(similarity: torch.Tensor, p: RoleParams) -> torch.Tensor:
+    """Indices of the ``k`` lowest similarities along the last dim, ties to the lower index, sorted."""
+    k = min(p.selected_segments, similarity.shape[-1])
+    order = torch.sort(similarity, dim=-1, stable=True).indices[..., :k]
+    return torch.sort(order, dim=-1).values
+
+
+def _selection_keys(k: torch.Tensor, heads: tuple[int, ...], selection: str) -> torch.Tensor:
+    """``[B, G, Lk, E]`` keys the selection runs over: per head, or dynamic heads concatenated."""
+    dyn = k[:, list(heads)]  # [B, Hd, Lk, D]
+    if selection == "head":
+        return dyn
+    return dyn.transpose(1, 2).flatten(2).unsqueeze(1)  # [B, 1, Lk, Hd * D]
+
+
+def keep_mask(k: torch.Tensor, plan: HeadPlan, layer: int, lq: int) -> torch.Tensor:
+    """Boolean ``[B, H, Lk]``: which key tokens each head of ``layer`` keeps. k: ``[B, H, Lk, D]``."""
+    b, num_heads, lk, _ = k.shape
+    if num_heads != plan.num_heads:
+        raise ValueError(f"keys expected {plan.num_heads} heads (plan), got H={num_heads}")
+    mask = torch.ones((b, num_heads, lk), dtype=torch.bool, device=k.device)
+    layout = window_layout(lq, lk, plan.frame_tokens, plan.chunk_frames)
+    if layout is None:
+        return mask
+    for role in ("static", "dynamic"):
+        heads = plan.heads(layer, role)
+        if not heads:
+            continue
+        p = plan.params(role)
+        fixed = torch.zeros(lk, dtype=torch.bool, device=k.device)
+        for frames in (layout.sink(p), layout.recent(p), layout.current()):
+            t = layout.tokens(frames)
+            fixed[t.start : t.stop] = True
+        role_mask = fixed.expand(b, len(heads), lk).clone()
+        if role == "dynamic":
+            keys = _selection_keys(k, heads, plan.selection)
+            chosen = select_segments(segment_similarity(keys, layout, p), p)  # [B, G, k]
+            bounds = segment_bounds(layout.frame_tokens, p.segments_per_frame)
+            candidates = list(layout.candidates(p))
+            for bi in range(b):
+                for g in range(chosen.shape[1]):
+                    rows = range(len(heads)) if keys.shape[1] == 1 else (g,)
+                    for idx in chosen[bi, g].tolist():
+                        frame = candidates[idx // p.segments_per_frame]
+                        start, end = bounds[idx % p.segments_per_frame]
+                        t0 = frame * layout.frame_tokens
+                        for r in rows:
+                            role_mask[bi, r, t0 + start : t0 + end] = True
+        mask[:, list(heads)] = role_mask
+    return mask
+
+
+def oracle_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: HeadPlan,
+    layer: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dense attention over the kept tokens only: SDPA with the keep rule as a boolean mask.
+
+    q: ``[B, H, Lq, D]``, k and v: ``[B, H, Lk, D]``; returns ``[B, H, Lq, D]`` in q's dtype.
+    """
+    mask = keep_mask(k, plan, layer, q.shape[-2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, None, :], scale=scale)
