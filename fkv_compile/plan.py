@@ -149,7 +149,7 @@ class HeadPlan:
         for name, params in (("static", self.static), ("dynamic", self.dynamic)):
             if not isinstance(params, RoleParams):
                 raise PlanError(f"{name} expected RoleParams, got {type(params).__name__}")
-        if self.dynamic.segments_per_frame > self.frame_tokens:
+        if self.count("dynamic") and self.dynamic.segments_per_frame > self.frame_tokens:
             raise PlanError(
                 f"dynamic.segments_per_frame expected <= frame_tokens, got segments_per_frame="
                 f"{self.dynamic.segments_per_frame}, frame_tokens={self.frame_tokens}; every segment "

@@ -93,8 +93,9 @@ def _find_options(compiled: Any) -> Any:
     return None
 
 
-def report(compiled: Any, *, file: TextIO | None = sys.stdout) -> Report:
-    """The report of a model compiled with ``backend="forcing_kv"`` (printed as a table unless ``file=None``).
+def report(compiled: Any, *, print_table: bool = True, file: TextIO | None = None) -> Report:
+    """The report of a model compiled with ``backend="forcing_kv"``, printed as a table to ``file``
+    (standard output by default) unless ``print_table=False``.
 
     Site rows appear once a graph is compiled; layer rows once the rewritten attention ran.
     """
@@ -107,6 +108,6 @@ def report(compiled: Any, *, file: TextIO | None = sys.stdout) -> Report:
         )
     rows = tuple(_layer_row(session, session.layers[i]) for i in sorted(session.layers))
     result = Report(mode=session.mode, graphs=session.graphs, sites=tuple(session.sites), layers=rows)
-    if file is not None:
-        print(result.table(), file=file)
+    if print_table:
+        print(result.table(), file=file or sys.stdout)
     return result

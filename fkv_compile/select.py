@@ -102,25 +102,25 @@ def _role_attention(
     selection: str,
     dynamic: bool,
     scale: float | None,
-) -> tuple[torch.Tensor, float]:
-    """SDPA of one head group over its kept tokens; returns the output and mean kept tokens per head."""
+) -> tuple[torch.Tensor, list[float]]:
+    """SDPA of one head group over its kept tokens; returns the output and kept tokens per head (batch mean)."""
     b = q.shape[0]
     qg = q[:, heads]
     if not dynamic or tables.num_candidates == 0 or p.selected_segments == 0:
         idx = (slice(None), heads[:, None], tables.fixed[None, :])
         kg, vg = k[idx], v[idx]
-        return F.scaled_dot_product_attention(qg, kg, vg, scale=scale), float(tables.fixed.numel())
+        return F.scaled_dot_product_attention(qg, kg, vg, scale=scale), [float(tables.fixed.numel())] * len(heads)
     sel, valid = _selected_tokens(k, heads, tables, p, layout, per_head=selection == "head")
     tokens = torch.cat([tables.fixed.expand(b, sel.shape[1], -1), sel], dim=-1)  # [B, G, T]
     bi = torch.arange(b, device=q.device)[:, None, None]
     hi = heads[None, :, None]
     kg, vg = k[bi, hi, tokens], v[bi, hi, tokens]  # [B, Hd, T, D]
     mask = None
-    kept = float(tokens.shape[-1])
+    kept = [float(tokens.shape[-1])] * len(heads)
     if valid is not None:
         keep = torch.cat([torch.ones_like(tables.fixed, dtype=torch.bool).expand(b, valid.shape[1], -1), valid], -1)
         mask = keep[:, :, None, :].expand(b, len(heads), 1, -1)
-        kept = float(keep.sum(-1).float().mean())
+        kept = keep.sum(-1).double().mean(0).expand(len(heads)).tolist()
     return F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale), kept
 
 
@@ -159,6 +159,6 @@ def compressed_attention(
             q, k, v, heads, tables, p, layout, plan.selection, role == "dynamic", scale
         )
         out[:, heads] = group_out
-        for h in head_list:
-            kept[h] = group_kept
+        for h, count in zip(head_list, group_kept):
+            kept[h] = count
     return out, KeptTokens(kept=tuple(kept), window=lk, layout_fits=True)

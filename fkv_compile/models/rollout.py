@@ -48,13 +48,12 @@ def new_caches(cfg: MiniConfig, *, batch: int, dtype: torch.dtype) -> tuple[list
     """Per-layer self-attention caches (dense, preallocated) and cross-attention caches."""
     lc = cfg.cache_frames * cfg.frame_tokens
     shape = (batch, lc, cfg.num_heads, cfg.head_dim)
+    def index() -> torch.Tensor | int:
+        return torch.tensor([0], dtype=torch.long) if cfg.index_style == "tensor" else 0
+
     kv = [
-        {
-            "k": torch.zeros(shape, dtype=dtype),
-            "v": torch.zeros(shape, dtype=dtype),
-            "global_end_index": torch.tensor([0], dtype=torch.long),
-            "local_end_index": torch.tensor([0], dtype=torch.long),
-        }
+        {"k": torch.zeros(shape, dtype=dtype), "v": torch.zeros(shape, dtype=dtype),
+         "global_end_index": index(), "local_end_index": index()}
         for _ in range(cfg.num_layers)
     ]
     text_shape = (batch, cfg.text_len, cfg.num_heads, cfg.head_dim)
@@ -72,15 +71,17 @@ def rollout(
     inputs: RolloutInputs,
     *,
     steps: Sequence[float] = DENOISING_STEPS,
+    caches: tuple[list[KVCache], list[CrossCache]] | None = None,
     on_chunk: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
     """Generate ``len(inputs.noise)`` chunks; returns the denoised latents of every chunk.
 
     Flow matching: ``x_t = (1 - t) x0 + t noise``, the model predicts ``noise - x0``. The clean
     pass at ``t = 0`` writes the chunk's keys and values into the caches for the next chunk.
+    ``caches`` (fresh, from :func:`new_caches`) lets the caller watch them; by default they are new.
     """
     batch, dtype = inputs.context.shape[0], inputs.context.dtype
-    kv_cache, cross_cache = new_caches(cfg, batch=batch, dtype=dtype)
+    kv_cache, cross_cache = caches if caches is not None else new_caches(cfg, batch=batch, dtype=dtype)
     outputs = []
     for chunk, noises in enumerate(inputs.noise):
         start = chunk * cfg.chunk_frames * cfg.frame_tokens

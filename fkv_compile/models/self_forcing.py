@@ -20,7 +20,7 @@ from torch import nn
 
 __all__ = ["MiniConfig", "CausalVideoDiT", "KVCache", "CrossCache"]
 
-KVCache = dict  # {"k", "v": [B, Lc, H, D], "global_end_index", "local_end_index": int64 [1]}
+KVCache = dict  # {"k", "v": [B, Lc, H, D], "global_end_index", "local_end_index": int64 [1] or int}
 CrossCache = dict  # {"k", "v": [B, Lt, H, D], "is_init": bool}
 
 
@@ -40,6 +40,7 @@ class MiniConfig:
     num_frames: int = 21
     window_frames: int | None = None
     sink_frames: int = 3
+    index_style: str = "tensor"  # "tensor": int64 [1] read with .item(); "int": Python ints in the dict
     text_len: int = 20
     text_dim: int = 64
     freq_dim: int = 64
@@ -107,6 +108,18 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+def _read_index(kv_cache: KVCache, name: str) -> int:
+    value = kv_cache[name]
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _write_index(kv_cache: KVCache, name: str, value: int) -> None:
+    if isinstance(kv_cache[name], torch.Tensor):
+        kv_cache[name].fill_(value)
+    else:
+        kv_cache[name] = value
+
+
 class CausalSelfAttention(nn.Module):
     """Self-attention of one chunk against the layer's KV cache (append, or roll with a sink)."""
 
@@ -140,8 +153,8 @@ class CausalSelfAttention(nn.Module):
         current_end = current_start + s
         sink_tokens = self.sink_size * frame_tokens
         cache_size = kv_cache["k"].shape[1]
-        global_end = kv_cache["global_end_index"].item()
-        local_end_prev = kv_cache["local_end_index"].item()
+        global_end = _read_index(kv_cache, "global_end_index")
+        local_end_prev = _read_index(kv_cache, "local_end_index")
         if self.sink_size and current_end > global_end and s + local_end_prev > cache_size:
             # evict the oldest non-sink tokens: roll the history left, keep the sink in place
             evicted = s + local_end_prev - cache_size
@@ -159,8 +172,8 @@ class CausalSelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             roped_q.transpose(1, 2), kv_cache["k"][:, window].transpose(1, 2), kv_cache["v"][:, window].transpose(1, 2)
         ).transpose(1, 2)
-        kv_cache["global_end_index"].fill_(current_end)
-        kv_cache["local_end_index"].fill_(local_end)
+        _write_index(kv_cache, "global_end_index", current_end)
+        _write_index(kv_cache, "local_end_index", local_end)
         return self.o(out.flatten(2))
 
 

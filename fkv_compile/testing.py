@@ -1,0 +1,89 @@
+"""Equivalence helpers for tests (ours and users'): data-derived error budgets and an eager oracle.
+
+Budgets follow attention-gym: the error allowed to an implementation is a small multiple of the
+error an independent low-precision implementation of the same oracle makes against float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from . import semantics
+from .plan import HeadPlan
+
+__all__ = [
+    "BUDGET_FACTOR",
+    "max_abs_error",
+    "error_budget",
+    "assert_within_budget",
+    "selection_margin",
+    "OracleAttentionMode",
+]
+
+BUDGET_FACTOR = 2.0
+
+
+def max_abs_error(actual: torch.Tensor | Sequence[torch.Tensor], reference: torch.Tensor | Sequence[torch.Tensor]) -> float:
+    """Largest absolute difference, in float64, over a tensor or matching sequences of tensors."""
+    if isinstance(actual, torch.Tensor):
+        actual, reference = [actual], [reference]
+    if len(actual) != len(reference):
+        raise ValueError(f"expected sequences of equal length, got {len(actual)} and {len(reference)}")
+    return max(float((a.double() - r.double()).abs().max()) for a, r in zip(actual, reference))
+
+
+def error_budget(low_precision: Any, reference64: Any, *, factor: float = BUDGET_FACTOR, floor: float = 0.0) -> float:
+    """``factor`` times the error of an independent low-precision implementation against float64."""
+    return max(factor * max_abs_error(low_precision, reference64), floor)
+
+
+def assert_within_budget(actual: Any, reference64: Any, budget: float, what: str = "output") -> None:
+    err = max_abs_error(actual, reference64)
+    if not err <= budget:
+        raise AssertionError(f"{what}: max abs error {err:.3e} exceeds the budget {budget:.3e}")
+
+
+def selection_margin(k: torch.Tensor, plan: HeadPlan, layer: int, lq: int) -> float:
+    """Smallest gap between the last kept and first dropped segment similarity of ``layer`` (float64).
+
+    Kept sets are discrete: when this margin is below the similarity error of a dtype, two correct
+    implementations may keep different segments (a near tie); tests skip or widen such cases.
+    """
+    layout = semantics.window_layout(lq, k.shape[2], plan.frame_tokens, plan.chunk_frames)
+    heads = plan.heads(layer, "dynamic")
+    if layout is None or not heads:
+        return float("inf")
+    p = plan.dynamic
+    dyn = k.double()[:, list(heads)]
+    keys = dyn if plan.selection == "head" else dyn.transpose(1, 2).flatten(2).unsqueeze(1)
+    sims = semantics.segment_similarity(keys, layout, p).sort(dim=-1).values
+    count = min(p.selected_segments, sims.shape[-1])
+    if count == 0 or count == sims.shape[-1]:
+        return float("inf")
+    return float((sims[..., count] - sims[..., count - 1]).min())
+
+
+class OracleAttentionMode(TorchFunctionMode):
+    """Eagerly replace SDPA over the given KV caches by the masked-dense oracle of ``plan``.
+
+    The layer of a call is the index of the cache its keys are a view of; attention over anything
+    else (cross-attention) runs unchanged.
+    """
+
+    def __init__(self, plan: HeadPlan, kv_caches: Sequence[Mapping[str, torch.Tensor]]):
+        super().__init__()
+        self.plan = plan
+        self.layer_of = {c["k"].untyped_storage().data_ptr(): i for i, c in enumerate(kv_caches)}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and len(args) >= 3 and not kwargs.keys() - {"scale"}:
+            layer = self.layer_of.get(args[1].untyped_storage().data_ptr())
+            if layer is not None:
+                return semantics.oracle_attention(*args[:3], self.plan, layer, scale=kwargs.get("scale"))
+        return func(*args, **kwargs)

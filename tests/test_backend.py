@@ -1,0 +1,198 @@
+"""The forcing_kv backend end to end on the Self Forcing-style miniature."""
+
+import pytest
+import torch
+
+import fkv_compile
+from fkv_compile import HeadPlan, PlanError, SiteError
+from fkv_compile.models import rollout
+from fkv_compile.testing import assert_within_budget, error_budget, max_abs_error
+
+from rollouts import GLOBAL, WINDOWED, mixed_plan, run_compiled, run_eager_oracle, setup, to64
+
+CONFIGS = [pytest.param(WINDOWED, id="windowed-sink"), pytest.param(GLOBAL, id="global")]
+
+
+def test_off_is_bit_identical_to_inductor():
+    model, inputs = setup(WINDOWED, torch.float32)
+    plan = mixed_plan(WINDOWED)
+    expected = rollout(torch.compile(model, backend="inductor"), WINDOWED, inputs)
+    torch._dynamo.reset()
+    compiled, got = run_compiled(model, WINDOWED, inputs, plan, "off", lowering="inductor")
+    for chunk, (a, b) in enumerate(zip(got, expected)):
+        assert torch.equal(a, b), f"chunk {chunk} differs"
+    rep = fkv_compile.report(compiled, print_table=False)
+    assert rep.mode == "off" and not rep.layers
+    assert {s.action for s in rep.sites} == {"found", "left alone"}
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_select_and_oracle_match_the_float64_oracle_over_a_rollout(cfg, dtype):
+    model, inputs = setup(cfg, dtype)
+    plan = mixed_plan(cfg)
+    m64, in64 = to64(model, inputs)
+    reference = run_eager_oracle(m64, cfg, in64, plan)
+    budget = error_budget(run_eager_oracle(model, cfg, inputs, plan), reference, floor=1e-6)
+    _, oracle = run_compiled(model, cfg, inputs, plan, "oracle")
+    torch._dynamo.reset()
+    compiled, select = run_compiled(model, cfg, inputs, plan, "select")
+    assert_within_budget(oracle, reference, budget, "oracle")
+    assert_within_budget(select, reference, budget, "select")
+    if dtype == torch.float32:  # compression changes the result beyond fp32 noise: a silent no-op would fail
+        assert max_abs_error(rollout(model, cfg, inputs), reference) > budget
+    rep = fkv_compile.report(compiled, print_table=False)
+    assert [r.layer for r in rep.layers] == list(range(cfg.num_layers))
+    assert all(r.kept_tokens < r.dense_tokens and r.dense_calls == 0 for r in rep.layers)
+
+
+def test_select_under_inductor_matches_oracle():
+    cfg = WINDOWED
+    model, inputs = setup(cfg, torch.float32, batch=2)
+    plan = mixed_plan(cfg, selection="head")
+    m64, in64 = to64(model, inputs)
+    reference = run_eager_oracle(m64, cfg, in64, plan)
+    budget = error_budget(run_eager_oracle(model, cfg, inputs, plan), reference, floor=1e-6)
+    _, select = run_compiled(model, cfg, inputs, plan, "select", lowering="inductor")
+    assert_within_budget(select, reference, budget, "select (inductor)")
+
+
+def test_compiled_oracle_equals_eager_oracle():
+    model, inputs = setup(GLOBAL, torch.float32)
+    plan = mixed_plan(GLOBAL)
+    eager = run_eager_oracle(model, GLOBAL, inputs, plan)
+    _, compiled = run_compiled(model, GLOBAL, inputs, plan, "oracle", lowering="eager")
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
+
+
+def test_one_graph_serves_layers_with_different_plans():
+    cfg = WINDOWED.__class__(**{**WINDOWED.__dict__, "num_layers": 3})
+    model, inputs = setup(cfg, torch.float32)
+    plan = HeadPlan.from_roles([["static", "static"], ["dynamic", "dynamic"], ["dense", "dense"]],
+                               frame_tokens=cfg.frame_tokens, chunk_frames=cfg.chunk_frames)
+    compiled, select = run_compiled(model, cfg, inputs, plan, "select")
+    rep = fkv_compile.report(compiled, print_table=False)
+    rewritten = [s for s in rep.sites if s.action == "rewritten"]
+    assert len(rewritten) < cfg.num_layers * 2  # far fewer graphs than (layer, branch) pairs
+    shared = set.intersection(*(set(r.sites) for r in rep.layers))
+    assert shared, "no compiled attention graph served every layer"
+    f, window = cfg.frame_tokens, 12 * cfg.frame_tokens
+    kept = {r.layer: r.kept_tokens for r in rep.layers}
+    assert kept[0] == (1 + 1 + 3) * f  # static: sink + recent + chunk
+    assert kept[1] == (1 + 1 + 3) * f + 6 * (f // 6)  # dynamic: + 6 selected segments
+    assert kept[2] == window  # dense
+    eager = run_eager_oracle(model, cfg, inputs, plan)
+    assert max_abs_error(select, eager) < 1e-4
+
+
+def test_whole_rollout_without_recompiles_after_warm_up():
+    cfg = WINDOWED
+    model, inputs = setup(cfg, torch.float32)
+    long_inputs = setup(cfg, torch.float32, seed=1)[1]
+    long_inputs.noise = long_inputs.noise * 2  # 12 chunks: more than dynamo's recompile limit of 8
+    compiled = torch.compile(model, backend="forcing_kv", options={"plan": mixed_plan(cfg), "lowering": "aot_eager"})
+    rollout(compiled, cfg, inputs)  # warm-up video: every branch (append, roll) and position class
+    graphs = fkv_compile.report(compiled, print_table=False).graphs
+    with torch.compiler.set_stance("fail_on_recompile"):
+        rollout(compiled, cfg, long_inputs)
+    assert fkv_compile.report(compiled, print_table=False).graphs == graphs
+
+
+def test_indices_as_python_ints():
+    # the index entries of the dict cache hold Python ints instead of tensors read with .item()
+    cfg = WINDOWED.__class__(**{**WINDOWED.__dict__, "index_style": "int"})
+    model, inputs = setup(cfg, torch.float32)
+    plan = mixed_plan(cfg)
+    eager = run_eager_oracle(model, cfg, inputs, plan)
+    compiled, select = run_compiled(model, cfg, inputs, plan, "select")
+    assert max_abs_error(select, eager) < 1e-4
+    rep = fkv_compile.report(compiled, print_table=False)
+    assert [r.layer for r in rep.layers] == [0, 1] and all(r.dense_calls == 0 for r in rep.layers)
+
+
+def _assert_model_still_usable(model, cfg, inputs, expected):
+    torch._dynamo.reset()
+    again = rollout(model, cfg, inputs)
+    assert max_abs_error(again, expected) == 0.0
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({}, "got no plan"),
+        ({"mode": "select"}, "got no plan"),
+        ({"plan": "PLAN", "speed": 2}, r"unknown options \['speed'\]"),
+        ({"plan": 3}, "plan expected a HeadPlan or a path, got int"),
+        ({"plan": "PLAN", "mode": "fast"}, "mode expected one of"),
+        ({"plan": "PLAN", "lowering": "tvm"}, "lowering expected one of"),
+        ({"plan": "PLAN", "strict": "yes"}, "strict expected a bool"),
+        ({"plan": "/nonexistent/plan.json"}, "plan.json"),
+    ],
+)
+def test_bad_options_fail_clearly_and_change_nothing(options, match):
+    cfg = GLOBAL
+    model, inputs = setup(cfg, torch.float32)
+    inputs.noise = inputs.noise[:2]
+    expected = rollout(model, cfg, inputs)
+    options = {k: mixed_plan(cfg) if v == "PLAN" else v for k, v in options.items()}
+    compiled = torch.compile(model, backend="forcing_kv", options=options)
+    with pytest.raises(Exception, match=match):
+        rollout(compiled, cfg, inputs)
+    _assert_model_still_usable(model, cfg, inputs, expected)
+
+
+def test_plan_for_another_model_is_rejected_naming_the_mismatch():
+    cfg = GLOBAL
+    model, inputs = setup(cfg, torch.float32)
+    inputs.noise = inputs.noise[:2]
+    expected = rollout(model, cfg, inputs)
+    wrong_heads = HeadPlan.uniform("static", num_layers=2, num_heads=12, frame_tokens=cfg.frame_tokens, chunk_frames=3)
+    compiled = torch.compile(model, backend="forcing_kv", options={"plan": wrong_heads, "lowering": "aot_eager"})
+    with pytest.raises(Exception, match="num_heads: plan has 12, the attention .* has 2"):
+        rollout(compiled, cfg, inputs)
+    _assert_model_still_usable(model, cfg, inputs, expected)
+    for layers, match in ((4, "num_layers: plan has 4, the model ran 2"), (1, "num_layers: plan has 1, the model runs more")):
+        torch._dynamo.reset()
+        plan = HeadPlan.uniform("static", num_layers=layers, num_heads=2, frame_tokens=cfg.frame_tokens, chunk_frames=3)
+        compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "lowering": "aot_eager"})
+        with pytest.raises(PlanError, match=match):
+            rollout(compiled, cfg, inputs)
+        _assert_model_still_usable(model, cfg, inputs, expected)
+
+
+class MaskedCacheAttention(torch.nn.Module):
+    """Attention over a cache window with an explicit mask: found, but not rewritable."""
+
+    def forward(self, q, cache_k, cache_v, end: int):
+        mask = torch.ones(q.shape[2], end, dtype=torch.bool)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, cache_k[:, :end].transpose(1, 2), cache_v[:, :end].transpose(1, 2), attn_mask=mask)
+
+
+def test_unsupported_attention_is_left_alone_and_reported_or_raises_in_strict_mode():
+    plan = HeadPlan.uniform("static", num_layers=1, num_heads=2, frame_tokens=4, chunk_frames=1)
+    q, ck, cv = torch.randn(1, 2, 4, 8), torch.randn(1, 16, 2, 8), torch.randn(1, 16, 2, 8)
+    module = MaskedCacheAttention()
+    expected = module(q, ck, cv, 12)
+    compiled = torch.compile(module, backend="forcing_kv", options={"plan": plan, "lowering": "eager"})
+    assert torch.equal(compiled(q, ck, cv, 12), expected)
+    (site,) = fkv_compile.report(compiled, print_table=False).sites
+    assert site.action == "left alone" and "attn_mask" in site.reason
+    torch._dynamo.reset()
+    strict = torch.compile(module, backend="forcing_kv", options={"plan": plan, "lowering": "eager", "strict": True})
+    with pytest.raises(Exception, match="strict: attention .* left dense: attention has an explicit attn_mask") as info:
+        strict(q, ck, cv, 12)
+    assert isinstance(info.value.__cause__ or info.value, (SiteError, Exception))
+
+
+def test_report_prints_a_table(capsys):
+    model, inputs = setup(GLOBAL, torch.float32)
+    inputs.noise = inputs.noise[:3]
+    compiled, _ = run_compiled(model, GLOBAL, inputs, mixed_plan(GLOBAL), "select")
+    rep = fkv_compile.report(compiled)
+    printed = capsys.readouterr().out
+    assert printed.strip() == rep.table().strip()
+    assert "kept/dense tokens" in printed and "rewritten" in printed and "left alone" in printed
+    with pytest.raises(ValueError, match="forcing_kv"):
+        fkv_compile.report(model)

@@ -1,0 +1,72 @@
+"""The select path (gather + SDPA per role group) against the float64 masked-dense oracle."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from fkv_compile import HeadPlan
+from fkv_compile.select import compressed_attention
+from fkv_compile.semantics import keep_mask, oracle_attention
+from fkv_compile.testing import assert_within_budget, error_budget, selection_margin
+
+from strategies import attention_inputs, plans
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _low_precision_reference(q, k, v, plan, dtype):
+    """An independent low-precision oracle: masked SDPA in ``dtype``, mask from the same keys."""
+    mask = keep_mask(k.to(dtype), plan, 0, q.shape[2])
+    return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask[:, :, None, :])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@given(data=st.data())
+def test_select_matches_float64_oracle(dtype, data):
+    plan = data.draw(plans())
+    q, k, v = data.draw(attention_inputs(plan))
+    ql, kl, vl = q.to(dtype), k.to(dtype), v.to(dtype)
+    # the kept set is decided on the keys as stored (in dtype); the oracle sees the same values
+    assume(selection_margin(kl, plan, 0, q.shape[2]) > 1e-5)
+    ref = oracle_attention(ql.double(), kl.double(), vl.double(), plan, 0)
+    out, kept = compressed_attention(ql, kl, vl, plan, 0)
+    assert out.dtype == dtype and out.shape == q.shape
+    budget = error_budget(_low_precision_reference(ql.double(), kl.double(), vl.double(), plan, dtype), ref,
+                          floor=8 * torch.finfo(dtype).eps)
+    assert_within_budget(out, ref, budget, f"select {dtype}")
+    mask = keep_mask(kl.double(), plan, 0, q.shape[2])
+    assert kept.kept == pytest.approx(tuple(mask.sum(-1).double().mean(0).tolist()))
+
+
+@given(data=st.data())
+def test_calls_that_do_not_fit_run_dense(data):
+    plan = data.draw(plans())
+    q, k, v = data.draw(attention_inputs(plan, fits=False))
+    assume(q.shape[2] != plan.chunk_tokens or k.shape[2] % plan.frame_tokens)
+    out, kept = compressed_attention(q, k, v, plan, 0)
+    assert not kept.layout_fits
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=0, atol=1e-12)
+
+
+def test_all_dense_plan_is_uncompressed_attention_bit_for_bit():
+    plan = HeadPlan.uniform("dense", num_layers=1, num_heads=4, frame_tokens=7, chunk_frames=3)
+    q, k, v = torch.randn(2, 4, 21, 16), torch.randn(2, 4, 70, 16), torch.randn(2, 4, 70, 16)
+    out, _ = compressed_attention(q, k, v, plan, 0)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("selection", ["layer", "head"])
+def test_uneven_segments_with_strided_inputs(selection):
+    # F % P != 0 gives segments of different lengths (a padding mask inside the group); inputs are
+    # transposed views as the models pass them
+    plan = HeadPlan.from_roles([["dynamic", "static", "dynamic", "dense"]], frame_tokens=7, chunk_frames=2,
+                               segments_per_frame=3, retention=0.5, selection=selection)
+    q = torch.randn(2, 14, 4, 8).transpose(1, 2)
+    k = torch.randn(2, 63, 4, 8).transpose(1, 2)
+    v = torch.randn(2, 63, 4, 8).transpose(1, 2)
+    out, kept = compressed_attention(q, k, v, plan, 0)
+    ref = oracle_attention(q.double(), k.double(), v.double(), plan, 0)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+    assert kept.kept[3] == 63.0 and kept.kept[1] == (1 + 1 + 2) * 7

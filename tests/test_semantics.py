@@ -1,0 +1,118 @@
+"""The keep rule's invariants, checked against a brute-force reading of DESIGN.md's contract."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fkv_compile import HeadPlan
+from fkv_compile.semantics import keep_mask, oracle_attention, segment_bounds, window_layout
+
+from strategies import attention_inputs, plans
+
+
+def _frames_of(mask_row, frame_tokens):
+    return mask_row.view(-1, frame_tokens)
+
+
+@given(st.data())
+def test_keep_rule_invariants(data):
+    plan = data.draw(plans())
+    q, k, v = data.draw(attention_inputs(plan))
+    mask = keep_mask(k, plan, 0, q.shape[2])
+    f, c = plan.frame_tokens, plan.chunk_frames
+    n = k.shape[2] // f
+    h = n - c
+    for head, role in enumerate(plan.roles[0]):
+        frames = mask[:, head].view(mask.shape[0], n, f)
+        # the current chunk is always kept
+        assert frames[:, h:].all()
+        if role == "dense":
+            assert mask[:, head].all()
+            continue
+        p = plan.params(role)
+        sink = set(range(min(p.sink_frames, h)))
+        recent = set(range(max(p.sink_frames, h - p.recent_frames), h))
+        candidates = list(range(max(p.sink_frames, h - p.recent_frames - p.candidate_frames), h - p.recent_frames))
+        for fr in sink | recent:
+            assert frames[:, fr].all()
+        # nothing outside sink, recent, candidates and the chunk
+        for fr in range(h):
+            if fr not in sink | recent and (role == "static" or fr not in candidates):
+                assert not frames[:, fr].any(), (fr, role)
+        if role == "dynamic":
+            budget = min(math.floor(p.candidate_frames * p.segments_per_frame * p.retention + 0.5),
+                         len(candidates) * p.segments_per_frame)
+            bounds = segment_bounds(f, p.segments_per_frame)
+            for b in range(mask.shape[0]):
+                kept_segments = [(fr, j) for fr in candidates for j, (s, e) in enumerate(bounds) if frames[b, fr, s:e].all()]
+                partial = [(fr, j) for fr in candidates for j, (s, e) in enumerate(bounds)
+                           if frames[b, fr, s:e].any() and not frames[b, fr, s:e].all()]
+                assert not partial  # whole segments only
+                assert len(kept_segments) == budget
+
+
+def _brute_similarity(keys, f, frame, start, end):
+    """Mean over tokens of cosine(key of token, key of same token in the next frame), float64."""
+    sims = [F.cosine_similarity(keys[frame * f + t], keys[(frame + 1) * f + t], dim=0, eps=1e-30)
+            for t in range(start, end)]
+    return torch.stack(sims).mean()
+
+
+@given(st.data())
+def test_dynamic_keeps_the_lowest_similarity_segments(data):
+    plan = data.draw(plans())
+    q, k, v = data.draw(attention_inputs(plan, batch=1))
+    mask = keep_mask(k, plan, 0, q.shape[2])
+    heads = plan.heads(0, "dynamic")
+    layout = window_layout(q.shape[2], k.shape[2], plan.frame_tokens, plan.chunk_frames)
+    if not heads:
+        return
+    p = plan.dynamic
+    f = plan.frame_tokens
+    groups = [[h] for h in heads] if plan.selection == "head" else [list(heads)]
+    for group in groups:
+        keys = k[0, group].transpose(0, 1).flatten(1)  # [Lk, heads * D]
+        scored = []
+        for fr in layout.candidates(p):
+            for j, (s, e) in enumerate(segment_bounds(f, p.segments_per_frame)):
+                scored.append((float(_brute_similarity(keys, f, fr, s, e)), fr, s, e))
+        kept = [bool(mask[0, group[0], fr * f + s]) for _, fr, s, e in scored]
+        dropped_sims = [sim for (sim, *_), kk in zip(scored, kept) if not kk]
+        kept_sims = [sim for (sim, *_), kk in zip(scored, kept) if kk]
+        if kept_sims and dropped_sims:
+            assert max(kept_sims) <= min(dropped_sims) + 1e-12
+        for h in group:  # one selection is shared by every head of the group
+            assert torch.equal(mask[0, h], mask[0, group[0]])
+
+
+def test_ties_go_to_the_lower_index():
+    plan = HeadPlan.from_roles([["dynamic"]], frame_tokens=4, chunk_frames=1, sink_frames=0, dynamic_recent_frames=0,
+                               candidate_frames=2, segments_per_frame=2, retention=0.5)
+    k = torch.ones(1, 1, 12, 2, dtype=torch.float64)  # every similarity is exactly 1
+    mask = keep_mask(k, plan, 0, 4)
+    # candidates are frames 0 and 1 (4 segments), k = 2: the two lowest indices, frame 0
+    assert mask[0, 0, :4].all() and not mask[0, 0, 4:8].any()
+
+
+def test_shapes_that_do_not_fit_stay_dense():
+    plan = HeadPlan.from_roles([["static", "dynamic"]], frame_tokens=5, chunk_frames=2, segments_per_frame=5)
+    k = torch.randn(1, 2, 5 * 7 + 1, 4)
+    assert keep_mask(k, plan, 0, 10).all()  # Lk not whole frames
+    assert keep_mask(k[:, :, :35], plan, 0, 9).all()  # Lq not a chunk
+
+
+def test_all_dense_plan_equals_uncompressed_attention():
+    plan = HeadPlan.uniform("dense", num_layers=1, num_heads=3, frame_tokens=6, chunk_frames=2)
+    q, k, v = torch.randn(2, 3, 12, 8), torch.randn(2, 3, 60, 8), torch.randn(2, 3, 60, 8)
+    assert torch.equal(oracle_attention(q, k, v, plan, 0), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_short_windows_keep_what_exists():
+    plan = HeadPlan.from_roles([["static", "dynamic"]], frame_tokens=3, chunk_frames=2, sink_frames=1, recent_frames=1,
+                               segments_per_frame=3)
+    for frames in (2, 3, 4):  # no history, only sink, sink + recent
+        k = torch.randn(1, 2, frames * 3, 4)
+        assert keep_mask(k, plan, 0, 6).all()
