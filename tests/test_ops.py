@@ -19,7 +19,7 @@ def test_opcheck(op):
     plan = HeadPlan.from_roles([["static", "dynamic"]] * 16, frame_tokens=6, chunk_frames=2, segments_per_frame=3)
     s = _session(plan)
     s.new_site(graph=0, node="sdpa", pattern="cache-window", action="rewritten", layer_key="param")
-    key = torch.nn.Parameter(torch.randn(3))
+    key = torch.nn.Parameter(torch.randn(3), requires_grad=False)  # inference-only ops: no autograd formula
     q, k, v = torch.randn(1, 2, 12, 8), torch.randn(1, 2, 48, 8), torch.randn(1, 2, 48, 8)
     torch.library.opcheck(getattr(torch.ops.fkv, op).default, (q, k, v, key, s.id, 0, None))
 
