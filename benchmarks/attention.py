@@ -1,0 +1,72 @@
+"""One attention call at Self Forcing's last-chunk geometry: dense SDPA vs ``select`` (kept tokens only).
+
+The physical limit of the saving is the kept/dense token ratio; the design target is a time ratio
+within 15% of it. Real geometry: 1560 tokens per frame, 12 heads x 128, 21-frame window, 3-frame
+chunk; on a CPU the frame is scaled down (``--frame-tokens``, default 390 = 1/4), which scales
+both sides alike.
+
+    python benchmarks/attention.py [--frame-tokens 390] [--dtype float32] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fkv_compile import HeadPlan
+from fkv_compile.select import compressed_attention
+
+from common import median_seconds, write_results
+
+REFERENCE_PLAN = Path(__file__).resolve().parents[1] / "tests" / "data" / "head_plans" / "forcingkv_heads_selfforcing.json"
+
+
+def plans(frame_tokens: int, heads: int) -> dict[str, HeadPlan]:
+    geometry = {"frame_tokens": frame_tokens, "chunk_frames": 3}
+    reference = HeadPlan.from_reference_json(REFERENCE_PLAN, **geometry)
+    # the reference layer whose static count is closest to the plan's mean (134 / 360 static)
+    mean_static = reference.count("static") / reference.num_layers
+    typical = min(range(reference.num_layers), key=lambda i: abs(reference.roles[i].count("static") - mean_static))
+    return {
+        "all static": HeadPlan.uniform("static", num_layers=1, num_heads=heads, **geometry),
+        "all dynamic": HeadPlan.uniform("dynamic", num_layers=1, num_heads=heads, **geometry),
+        f"self forcing layer {typical}": HeadPlan.from_roles([reference.roles[typical]], **geometry),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frame-tokens", type=int, default=390)
+    parser.add_argument("--window-frames", type=int, default=21)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    f, n, h, d = args.frame_tokens, args.window_frames, args.heads, args.head_dim
+    torch.manual_seed(0)
+    # [B, L, H, D] as the models store it, viewed as [B, H, L, D] for attention (no copies)
+    q = torch.randn(1, 3 * f, h, d, dtype=dtype).transpose(1, 2)
+    k = torch.randn(1, n * f, h, d, dtype=dtype).transpose(1, 2)
+    v = torch.randn(1, n * f, h, d, dtype=dtype).transpose(1, 2)
+    dense = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v), repeats=args.repeats)
+    rows = []
+    print(f"Lq={3 * f} Lk={n * f} H={h} D={d} {args.dtype}, threads={torch.get_num_threads()}")
+    print(f"{'plan':<26} {'kept/dense tokens':>18} {'time ratio':>10} {'select ms':>10} {'dense ms':>9}")
+    for name, plan in plans(f, h).items():
+        _, kept = compressed_attention(q, k, v, plan, 0)
+        token_ratio = sum(kept.kept) / (h * kept.window)
+        t = median_seconds(lambda: compressed_attention(q, k, v, plan, 0), repeats=args.repeats)
+        rows.append({"plan": name, "token_ratio": token_ratio, "time_ratio": t / dense,
+                     "select_ms": 1e3 * t, "dense_ms": 1e3 * dense})
+        print(f"{name:<26} {token_ratio:>18.3f} {t / dense:>10.3f} {1e3 * t:>10.1f} {1e3 * dense:>9.1f}")
+    path = write_results(f"attention_cpu_{args.dtype}_F{f}", {"args": vars(args), "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
