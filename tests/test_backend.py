@@ -152,6 +152,17 @@ def test_plan_for_another_model_is_rejected_naming_the_mismatch():
     with pytest.raises(Exception, match="num_heads: plan has 12, the attention .* has 2"):
         rollout(compiled, cfg, inputs)
     _assert_model_still_usable(model, cfg, inputs, expected)
+    for plan, match in (
+        (HeadPlan.uniform("static", num_layers=2, num_heads=2, frame_tokens=40, chunk_frames=3),
+         "frame_tokens: plan has 40, but the cache .* holds 504 tokens"),
+        (HeadPlan.uniform("static", num_layers=2, num_heads=2, frame_tokens=cfg.frame_tokens, chunk_frames=3,
+                          sink_frames=20), "static budget: keeps 24 frames, more than the model's window of 21"),
+    ):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "lowering": "aot_eager"})
+        with pytest.raises(Exception, match=match):
+            rollout(compiled, cfg, inputs)
+        _assert_model_still_usable(model, cfg, inputs, expected)
     for layers, match in ((4, "num_layers: plan has 4, the model ran 2"), (1, "num_layers: plan has 1, the model runs more")):
         torch._dynamo.reset()
         plan = HeadPlan.uniform("static", num_layers=layers, num_heads=2, frame_tokens=cfg.frame_tokens, chunk_frames=3)
@@ -196,3 +207,13 @@ def test_report_prints_a_table(capsys):
     assert "kept/dense tokens" in printed and "rewritten" in printed and "left alone" in printed
     with pytest.raises(ValueError, match="forcing_kv"):
         fkv_compile.report(model)
+
+
+def test_all_dense_plan_equals_the_uncompressed_model():
+    model, inputs = setup(WINDOWED, torch.float32)
+    plan = HeadPlan.uniform("dense", num_layers=2, num_heads=2, frame_tokens=WINDOWED.frame_tokens, chunk_frames=3)
+    expected = rollout(torch.compile(model, backend="aot_eager"), WINDOWED, inputs)
+    torch._dynamo.reset()
+    _, got = run_compiled(model, WINDOWED, inputs, plan, "select")
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)

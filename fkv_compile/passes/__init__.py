@@ -32,13 +32,22 @@ class SiteError(RuntimeError):
     """``strict=True`` and an attention call over a cache window could not be rewritten."""
 
 
-def _check_heads(site: AttentionSite, session: Session) -> None:
+def _check_plan_fits(site: AttentionSite, session: Session) -> None:
+    """Heads and frame geometry of the plan against the shapes traced at this site (static sizes only)."""
+    plan = session.plan
     heads = site.q.meta["example_value"].shape[1]
-    if isinstance(heads, int) and heads != session.plan.num_heads:
+    where = f"the attention at {site.node.name} (keys from {site.k_window.source})"
+    if isinstance(heads, int) and heads != plan.num_heads:
+        raise PlanError(f"plan does not match the model: num_heads: plan has {plan.num_heads}, {where} has {heads}")
+    cache_tokens = site.k_window.cache.meta["example_value"].shape[site.k_window.dim]
+    if not isinstance(cache_tokens, int):
+        return
+    if cache_tokens % plan.frame_tokens:
         raise PlanError(
-            f"plan does not match the model: num_heads: plan has {session.plan.num_heads}, the attention at "
-            f"{site.node.name} (keys from {site.k_window.source}) has {heads}"
+            f"plan does not match the model: frame_tokens: plan has {plan.frame_tokens}, but the cache of {where} "
+            f"holds {cache_tokens} tokens, not a whole number of frames; make the plan for this resolution"
         )
+    plan.validate_geometry(window_frames=cache_tokens // plan.frame_tokens)
 
 
 def run_passes(gm: fx.GraphModule, session: Session) -> None:
@@ -47,7 +56,7 @@ def run_passes(gm: fx.GraphModule, session: Session) -> None:
     session.graphs += 1
     sites, declined = find_attention_sites(gm.graph)
     for site in sites:
-        _check_heads(site, session)
+        _check_plan_fits(site, session)
     for no in declined:
         if no.candidate and session.strict:
             raise SiteError(f"strict: attention {no.node.name} in graph {graph_id} left dense: {no.reason}")

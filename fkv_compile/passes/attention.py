@@ -35,6 +35,7 @@ class CacheWindow:
     cache: fx.Node
     read: fx.Node
     source: str
+    dim: int  # the sliced (token) dim of the cache
 
 
 @dataclass(frozen=True)
@@ -80,13 +81,13 @@ def _is_view_like(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
 
 
-def _single_slice(index: object) -> bool:
-    """True for an index that slices exactly one dim with step 1 and keeps every other dim whole."""
+def _sliced_dim(index: object) -> int | None:
+    """The dim of an index that slices exactly one dim with step 1 and keeps every other dim whole."""
     items = index if isinstance(index, tuple) else (index,)
     if not items or any(not isinstance(i, slice) for i in items):
-        return False
-    partial = [i for i in items if i != slice(None)]
-    return len(partial) == 1 and partial[0].step in (None, 1)
+        return None
+    partial = [d for d, i in enumerate(items) if i != slice(None)]
+    return partial[0] if len(partial) == 1 and items[partial[0]].step in (None, 1) else None
 
 
 def _trace_window(node: fx.Node) -> CacheWindow | str:
@@ -101,8 +102,9 @@ def _trace_window(node: fx.Node) -> CacheWindow | str:
     if current.op == "call_function" and current.target is operator.getitem:
         base, index = current.args
         if isinstance(base, fx.Node) and base.op == "placeholder":
-            if _single_slice(index):
-                return CacheWindow(cache=base, read=current, source=_source_name(base))
+            dim = _sliced_dim(index)
+            if dim is not None:
+                return CacheWindow(cache=base, read=current, source=_source_name(base), dim=dim)
             return f"cache {_source_name(base)} is read with an index the pass does not support: {index!r}"
     return "keys/values are not read from a cache input"
 
