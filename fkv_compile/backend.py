@@ -71,8 +71,8 @@ def forcing_kv(
     options: Mapping[str, Any] | None = None,
     mode: str | None = None,
 ) -> Callable:
-    """Dynamo backend. ``options``: ``plan`` (required), ``mode`` (``off``/``oracle``/``select``, default
-    ``select``), ``lowering`` (``inductor``/``aot_eager``/``eager``), ``strict`` (raise on attention
+    """Dynamo backend. ``options``: ``plan`` (required), ``mode`` (``off``/``oracle``/``select``/``profile``,
+    default ``select``), ``lowering`` (``inductor``/``aot_eager``/``eager``), ``strict`` (raise on attention
     over a cache that cannot be rewritten). ``mode`` (the torch.compile argument) goes to Inductor.
     """
     from . import ops  # noqa: F401  registers the custom ops before any graph uses them

@@ -1,4 +1,4 @@
-"""Custom ops the pass rewrites attention into: ``fkv::select_attention`` and ``fkv::oracle_attention``.
+"""Custom ops the pass rewrites attention into: ``fkv::{select,oracle,profile}_attention``.
 
 Torch-only, fixed-arity schemas, each fake beside its op. Both take the SDPA operands in
 ``[B, H, L, D]``, a per-layer key tensor and the (session, site) ids baked into the graph; the layer
@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from . import runtime, semantics
+from .profile import record_call
 from .select import compressed_attention
 
-__all__ = ["select_attention", "oracle_attention"]
+__all__ = ["select_attention", "oracle_attention", "profile_attention"]
 
 
 def _fake_attention(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -69,4 +70,32 @@ def _(q, k, v, layer_key, session, site, scale=None):
     return _fake_attention(q, v)
 
 
-OPS = {"select": torch.ops.fkv.select_attention.default, "oracle": torch.ops.fkv.oracle_attention.default}
+@torch.library.custom_op("fkv::profile_attention", mutates_args=())
+def profile_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer_key: torch.Tensor,
+    session: int,
+    site: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dense attention, unchanged, plus the frame-level attention mass recorded for profiling."""
+    s = runtime.session(session)
+    layer = s.layer_of(site, layer_key)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    record_call(s, layer, q, k, scale)
+    s.record(site, layer, (float(k.shape[-2]),) * q.shape[1], k.shape[-2], True)
+    return out.contiguous()
+
+
+@profile_attention.register_fake
+def _(q, k, v, layer_key, session, site, scale=None):
+    return _fake_attention(q, v)
+
+
+OPS = {
+    "select": torch.ops.fkv.select_attention.default,
+    "oracle": torch.ops.fkv.oracle_attention.default,
+    "profile": torch.ops.fkv.profile_attention.default,
+}

@@ -8,7 +8,7 @@ from typing import Any, TextIO
 
 from .runtime import LayerStats, Session, SiteRecord, session_for_options
 
-__all__ = ["Report", "LayerRow", "report"]
+__all__ = ["Report", "LayerRow", "report", "find_options"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def _layer_row(session: Session, stats: LayerStats) -> LayerRow:
     )
 
 
-def _find_options(compiled: Any) -> Any:
+def find_options(compiled: Any) -> Any:
     """The ``options`` mapping torch.compile handed to the backend, found on the compiled callable."""
     ctx = getattr(compiled, "dynamo_ctx", None) or getattr(compiled, "_torchdynamo_orig_callable", None)
     obj = getattr(ctx, "callback", None)
@@ -99,7 +99,7 @@ def report(compiled: Any, *, print_table: bool = True, file: TextIO | None = Non
 
     Site rows appear once a graph is compiled; layer rows once the rewritten attention ran.
     """
-    options = _find_options(compiled)
+    options = find_options(compiled)
     session = session_for_options(options) if options is not None else None
     if session is None:
         raise ValueError(

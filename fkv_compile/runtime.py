@@ -21,7 +21,7 @@ from .plan import HeadPlan, PlanError
 
 __all__ = ["Session", "SiteRecord", "LayerStats", "session", "session_for_options"]
 
-MODES: tuple[str, ...] = ("off", "oracle", "select")
+MODES: tuple[str, ...] = ("off", "oracle", "select", "profile")
 LOWERINGS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
 
 
@@ -64,6 +64,7 @@ class Session:
         self.graphs = 0
         self.sites: list[SiteRecord] = []
         self.layers: dict[int, LayerStats] = {}
+        self.profile_records: list = []  # fkv_compile.profile.MassRecord, in call order (mode "profile")
         self._bindings: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
 

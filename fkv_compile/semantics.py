@@ -39,6 +39,7 @@ __all__ = [
     "select_segments",
     "keep_mask",
     "oracle_attention",
+    "kept_token_count",
 ]
 
 COSINE_EPS = 1e-8
@@ -179,3 +180,20 @@ def oracle_attention(
     """
     mask = keep_mask(k, plan, layer, q.shape[-2])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, None, :], scale=scale)
+
+
+def kept_token_count(plan: HeadPlan, role: str, frames: int) -> float:
+    """Key tokens a head of ``role`` keeps in a window of ``frames`` frames (current chunk included).
+
+    Selected segments count at their mean length ``F / P``; windows shorter than a chunk are dense.
+    """
+    f = plan.frame_tokens
+    if role == "dense" or frames < plan.chunk_frames:
+        return float(frames * f)
+    layout = WindowLayout(frame_tokens=f, chunk_frames=plan.chunk_frames, frames=frames)
+    p = plan.params(role)
+    kept = sum(len(layout.tokens(r)) for r in (layout.sink(p), layout.recent(p), layout.current()))
+    if role == "dynamic":
+        available = len(layout.candidates(p)) * p.segments_per_frame
+        kept += min(p.selected_segments, available) * f / p.segments_per_frame
+    return float(kept)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..profile import tag
 from .self_forcing import CausalVideoDiT, CrossCache, KVCache, MiniConfig
 
 __all__ = ["RolloutInputs", "make_inputs", "new_caches", "rollout", "build"]
@@ -79,6 +80,7 @@ def rollout(
     Flow matching: ``x_t = (1 - t) x0 + t noise``, the model predicts ``noise - x0``. The clean
     pass at ``t = 0`` writes the chunk's keys and values into the caches for the next chunk.
     ``caches`` (fresh, from :func:`new_caches`) lets the caller watch them; by default they are new.
+    Every forward is tagged with its chunk and step for the profiler (:func:`fkv_compile.profile.tag`).
     """
     batch, dtype = inputs.context.shape[0], inputs.context.dtype
     kv_cache, cross_cache = caches if caches is not None else new_caches(cfg, batch=batch, dtype=dtype)
@@ -88,11 +90,13 @@ def rollout(
         x = noises[0]
         for i, t in enumerate(steps):
             tt = torch.full((batch, cfg.chunk_frames), t * 1000.0, dtype=dtype)
-            flow = model(x, tt, inputs.context, kv_cache, cross_cache, start)
+            with tag(chunk=chunk, step=i):
+                flow = model(x, tt, inputs.context, kv_cache, cross_cache, start)
             x0 = x - t * flow
             x = x0 if i + 1 == len(steps) else (1 - steps[i + 1]) * x0 + steps[i + 1] * noises[i + 1]
         zero = torch.zeros((batch, cfg.chunk_frames), dtype=dtype)
-        model(x, zero, inputs.context, kv_cache, cross_cache, start)
+        with tag(chunk=chunk, step=len(steps)):  # the clean pass that commits the chunk
+            model(x, zero, inputs.context, kv_cache, cross_cache, start)
         outputs.append(x)
         if on_chunk is not None:
             on_chunk(chunk)

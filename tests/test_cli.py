@@ -1,0 +1,105 @@
+"""The ``fkv`` command, run as users run it: in subprocesses."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fkv_compile import HeadPlan
+
+REFERENCE = Path(__file__).resolve().parent / "data" / "head_plans" / "forcingkv_heads_selfforcing.json"
+
+
+def fkv(*args, cwd=None, env=None, ok=True):
+    result = subprocess.run([sys.executable, "-m", "fkv_compile.cli", *map(str, args)], capture_output=True, text=True,
+                            timeout=600, cwd=cwd, env=env)
+    if ok:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(["fkv", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "profile" in result.stdout
+
+
+def test_profile_show_validate_convert_round_trip(tmp_path):
+    plan_path, png = tmp_path / "plan.json", tmp_path / "plan.png"
+    out = json.loads(fkv("profile", "--model", "planted", "--out", plan_path, "--png", png, "--json").stdout)
+    plan = HeadPlan.load(plan_path)
+    planted = tuple(tuple("static" if (layer + h) % 3 == 0 else "dynamic" for h in range(4)) for layer in range(3))
+    assert plan.roles == planted
+    assert out["static_heads"] == 4 and out["stability"]["sample"]["min_agreement"] == 1.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    shown = json.loads(fkv("plan", "show", plan_path, "--window-frames", 15, "--json").stdout)
+    assert [r["static"] for r in shown["layers"]] == [2, 1, 1]
+    assert shown["totals"]["bytes_per_chunk"] < shown["totals"]["dense_bytes_per_chunk"]
+    assert "kept/dense tokens" in fkv("plan", "show", plan_path, "--png", tmp_path / "show.png").stdout
+
+    assert fkv("plan", "validate", plan_path, "--model", "planted").stdout.startswith("OK")
+    wrong = fkv("plan", "validate", plan_path, "--model", "mini", ok=False)
+    assert wrong.returncode == 1
+    assert "num_layers: plan has 3, model has 4" in wrong.stderr and "frame_tokens: plan has 8, model has 24" in wrong.stderr
+    assert json.loads(fkv("plan", "validate", plan_path, "--model", "mini", "--json", ok=False).stdout)["ok"] is False
+
+    ref, back = tmp_path / "ref.json", tmp_path / "back.json"
+    fkv("plan", "convert", plan_path, ref)
+    assert json.loads(ref.read_text())["layers"][0]["static_head"] == [0, 3]
+    fkv("plan", "convert", ref, back)
+    assert HeadPlan.load(back) == plan
+
+
+def test_reference_plan_through_the_cli(tmp_path):
+    ours = tmp_path / "sf.json"
+    missing = fkv("plan", "convert", REFERENCE, ours, ok=False)
+    assert missing.returncode == 1 and "--frame-tokens" in missing.stderr
+    fkv("plan", "convert", REFERENCE, ours, "--frame-tokens", 1560, "--chunk-frames", 3)
+    plan = HeadPlan.load(ours)
+    assert plan.count("static") == 134
+    fkv("plan", "validate", ours, "--geometry", "num_layers=30,num_heads=12,frame_tokens=1560,chunk_frames=3,window_frames=21")
+    bad = fkv("plan", "validate", ours, "--geometry", "num_layers=30,num_heads=24,frame_tokens=880,chunk_frames=8", ok=False)
+    assert "num_heads: plan has 12, model has 24" in bad.stderr and "chunk_frames: plan has 3, model has 8" in bad.stderr
+    shown = json.loads(fkv("plan", "show", ours, "--json").stdout)
+    # Self Forcing 5 s: static heads attend 5 of 21 frames, dynamic 6 (one frame of segments)
+    ratio = shown["totals"]["bytes_per_chunk"] / shown["totals"]["dense_bytes_per_chunk"]
+    assert ratio == pytest.approx((134 * 5 + 226 * 6) / (360 * 21), rel=1e-3)
+
+
+def test_profile_a_user_callable(tmp_path):
+    (tmp_path / "user_model.py").write_text(textwrap.dedent(
+        """
+        import torch
+        from fkv_compile.models.planted import PlantedAttentionStack, PlantedConfig, planted_rollout
+
+        CFG = PlantedConfig(roles=(("static", "dynamic"), ("dynamic", "static")))
+        MODEL = PlantedAttentionStack(CFG).eval()
+
+        def run(compile_model, sample):
+            planted_rollout(compile_model(MODEL), CFG, seed=sample)
+        """
+    ))
+    import os
+
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = tmp_path / "user.json"
+    fkv("profile", "--model", "user_model:run", "--out", out, "--layers", 2, "--heads", 2, "--frame-tokens", 8,
+        "--chunk-frames", 3, "--quiet", env=env)
+    assert HeadPlan.load(out).roles == (("static", "dynamic"), ("dynamic", "static"))
+    no_geometry = fkv("profile", "--model", "user_model:run", "--out", out, env=env, ok=False)
+    assert "needs --layers, --heads, --frame-tokens, --chunk-frames" in no_geometry.stderr
+    wrong = fkv("profile", "--model", "user_model:nothing", "--out", out, "--layers", 2, "--heads", 2,
+                "--frame-tokens", 8, "--chunk-frames", 3, env=env, ok=False)
+    assert "cannot load it" in wrong.stderr
+
+
+def test_profile_the_bundled_miniature(tmp_path):
+    out = tmp_path / "mini.json"
+    result = fkv("profile", "--model", "mini-windowed", "--chunks", 4, "--samples", 1, "--out", out,
+                 "--force-layer", "0=static")
+    plan = HeadPlan.load(out)
+    assert (plan.num_layers, plan.num_heads) == (4, 4) and plan.roles[0] == ("static",) * 4
+    assert "role stability" in result.stdout and "profiling [" in result.stderr
