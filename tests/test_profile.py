@@ -29,13 +29,14 @@ def test_frame_mass_equals_the_full_softmax(b, h, f, n, lq, seed):
                                rtol=1e-12, atol=1e-12)
 
 
-def test_profile_mode_leaves_outputs_bit_identical_to_dense():
+@pytest.mark.parametrize("lowering", ["aot_eager", "inductor"])
+def test_profile_mode_leaves_outputs_bit_identical_to_dense(lowering):
     cfg = WINDOWED
     model, inputs = setup(cfg, torch.float32)
     plan = HeadPlan.uniform("dense", num_layers=2, num_heads=2, frame_tokens=cfg.frame_tokens, chunk_frames=3)
-    _, dense = run_compiled(model, cfg, inputs, plan, "off")
+    _, dense = run_compiled(model, cfg, inputs, plan, "off", lowering=lowering)
     torch._dynamo.reset()
-    compiled, profiled = run_compiled(model, cfg, inputs, plan, "profile")
+    compiled, profiled = run_compiled(model, cfg, inputs, plan, "profile", lowering=lowering)
     for a, b in zip(profiled, dense):
         assert torch.equal(a, b)
     profile = collect(compiled)
