@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .plan import HeadPlan, RoleParams
 from .semantics import COSINE_EPS, WindowLayout, window_layout
 
-__all__ = ["KeptTokens", "compressed_attention"]
+__all__ = ["KeptTokens", "compressed_attention", "selected_segment_tokens"]
 
 
 @dataclass(frozen=True)
@@ -37,43 +37,54 @@ class _RoleTables:
     """Geometry-only index tables of one role, built once per window shape and reused by every layer."""
 
     fixed: torch.Tensor  # [T] token positions every head of the role keeps (sink, recent, chunk)
-    seg_start: torch.Tensor  # [Nc * P] first token of every candidate segment, frame-major
-    seg_len: torch.Tensor  # [Nc * P]
-    seg_avg: torch.Tensor  # [F, P] float32: column j averages the tokens of segment j
     first_candidate: int
     num_candidates: int
-    max_seg_len: int
 
 
 @functools.lru_cache(maxsize=256)
 def _role_tables(layout: WindowLayout, p: RoleParams, device: torch.device) -> _RoleTables:
-    f = layout.frame_tokens
     fixed = [t for frames in (layout.sink(p), layout.recent(p), layout.current()) for t in layout.tokens(frames)]
     cands = layout.candidates(p)
-    bounds = torch.arange(p.segments_per_frame + 1) * f // p.segments_per_frame
+    return _RoleTables(torch.tensor(fixed, dtype=torch.long, device=device), cands.start, len(cands))
+
+
+@dataclass(frozen=True)
+class _SegmentTables:
+    """Segments of ``nc`` consecutive candidate frames, positions relative to the first."""
+
+    start: torch.Tensor  # [nc * P] first token of every segment, frame-major
+    length: torch.Tensor  # [nc * P]
+    average: torch.Tensor  # [F, P] float32: column j averages the tokens of segment j
+    max_length: int
+
+
+@functools.lru_cache(maxsize=256)
+def _segment_tables(frame_tokens: int, segments: int, num_candidates: int, device: torch.device) -> _SegmentTables:
+    bounds = torch.arange(segments + 1) * frame_tokens // segments
     starts, lens = bounds[:-1], bounds[1:] - bounds[:-1]
-    seg_of_token = torch.bucketize(torch.arange(f), bounds[1:], right=True)
-    seg_avg = F.one_hot(seg_of_token, p.segments_per_frame).float() / lens.float()
-    frame_offsets = torch.tensor(list(cands), dtype=torch.long) * f
-    return _RoleTables(
-        fixed=torch.tensor(fixed, dtype=torch.long, device=device),
-        seg_start=(frame_offsets[:, None] + starts[None, :]).flatten().to(device),
-        seg_len=lens.repeat(len(cands)).to(device),
-        seg_avg=seg_avg.to(device),
-        first_candidate=cands.start,
-        num_candidates=len(cands),
-        max_seg_len=int(lens.max()),
+    seg_of_token = torch.bucketize(torch.arange(frame_tokens), bounds[1:], right=True)
+    average = F.one_hot(seg_of_token, segments).float() / lens.float()
+    frame_offsets = torch.arange(num_candidates)[:, None] * frame_tokens
+    return _SegmentTables(
+        start=(frame_offsets + starts[None, :]).flatten().to(device),
+        length=lens.repeat(num_candidates).to(device),
+        average=average.to(device),
+        max_length=int(lens.max()),
     )
 
 
-def _selected_tokens(
-    k: torch.Tensor, heads: torch.Tensor, tables: _RoleTables, p: RoleParams, layout: WindowLayout, per_head: bool
+def selected_segment_tokens(
+    region: torch.Tensor, p: RoleParams, frame_tokens: int, num_candidates: int, per_head: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token positions ``[B, G, k * max_seg_len]`` of the selected segments and their validity mask."""
-    f, nc = layout.frame_tokens, tables.num_candidates
-    b = k.shape[0]
-    start = tables.first_candidate * f
-    win = k[:, heads, start : start + (nc + 1) * f].float()  # candidates and the frame after the last
+    """Select the lowest-similarity segments of the candidate frames at the start of ``region``.
+
+    region: keys ``[B, Hd, (nc + 1) * F, D]`` of the ``nc`` candidate frames and the frame after the
+    last. Returns token positions into ``region`` ``[B, G, k * max_seg_len]`` (``G`` = Hd per head,
+    else 1) and their validity mask (``None`` when every segment has the same length).
+    """
+    f, nc = frame_tokens, num_candidates
+    tables = _segment_tables(f, p.segments_per_frame, nc, region.device)
+    win = region.float()
     if per_head:
         x = win.unflatten(2, (nc + 1, f))  # [B, G=Hd, nc + 1, F, D]
     else:
@@ -81,14 +92,14 @@ def _selected_tokens(
     here, nxt = x[:, :, :-1], x[:, :, 1:]
     norms = x.norm(dim=-1).clamp_min(COSINE_EPS)
     cos = (here * nxt).sum(-1) / (norms[:, :, :-1] * norms[:, :, 1:])  # [B, G, nc, F]
-    sim = (cos @ tables.seg_avg).flatten(2)  # [B, G, nc * P]
+    sim = (cos @ tables.average).flatten(2)  # [B, G, nc * P]
     count = min(p.selected_segments, sim.shape[-1])
     chosen = torch.sort(sim, dim=-1, stable=True).indices[..., :count]  # [B, G, k]
-    offs = torch.arange(tables.max_seg_len, device=k.device)
-    tokens = tables.seg_start[chosen][..., None] + offs  # [B, G, k, Lseg]
-    valid = offs < tables.seg_len[chosen][..., None]
-    tokens = torch.where(valid, tokens, tables.fixed[-1]).flatten(2)
-    return tokens.expand(b, -1, -1), (None if bool(valid.all()) else valid.flatten(2))
+    offs = torch.arange(tables.max_length, device=region.device)
+    tokens = tables.start[chosen][..., None] + offs  # [B, G, k, Lseg]
+    valid = offs < tables.length[chosen][..., None]
+    tokens = torch.where(valid, tokens, 0).flatten(2)
+    return tokens, (None if bool(valid.all()) else valid.flatten(2))
 
 
 def _role_attention(
@@ -110,8 +121,11 @@ def _role_attention(
         idx = (slice(None), heads[:, None], tables.fixed[None, :])
         kg, vg = k[idx], v[idx]
         return F.scaled_dot_product_attention(qg, kg, vg, scale=scale), [float(tables.fixed.numel())] * len(heads)
-    sel, valid = _selected_tokens(k, heads, tables, p, layout, per_head=selection == "head")
-    tokens = torch.cat([tables.fixed.expand(b, sel.shape[1], -1), sel], dim=-1)  # [B, G, T]
+    f = layout.frame_tokens
+    start = tables.first_candidate * f
+    region = k[:, heads, start : start + (tables.num_candidates + 1) * f]
+    sel, valid = selected_segment_tokens(region, p, f, tables.num_candidates, per_head=selection == "head")
+    tokens = torch.cat([tables.fixed.expand(b, sel.shape[1], -1), sel + start], dim=-1)  # [B, G, T]
     bi = torch.arange(b, device=q.device)[:, None, None]
     hi = heads[None, :, None]
     kg, vg = k[bi, hi, tokens], v[bi, hi, tokens]  # [B, Hd, T, D]

@@ -1,0 +1,249 @@
+"""The compact per-layer KV store of ``compact`` mode: only what the keep rule can still ask for.
+
+The store mirrors the dense cache's slots (frame positions in the pipeline's buffer) without
+holding them: per head group it keeps the sink frames, a ring of the recent frames, for dynamic
+heads the selected segments, and the current chunk, with the cache token position of every held
+token (``pos``), so that the kept set can be checked against the keep rule on the dense window.
+
+Life cycle, driven by the rewritten ops:
+
+- ``roll(dst, src, length)``: the pipeline evicted history (``cache[dst:dst+len] = cache[src:src+len]``);
+  only the slot numbers of held tokens change;
+- ``write(k, v, start, end, window)``: the chunk at ``[start, end)``. The same position again
+  (denoising steps, the clean pass) overwrites the current chunk. A new position first *commits*:
+  the previous chunk becomes history, and for the window the upcoming calls read, the store keeps
+  the sink and recent frames and selects the dynamic segments (lowest similarity, per batch item),
+  dropping everything else. A write at position 0 starts a new video (reset);
+- ``attention(q, window)``: each head group attends over what it holds.
+
+Exactness: the candidates of the next window lie in the recent ring or the chunk being committed
+as long as ``candidate_frames <= chunk_frames`` and ``recent_frames >= 1`` for dynamic heads
+(Forcing-KV's defaults: 3, 3 and 1; see :func:`compact_unsupported`); the store raises
+:class:`StoreError` (never a silently different kept set) when a needed frame is not held.
+
+Shape legend: ``B`` batch, ``G`` heads of a group, ``T`` held tokens, ``D`` head dim, ``F`` frame tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .plan import HeadPlan, RoleParams
+from .semantics import WindowLayout, window_layout
+from .select import selected_segment_tokens
+
+__all__ = ["StoreError", "LayerStore", "compact_unsupported"]
+
+
+class StoreError(RuntimeError):
+    """The compact store was asked for tokens it does not hold, or was driven out of order."""
+
+
+@dataclass
+class _Held:
+    """Tokens of one head group in one region: K, V ``[B, G, T, D]`` and cache positions ``[B, T]``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor  # int64 cache token positions of the held tokens; -1 marks padding
+    valid: torch.Tensor | None = None  # [B, T] bool where some tokens are padding (ragged segments)
+
+    def nbytes(self) -> int:
+        extra = self.valid.nbytes if self.valid is not None else 0
+        return self.k.nbytes + self.v.nbytes + self.pos.nbytes + extra
+
+
+def _empty(b: int, g: int, d: int, like: torch.Tensor) -> _Held:
+    z = like.new_empty((b, g, 0, d))
+    return _Held(z, z.clone(), torch.empty((b, 0), dtype=torch.long, device=like.device))
+
+
+def _cat(parts: list[_Held]) -> _Held:
+    valid = None
+    if any(p.valid is not None for p in parts):
+        valid = torch.cat([p.valid if p.valid is not None else torch.ones_like(p.pos, dtype=torch.bool) for p in parts], 1)
+    return _Held(torch.cat([p.k for p in parts], 2), torch.cat([p.v for p in parts], 2), torch.cat([p.pos for p in parts], 1), valid)
+
+
+def _take_frames(src: _Held, frames: list[int], f: int) -> _Held:
+    """The full frames (by cache frame slot) out of ``src``; every token of them must be held."""
+    if not frames:
+        return _Held(src.k[:, :, :0], src.v[:, :, :0], src.pos[:, :0])
+    want = torch.cat([torch.arange(fr * f, (fr + 1) * f, device=src.pos.device) for fr in frames])
+    # positions are the same for every batch item in full-frame regions: look them up in item 0
+    where = {int(p): i for i, p in enumerate(src.pos[0].tolist()) if p >= 0}
+    missing = [int(p) for p in want.tolist() if int(p) not in where]
+    if missing:
+        raise StoreError(f"compact store does not hold cache tokens {missing[:4]}... (frames {frames}) the keep rule needs")
+    idx = torch.tensor([where[int(p)] for p in want.tolist()], device=src.pos.device)
+    return _Held(src.k[:, :, idx], src.v[:, :, idx], src.pos[:, idx])
+
+
+class _GroupStore:
+    """Held tokens of the heads of one role in one layer."""
+
+    def __init__(self, role: str, heads: list[int], params: RoleParams | None):
+        self.role, self.heads, self.params = role, heads, params
+        self.history: _Held | None = None  # sink + recent (+ selected): everything before the chunk
+        self.current: _Held | None = None
+
+    def held(self) -> _Held:
+        return _cat([self.history, self.current])
+
+    def nbytes(self) -> int:
+        return sum(h.nbytes() for h in (self.history, self.current) if h is not None)
+
+
+def compact_unsupported(plan: HeadPlan) -> str | None:
+    """Why the store cannot reproduce ``plan``'s kept sets exactly, or ``None`` when it can.
+
+    At a commit the store holds the recent ring and the chunk being committed: the next window's
+    candidates and the frames after them lie there when ``1 <= recent_frames`` (the frame after
+    the last candidate is history, not the chunk still being denoised) and
+    ``candidate_frames <= chunk_frames``.
+    """
+    if not plan.count("dynamic"):
+        return None
+    p = plan.dynamic
+    if p.candidate_frames and p.selected_segments:
+        if p.recent_frames < 1:
+            return "compact needs dynamic recent_frames >= 1 (the last candidate's next frame must be history)"
+        if p.candidate_frames > plan.chunk_frames:
+            return (f"compact needs candidate_frames <= chunk_frames, got {p.candidate_frames} > {plan.chunk_frames}")
+        if plan.selection != "layer":
+            return "NYI: compact mode with selection='head'; use selection='layer'"
+    return None
+
+
+class LayerStore:
+    """The compact KV of one layer (all head groups), driven by ``write``/``roll``/``attention``."""
+
+    def __init__(self, plan: HeadPlan, layer: int):
+        reason = compact_unsupported(plan)
+        if reason:
+            raise StoreError(reason)
+        self.plan = plan
+        self.groups = [
+            _GroupStore(role, list(plan.heads(layer, role)), plan.params(role) if role != "dense" else None)
+            for role in ("dense", "static", "dynamic")
+            if plan.heads(layer, role)
+        ]
+        self.chunk: tuple[int, int] | None = None  # cache token range of the current chunk
+        self.window: tuple[int, int] | None = None
+        self.rolled = False
+
+    # -- driving ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        for g in self.groups:
+            g.history = g.current = None
+        self.chunk = self.window = None
+        self.rolled = False
+
+    def roll(self, dst: int, src: int, length: int) -> None:
+        """The dense cache moved tokens ``[src, src + length)`` to ``[dst, dst + length)``."""
+        if self.chunk is None:
+            raise StoreError("compact store: a roll before any write")
+        shift = src - dst
+        for g in self.groups:
+            for held in (g.history, g.current):
+                if held is None:
+                    continue
+                moved = (held.pos >= src) & (held.pos < src + length)
+                evicted = (held.pos >= dst) & (held.pos < src)
+                held.pos = torch.where(moved, held.pos - shift, torch.where(evicted, -2, held.pos))
+        self.rolled = True  # the pipeline rolls only for a new chunk, possibly at the same slots as the last
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: int, end: int, window: tuple[int, int]) -> None:
+        """Store the chunk ``k``, ``v`` ``[B, L, H, D]`` written at cache tokens ``[start, end)``."""
+        if start == 0 and self.chunk is not None and self.chunk[0] != 0:
+            self.reset()  # the pipeline went back to the start of the cache: a new video
+        if self.chunk is not None and (self.rolled or (start, end) != self.chunk):
+            self._commit(window)
+            self.rolled = False
+        elif self.chunk is None and start != 0:
+            raise StoreError(f"compact store: the first write must start a video at position 0, got {start}")
+        pos = torch.arange(start, end, device=k.device).expand(k.shape[0], -1)
+        for g in self.groups:
+            g.current = _Held(k[:, :, g.heads].transpose(1, 2).contiguous(), v[:, :, g.heads].transpose(1, 2).contiguous(), pos)
+            if g.history is None:
+                g.history = _empty(k.shape[0], len(g.heads), k.shape[-1], k)
+        self.chunk, self.window = (start, end), window
+
+    def _commit(self, window: tuple[int, int]) -> None:
+        """The current chunk becomes history; keep only what the window ``[a, e)`` can use."""
+        f = self.plan.frame_tokens
+        a, e = window
+        layout = window_layout(self.plan.chunk_tokens, e - a, f, self.plan.chunk_frames)
+        if layout is None or a % f:
+            raise StoreError(f"compact store: window [{a}, {e}) does not fit the plan's geometry")
+        first = a // f
+        for g in self.groups:
+            old = _cat([g.history, g.current])
+            if g.role == "dense":
+                keep = old.pos[0] >= a
+                g.history = _Held(old.k[:, :, keep], old.v[:, :, keep], old.pos[:, keep])
+                continue
+            p = g.params
+            sink = [first + j for j in layout.sink(p)]
+            recent = [first + j for j in layout.recent(p)]
+            parts = [_take_frames(old, sink, f), _take_frames(old, recent, f)]
+            if g.role == "dynamic":
+                parts.append(self._select(old, layout, first, p, len(g.heads)))
+            g.history = _cat(parts)
+
+    def _select(self, old: _Held, layout: WindowLayout, first: int, p: RoleParams, num_heads: int) -> _Held:
+        """The selected segments of the candidate frames (one selection per batch item over all dynamic heads)."""
+        cands = list(layout.candidates(p))
+        if not cands or p.selected_segments == 0:
+            return _Held(old.k[:, :, :0], old.v[:, :, :0], old.pos[:, :0])
+        f = layout.frame_tokens
+        region = _take_frames(old, [first + j for j in cands] + [first + cands[-1] + 1], f)
+        tokens, valid = selected_segment_tokens(region.k, p, f, len(cands), per_head=False)
+        tokens = tokens[:, 0]  # [B, T] into the region
+        b, _, _, d = region.k.shape
+        index = tokens[:, None, :, None].expand(b, num_heads, -1, d)
+        pos = torch.gather(region.pos, 1, tokens)
+        if valid is not None:
+            valid = valid[:, 0]
+            pos = torch.where(valid, pos, -1)
+        return _Held(torch.gather(region.k, 2, index), torch.gather(region.v, 2, index), pos, valid)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def attention(self, q: torch.Tensor, window: tuple[int, int], scale: float | None) -> torch.Tensor:
+        """q ``[B, H, Lq, D]`` over the held tokens of each head group; ``[B, H, Lq, D]``."""
+        if self.window != window or self.chunk is None:
+            raise StoreError(f"compact store: attention over window {window} but the last write set up {self.window}")
+        out = q.new_empty(q.shape[:3] + (self.groups[0].current.v.shape[-1],))
+        for g in self.groups:
+            held = g.held()
+            if g.role == "dense":
+                keep = held.pos[0] >= window[0]
+                held = _Held(held.k[:, :, keep], held.v[:, :, keep], held.pos[:, keep])
+            mask = None if held.valid is None else held.valid[:, None, None, :]
+            heads = torch.tensor(g.heads, device=q.device)
+            out[:, heads] = F.scaled_dot_product_attention(q[:, heads], held.k, held.v, attn_mask=mask, scale=scale)
+        return out
+
+    def kept_mask(self, num_heads: int) -> torch.Tensor:
+        """Bool ``[B, H, e - a]`` over the last window ``[a, e)``: the tokens each head attends to."""
+        a, e = self.window
+        b = self.groups[0].current.pos.shape[0]
+        mask = torch.zeros(b, num_heads, e - a, dtype=torch.bool)
+        for g in self.groups:
+            held = g.held()
+            ok = (held.pos >= a) & (held.pos < e)
+            if held.valid is not None:
+                ok &= held.valid
+            for bi in range(b):
+                mask[bi, g.heads[0], held.pos[bi][ok[bi]] - a] = True
+            mask[:, g.heads] = mask[:, g.heads[:1]]
+        return mask
+
+    def nbytes(self) -> int:
+        return sum(g.nbytes() for g in self.groups)
+
+    def nbytes_per_head(self) -> dict[int, float]:
+        return {h: g.nbytes() / len(g.heads) for g in self.groups for h in g.heads}
