@@ -34,6 +34,12 @@ def select_attention(
     """Each head attends only to the tokens its role keeps in the dense window ``k``/``v``."""
     s = runtime.session(session)
     layer = s.layer_of(site, layer_key)
+    if not k.untyped_storage().nbytes():
+        raise RuntimeError(
+            f"fkv select_attention (site {site}, layer {layer}): the KV cache buffer was released by compact mode at "
+            "another site of this layer, but this site could not be served compactly (see fkv_compile.report); "
+            "compile with mode='select' for this model"
+        )
     out, kept = compressed_attention(q, k, v, s.plan, layer, scale)
     s.record(site, layer, kept.kept, kept.window, kept.layout_fits)
     return out.contiguous()
@@ -99,3 +105,67 @@ OPS = {
     "oracle": torch.ops.fkv.oracle_attention.default,
     "profile": torch.ops.fkv.profile_attention.default,
 }
+
+
+@torch.library.custom_op("fkv::store_attention", mutates_args=())
+def store_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    layer_key: torch.Tensor,
+    after: list[torch.Tensor],
+    write_start: int,
+    write_end: int,
+    window_start: int,
+    window_end: int,
+    session: int,
+    site: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``compact``: the cache write ``cache[:, write_start:write_end] = k_new`` and the attention of ``q``
+    over ``cache[:, window_start:window_end]``, served by the layer's compact store.
+
+    No mutation is declared: a declared one would make AOT functionalization clone the cache and
+    copy it back, touching the released buffers. Order and liveness come from data instead: the
+    output is used, and ``after`` holds the tokens of the rolls that must run first.
+    ``cache_k``/``cache_v`` are only released (storage resized to 0) on first use.
+    """
+    s = runtime.session(session)
+    layer = s.layer_of(site, layer_key)
+    store = s.store(layer)
+    store.write(k_new, v_new, write_start, write_end, (window_start, window_end))
+    out = store.attention(q, (window_start, window_end), scale)
+    mask = store.kept_mask(q.shape[1])
+    s.record(site, layer, tuple(mask.sum(-1).float().mean(0).tolist()), window_end - window_start, True)
+    s.release(layer, cache_k, cache_v)
+    return out
+
+
+@store_attention.register_fake
+def _(q, k_new, v_new, cache_k, cache_v, layer_key, after, write_start, write_end, window_start, window_end, session,
+      site, scale=None):
+    return _fake_attention(q, v_new)
+
+
+@torch.library.custom_op("fkv::store_roll", mutates_args=())
+def store_roll(
+    layer_key: torch.Tensor, dst: int, src: int, src_end: int, session: int, site: int
+) -> torch.Tensor:
+    """``compact``: the pipeline's eviction ``cache[:, dst:dst + n] = cache[:, src:src_end].clone()``.
+
+    Returns an empty token that the site's ``store_attention`` takes, so the roll runs before it.
+    """
+    s = runtime.session(session)
+    s.store(s.layer_of(site, layer_key)).roll(dst, src, src_end - src)
+    return layer_key.new_empty(0)
+
+
+@store_roll.register_fake
+def _(layer_key, dst, src, src_end, session, site):
+    return layer_key.new_empty(0)
+
+
+OPS["compact"] = torch.ops.fkv.store_attention.default
+ROLL_OP = torch.ops.fkv.store_roll.default

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from .plan import HeadPlan, PlanError
+from .store import LayerStore
 
 __all__ = ["Session", "SiteRecord", "LayerStats", "session", "session_for_options"]
 
-MODES: tuple[str, ...] = ("off", "oracle", "select", "profile")
+MODES: tuple[str, ...] = ("off", "oracle", "select", "compact", "profile")
 LOWERINGS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
 
 
@@ -65,6 +66,8 @@ class Session:
         self.sites: list[SiteRecord] = []
         self.layers: dict[int, LayerStats] = {}
         self.profile_records: list = []  # fkv_compile.profile.MassRecord, in call order (mode "profile")
+        self.stores: dict[int, LayerStore] = {}  # mode "compact"
+        self.dense_bytes: dict[int, int] = {}  # per layer: K + V bytes of the dense buffers released
         self._bindings: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
 
@@ -97,6 +100,23 @@ class Session:
             layer = len(self._bindings)
             self._bindings[ident] = layer
             return layer
+
+    def store(self, layer: int) -> LayerStore:
+        if layer not in self.stores:
+            self.stores[layer] = LayerStore(self.plan, layer)
+        return self.stores[layer]
+
+    def release(self, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
+        """Free the pipeline's dense buffers of ``layer`` (storage resized to 0, as FSDP does).
+
+        Only called from ops of sites whose every cache access the pass rewrote; a later read of the
+        buffer from outside fails loudly (``RuntimeError: ... out of bounds``), it never sees stale data.
+        """
+        nbytes = cache_k.untyped_storage().nbytes() + cache_v.untyped_storage().nbytes()
+        if nbytes:  # a new video may bring new buffers: they are released too
+            self.dense_bytes[layer] = nbytes
+            cache_k.untyped_storage().resize_(0)
+            cache_v.untyped_storage().resize_(0)
 
     def record(self, site: int, layer: int, kept: tuple[float, ...], window: int, fits: bool) -> None:
         stats = self.layers.setdefault(layer, LayerStats(layer))

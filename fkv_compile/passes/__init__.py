@@ -21,7 +21,9 @@ import torch.fx as fx
 from ..plan import PlanError
 from ..runtime import Session
 from .attention import AttentionSite, Declined, find_attention_sites
-from .rewrite import lint_and_recompile, rewrite_site
+from ..store import compact_unsupported
+from .compact import CacheAccesses, match_compact
+from .rewrite import lint_and_recompile, rewrite_compact, rewrite_site
 
 __all__ = ["SiteError", "run_passes", "AttentionSite", "Declined", "find_attention_sites"]
 
@@ -71,8 +73,18 @@ def run_passes(gm: fx.GraphModule, session: Session) -> None:
             cache=site.k_window.source,
             layer_key=site.layer_key_kind,
         )
-        if session.mode != "off":
+        if session.mode == "compact":
+            accesses = compact_unsupported(session.plan) or match_compact(site)
+            if isinstance(accesses, CacheAccesses):
+                rewrite_compact(gm, site, accesses, session=session.id, site_id=record.site)
+                record.action = "compact"
+            else:
+                if session.strict:
+                    raise SiteError(f"strict: attention {site.node.name} in graph {graph_id} not compact: {accesses}")
+                rewrite_site(gm, site, mode="select", session=session.id, site_id=record.site)
+                record.action, record.reason = "select", f"compact fell back to select: {accesses}"
+        elif session.mode != "off":
             rewrite_site(gm, site, mode=session.mode, session=session.id, site_id=record.site)
-        log.info("graph %d: %s over %s: %s", graph_id, site.node.name, record.cache, record.action)
+        log.info("graph %d: %s over %s: %s %s", graph_id, site.node.name, record.cache, record.action, record.reason)
     if sites and session.mode != "off":
         lint_and_recompile(gm)

@@ -75,13 +75,13 @@ def _source_name(node: fx.Node) -> str:
     return name if isinstance(name, str) else str(node.target)
 
 
-def _is_view_like(node: fx.Node) -> bool:
+def is_view_like(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _VIEW_METHODS
     return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
 
 
-def _sliced_dim(index: object) -> int | None:
+def sliced_dim(index: object) -> int | None:
     """The dim of an index that slices exactly one dim with step 1 and keeps every other dim whole."""
     items = index if isinstance(index, tuple) else (index,)
     if not items or any(not isinstance(i, slice) for i in items):
@@ -93,7 +93,7 @@ def _sliced_dim(index: object) -> int | None:
 def _trace_window(node: fx.Node) -> CacheWindow | str:
     """Follow ``node`` up through view-like ops to ``input[..., a:b]``; a reason string if it is not one."""
     current = node
-    while _is_view_like(current):
+    while is_view_like(current):
         current = current.args[0]
         if not isinstance(current, fx.Node):
             return "attention operand is not a tensor"
@@ -102,7 +102,7 @@ def _trace_window(node: fx.Node) -> CacheWindow | str:
     if current.op == "call_function" and current.target is operator.getitem:
         base, index = current.args
         if isinstance(base, fx.Node) and base.op == "placeholder":
-            dim = _sliced_dim(index)
+            dim = sliced_dim(index)
             if dim is not None:
                 return CacheWindow(cache=base, read=current, source=_source_name(base), dim=dim)
             return f"cache {_source_name(base)} is read with an index the pass does not support: {index!r}"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..ops import OPS
+from ..ops import OPS, ROLL_OP
 from .attention import AttentionSite
+from .compact import CacheAccesses
 
-__all__ = ["rewrite_site", "lint_and_recompile"]
+__all__ = ["rewrite_site", "rewrite_compact", "lint_and_recompile"]
 
 
 def _example(node: fx.Node) -> object:
@@ -38,6 +39,52 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, mode: str, session:
     gm.graph.erase_node(site.node)
     counters["fkv_compile"][f"{mode}_attention"] += 1
     return new
+
+
+def _erase_dead_chain(gm: fx.GraphModule, node: object) -> None:
+    """Erase ``node`` and then its inputs while they have no users (never placeholders)."""
+    while isinstance(node, fx.Node) and not node.users and node.op != "placeholder":
+        inputs = node.all_input_nodes
+        gm.graph.erase_node(node)
+        node = inputs[0] if len(inputs) == 1 else None
+
+
+def rewrite_compact(gm: fx.GraphModule, site: AttentionSite, acc: CacheAccesses, *, session: int, site_id: int) -> None:
+    """Replace the site's rolls, write and attention by ``fkv::store_roll`` and ``fkv::store_attention``."""
+    k_cache, v_cache = site.k_window.cache, site.v_window.cache
+    tokens = []
+    for roll in acc.rolls:
+        with gm.graph.inserting_before(roll.setitems[0]):
+            token = gm.graph.call_function(ROLL_OP, args=(site.layer_key, roll.dst, roll.src, roll.src_end, session, site_id))
+        example = _example(site.layer_key)
+        if getattr(example, "fake_mode", None) is not None:
+            with example.fake_mode:
+                token.meta["example_value"] = example.new_empty(0)
+        tokens.append(token)
+        for setitem in roll.setitems:
+            source = setitem.args[2]
+            gm.graph.erase_node(setitem)
+            _erase_dead_chain(gm, source)
+    args = (site.q, acc.k_new, acc.v_new, k_cache, v_cache, site.layer_key, tokens, acc.start, acc.end, *acc.window,
+            session, site_id, site.scale)
+    with gm.graph.inserting_before(site.node):
+        new = gm.graph.call_function(OPS["compact"], args=args)
+    q_example, v_example = _example(site.q), _example(acc.v_new)
+    fake_mode = getattr(q_example, "fake_mode", None)
+    if fake_mode is not None:
+        with fake_mode:
+            new.meta["example_value"] = q_example.new_empty((*q_example.shape[:-1], v_example.shape[-1]))
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in site.node.meta:
+            new.meta[key] = site.node.meta[key]
+    old_k, old_v = site.k, site.v
+    site.node.replace_all_uses_with(new)
+    gm.graph.erase_node(site.node)
+    for read in (old_k, old_v):
+        _erase_dead_chain(gm, read)
+    for setitem in acc.writes:
+        gm.graph.erase_node(setitem)
+    counters["fkv_compile"]["compact_attention"] += 1
 
 
 def lint_and_recompile(gm: fx.GraphModule) -> None:

@@ -1,0 +1,160 @@
+"""``compact`` mode: prove that a site's caches are only written, rolled and read by the site, then
+rewrite those accesses into ops on the compact store (:mod:`fkv_compile.store`).
+
+Accepted accesses of the K and V cache inputs of one graph (Self Forcing's code path):
+
+- exactly one write pair ``cache[:, s:e] = new`` (same bounds for K and V), before the attention;
+- any number of roll pairs ``cache[:, d:d+n] = cache[:, a:b].clone()``;
+- the window read pair ``cache[:, w0:w1]`` feeding the site's attention.
+
+Anything else leaves the site to ``select`` with the reason in the report. The write is moved to
+the attention (one fused op): legal because nothing but the rewritten ops touches the caches.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from .attention import AttentionSite, is_view_like, sliced_dim
+
+__all__ = ["CacheAccesses", "RollPair", "match_compact"]
+
+
+@dataclass(frozen=True)
+class RollPair:
+    setitems: tuple[fx.Node, fx.Node]
+    dst: object
+    src: object
+    src_end: object
+
+
+@dataclass(frozen=True)
+class CacheAccesses:
+    writes: tuple[fx.Node, fx.Node]  # setitem nodes into K and V
+    k_new: fx.Node
+    v_new: fx.Node
+    start: object  # int or SymInt node
+    end: object
+    window: tuple[object, object]
+    rolls: tuple[RollPair, ...]
+
+
+def _slice_of(index: object) -> slice | None:
+    dim = sliced_dim(index)
+    if dim != 1:
+        return None
+    return index[1] if isinstance(index, tuple) else None
+
+
+def _is_setitem(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is operator.setitem
+
+
+def _roll_source(value: object, cache: fx.Node) -> slice | None:
+    """``cache[:, a:b].clone()`` (or without the clone): the source slice of a roll."""
+    if isinstance(value, fx.Node) and value.op == "call_method" and value.target == "clone":
+        value = value.args[0]
+    if isinstance(value, fx.Node) and value.op == "call_function" and value.target is operator.getitem:
+        if value.args[0] is cache:
+            return _slice_of(value.args[1])
+    return None
+
+
+def _is_roll_of(node: fx.Node, cache: fx.Node, value: fx.Node) -> bool:
+    return _is_setitem(node) and node.args[0] is cache and node.args[2] is value
+
+
+def _feeds_only_rolls(read: fx.Node, cache: fx.Node) -> bool:
+    """``read`` is used only as the (cloned) source of roll writes into the same cache."""
+    for user in read.users:
+        if _is_roll_of(user, cache, read):
+            continue
+        if user.op == "call_method" and user.target == "clone" and all(_is_roll_of(w, cache, user) for w in user.users):
+            continue
+        return False
+    return True
+
+
+def _classify(cache: fx.Node, read: fx.Node) -> tuple[list[fx.Node], list[tuple[fx.Node, slice, slice]]] | str:
+    writes, rolls = [], []
+    for user in cache.users:
+        if user is read:
+            continue
+        if _is_setitem(user) and user.args[0] is cache:
+            dst = _slice_of(user.args[1])
+            if dst is None:
+                return f"cache write with an index the store does not support: {user.args[1]!r}"
+            src = _roll_source(user.args[2], cache)
+            if src is not None:
+                rolls.append((user, dst, src))
+            else:
+                writes.append(user)
+            continue
+        if user.op == "call_function" and user.target is operator.getitem and _feeds_only_rolls(user, cache):
+            continue  # the source read of a roll
+        return f"cache is also used by {user.op} {user.target} ({user.name})"
+    return writes, rolls
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal values: the same constant, or nodes computing the same op on equal arguments."""
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+        if a is b:
+            return True
+        if a.op != "call_function" or a.op != b.op or a.target != b.target or len(a.args) != len(b.args) or a.kwargs or b.kwargs:
+            return False
+        return all(_same(x, y) for x, y in zip(a.args, b.args))
+    if isinstance(a, slice) and isinstance(b, slice):
+        return all(_same(x, y) for x, y in ((a.start, b.start), (a.stop, b.stop), (a.step, b.step)))
+    return not isinstance(a, fx.Node) and not isinstance(b, fx.Node) and a == b
+
+
+def _before(a: fx.Node, b: fx.Node) -> bool:
+    for node in a.graph.nodes:
+        if node is a:
+            return True
+        if node is b:
+            return False
+    return False
+
+
+def match_compact(site: AttentionSite) -> CacheAccesses | str:
+    """The accesses to rewrite, or why the site's caches cannot be owned by the store."""
+    k_read, v_read = site.k_window.read, site.v_window.read
+    if site.k_window.dim != 1 or site.v_window.dim != 1:
+        return "NYI: compact needs caches laid out [B, L, H, D] (token dim 1)"
+    found = [_classify(site.k_window.cache, k_read), _classify(site.v_window.cache, v_read)]
+    for f in found:
+        if isinstance(f, str):
+            return f
+    (k_writes, k_rolls), (v_writes, v_rolls) = found
+    if len(k_writes) != 1 or len(v_writes) != 1:
+        return f"compact needs exactly one write of K and V in the graph, got {len(k_writes)} and {len(v_writes)}"
+    wk, wv = k_writes[0], v_writes[0]
+    if not _same(_slice_of(wk.args[1]), _slice_of(wv.args[1])):
+        return "K and V are written at different positions"
+    if not (_before(wk, site.node) and _before(wv, site.node)):
+        return "NYI: the cache is written after the attention reads it"
+    if len(k_rolls) != len(v_rolls) or not all(_same(a[1], b[1]) and _same(a[2], b[2]) for a, b in zip(k_rolls, v_rolls)):
+        return "K and V are rolled differently"
+    for read in (k_read, v_read):
+        node = read
+        while len(node.users) == 1 and is_view_like(next(iter(node.users))):
+            node = next(iter(node.users))
+        if len(node.users) != 1 or next(iter(node.users)) is not site.node:
+            return "the window read has uses besides the attention"
+    window = _slice_of(k_read.args[1])
+    if window is None or not _same(window, _slice_of(v_read.args[1])):
+        return "K and V windows differ"
+    if window.stop is None:
+        return "NYI: a window read without an end bound"
+    write = _slice_of(wk.args[1])
+    rolls = tuple(
+        RollPair(setitems=(rk[0], rv[0]), dst=rk[1].start, src=rk[2].start, src_end=rk[2].stop)
+        for rk, rv in zip(k_rolls, v_rolls)
+    )
+    return CacheAccesses(writes=(wk, wv), k_new=wk.args[2], v_new=wv.args[2], start=write.start or 0, end=write.stop,
+                         window=(window.start or 0, window.stop), rolls=rolls)
