@@ -8,7 +8,7 @@ from typing import Any, TextIO
 
 from .runtime import LayerStats, Session, SiteRecord, session_for_options
 
-__all__ = ["Report", "LayerRow", "report", "find_options"]
+__all__ = ["Report", "LayerRow", "MemoryRow", "MemoryReport", "report", "memory_report", "is_released", "find_options"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Report:
     graphs: int
     sites: tuple[SiteRecord, ...]
     layers: tuple[LayerRow, ...]
+    memory: MemoryReport | None = None  # compact mode: KV bytes dense vs compact
 
     def table(self) -> str:
         lines = [f"fkv_compile report: mode={self.mode}, {self.graphs} graphs compiled, {len(self.sites)} attention calls"]
@@ -56,10 +57,85 @@ class Report:
                     f"{r.layer:>5}  {sites:<8} {r.mode:<7} {r.dense_heads:>5} {r.static_heads:>6} {r.dynamic_heads:>4}  "
                     f"{tokens:>20} {r.kept_ratio:>6.3f}  {r.calls:>6} {r.dense_calls:>11}"
                 )
+        if self.memory is not None:
+            lines.append(self.memory.table())
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """KV bytes of one layer: the dense buffers the pipeline allocated vs the compact store."""
+
+    layer: int
+    dense_bytes: int
+    compact_bytes: int
+    dense_bytes_per_head: float
+    compact_bytes_per_head: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    rows: tuple[MemoryRow, ...]
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(r.dense_bytes for r in self.rows)
+
+    @property
+    def compact_bytes(self) -> int:
+        return sum(r.compact_bytes for r in self.rows)
+
+    @property
+    def saved_fraction(self) -> float:
+        return 1.0 - self.compact_bytes / self.dense_bytes if self.dense_bytes else 0.0
+
+    def table(self) -> str:
+        lines = [f"{'layer':>5} {'dense KV bytes':>15} {'compact KV bytes':>17} {'per head (compact)':>30}"]
+        for r in self.rows:
+            heads = " ".join(f"{b:,.0f}" for b in r.compact_bytes_per_head)
+            lines.append(f"{r.layer:>5} {r.dense_bytes:>15,} {r.compact_bytes:>17,} {heads:>30}")
+        lines.append(f"total: {self.dense_bytes:,} dense -> {self.compact_bytes:,} compact bytes "
+                     f"({100 * self.saved_fraction:.1f}% less)")
+        return "\n".join(lines)
+
+
+def _memory(session: Session) -> MemoryReport:
+    rows = []
+    for layer in sorted(session.stores):
+        store = session.stores[layer]
+        per_head = store.nbytes_per_head()
+        dense = session.dense_bytes.get(layer, 0)
+        rows.append(MemoryRow(layer=layer, dense_bytes=dense, compact_bytes=store.nbytes(),
+                              dense_bytes_per_head=dense / session.plan.num_heads,
+                              compact_bytes_per_head=tuple(per_head[h] for h in sorted(per_head))))
+    return MemoryReport(rows=tuple(rows))
+
+
+def _session_of(compiled: Any, what: str) -> Session:
+    options = find_options(compiled)
+    session = session_for_options(options) if options is not None else None
+    if session is None:
+        raise ValueError(
+            f"{what} expected a model compiled with torch.compile(..., backend='forcing_kv', options={{...}}) "
+            "that has run at least once; got one without a forcing_kv session"
+        )
+    return session
+
+
+def memory_report(compiled: Any) -> MemoryReport:
+    """KV bytes per layer and head, dense (the released pipeline buffers) vs compact (the store), as data.
+
+    Meaningful for ``mode="compact"``; other modes hold no store and report no rows.
+    """
+    return _memory(_session_of(compiled, "memory_report"))
+
+
+def is_released(t: Any) -> bool:
+    """True when ``t``'s storage was released by ``compact`` mode: do not read it (see the README)."""
+    return t.numel() > 0 and t.untyped_storage().nbytes() == 0
 
 
 def _layer_row(session: Session, stats: LayerStats) -> LayerRow:
@@ -99,15 +175,10 @@ def report(compiled: Any, *, print_table: bool = True, file: TextIO | None = Non
 
     Site rows appear once a graph is compiled; layer rows once the rewritten attention ran.
     """
-    options = find_options(compiled)
-    session = session_for_options(options) if options is not None else None
-    if session is None:
-        raise ValueError(
-            "report expected a model compiled with torch.compile(..., backend='forcing_kv', options={...}) "
-            "that has run at least once; got one without a forcing_kv session"
-        )
+    session = _session_of(compiled, "report")
     rows = tuple(_layer_row(session, session.layers[i]) for i in sorted(session.layers))
-    result = Report(mode=session.mode, graphs=session.graphs, sites=tuple(session.sites), layers=rows)
+    memory = _memory(session) if session.stores else None
+    result = Report(mode=session.mode, graphs=session.graphs, sites=tuple(session.sites), layers=rows, memory=memory)
     if print_table:
         print(result.table(), file=file or sys.stdout)
     return result

@@ -1,0 +1,120 @@
+"""``compact`` mode end to end: the store replaces the dense caches, which are released."""
+
+import pytest
+import torch
+
+import fkv_compile
+from fkv_compile import HeadPlan, SiteError
+from fkv_compile.models import new_caches, rollout
+from fkv_compile.report import find_options
+from fkv_compile.runtime import session_for_options
+from fkv_compile.testing import assert_within_budget, error_budget, max_abs_error
+
+from rollouts import GLOBAL, WINDOWED, mixed_plan, run_compiled, run_eager_oracle, setup, to64
+
+CONFIGS = [pytest.param(WINDOWED, id="windowed-sink"), pytest.param(GLOBAL, id="global")]
+
+
+def run_compact(model, cfg, inputs, plan, lowering="aot_eager", videos=1):
+    compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "mode": "compact", "lowering": lowering})
+    outs, caches = [], []
+    for _ in range(videos):
+        c = new_caches(cfg, batch=inputs.context.shape[0], dtype=inputs.context.dtype)
+        outs.append(rollout(compiled, cfg, inputs, caches=c))
+        caches.append(c)
+    return compiled, outs, caches
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compact_equals_select_and_oracle_over_two_videos(cfg, dtype, batch):
+    model, inputs = setup(cfg, dtype, batch=batch)
+    plan = mixed_plan(cfg)
+    m64, in64 = to64(model, inputs)
+    reference = run_eager_oracle(m64, cfg, in64, plan)
+    budget = error_budget(run_eager_oracle(model, cfg, inputs, plan), reference, floor=1e-6)
+    _, select = run_compiled(model, cfg, inputs, plan, "select")
+    torch._dynamo.reset()
+    compiled, (first, second), caches = run_compact(model, cfg, inputs, plan, videos=2)
+    for video in (first, second):  # the same compiled model, a new video: the store resets
+        assert_within_budget(video, reference, budget, "compact")
+        assert_within_budget(video, select, budget, "compact vs select")
+    rep = fkv_compile.report(compiled, print_table=False)
+    assert {s.action for s in rep.sites if s.pattern != "-"} == {"compact"}
+    assert all(fkv_compile.is_released(c["k"]) and fkv_compile.is_released(c["v"]) for video in caches for c in video[0])
+
+
+def test_dense_buffers_are_released_and_the_store_adds_up_to_the_report():
+    cfg = GLOBAL
+    model, inputs = setup(cfg, torch.float32)
+    inputs.noise = inputs.noise[:1]
+    compiled = torch.compile(model, backend="forcing_kv",
+                             options={"plan": mixed_plan(cfg), "mode": "compact", "lowering": "aot_eager"})
+    kv, cross = new_caches(cfg, batch=1, dtype=torch.float32)
+    dense_bytes = sum(c[name].nbytes for c in kv for name in ("k", "v"))
+    x = inputs.noise[0][0]
+    with torch.no_grad():  # the ops are inference-only
+        compiled(x, torch.full((1, 3), 1000.0), inputs.context, kv, cross, 0)  # the first compiled call
+    assert all(c[name].untyped_storage().nbytes() == 0 for c in kv for name in ("k", "v"))
+    mem = fkv_compile.memory_report(compiled)
+    assert mem.dense_bytes == dense_bytes
+    session_stores = session_for_options(find_options(compiled)).stores
+    tensors = [t for s in session_stores.values() for g in s.groups for h in (g.history, g.current)
+               for t in (h.k, h.v, h.pos) + ((h.valid,) if h.valid is not None else ())]
+    assert mem.compact_bytes == sum(t.nbytes for t in tensors)
+    # reading a released buffer from outside fails loudly
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        kv[0]["k"][:, :5].clone()
+
+
+def test_memory_is_constant_over_a_long_rollout_and_within_budget():
+    cfg = WINDOWED
+    model, inputs = setup(cfg, torch.float32)
+    long_inputs = setup(cfg, torch.float32, seed=1)[1]
+    long_inputs.noise = long_inputs.noise * 5  # 30 chunks
+    plan = mixed_plan(cfg)
+    compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "mode": "compact", "lowering": "aot_eager"})
+    rollout(compiled, cfg, inputs)  # warm-up video: append and roll branches compiled
+    sizes = []
+    graphs = fkv_compile.report(compiled, print_table=False).graphs
+    with torch.compiler.set_stance("fail_on_recompile"):
+        out = rollout(compiled, cfg, long_inputs, on_chunk=lambda c: sizes.append(fkv_compile.memory_report(compiled).compact_bytes))
+    assert fkv_compile.report(compiled, print_table=False).graphs == graphs
+    assert len(set(sizes[4:])) == 1, sizes
+    torch._dynamo.reset()
+    _, select = run_compiled(model, cfg, long_inputs, plan, "select")
+    assert max_abs_error(out, select) < 1e-4
+    mem = fkv_compile.memory_report(compiled)
+    # windowed Self Forcing miniature: 12 frames dense; static 5 frames, dynamic 5 + 6 segments of 4 tokens
+    assert mem.saved_fraction > 0.5
+
+
+def test_plans_compact_cannot_serve_fall_back_to_select_and_are_reported():
+    cfg = GLOBAL
+    model, inputs = setup(cfg, torch.float32)
+    inputs.noise = inputs.noise[:4]
+    plan = mixed_plan(cfg, dynamic_recent_frames=0)
+    compiled, (out,), (caches,) = run_compact(model, cfg, inputs, plan)
+    sites = [s for s in fkv_compile.report(compiled, print_table=False).sites if s.pattern != "-"]
+    assert all(s.action == "select" and "recent_frames >= 1" in s.reason for s in sites)
+    assert not any(fkv_compile.is_released(c["k"]) for c in caches[0])
+    torch._dynamo.reset()
+    _, select = run_compiled(model, cfg, inputs, plan, "select")
+    assert max_abs_error(out, select) == 0.0
+    torch._dynamo.reset()
+    strict = torch.compile(model, backend="forcing_kv",
+                           options={"plan": plan, "mode": "compact", "lowering": "aot_eager", "strict": True})
+    with pytest.raises(Exception, match="not compact: compact needs dynamic recent_frames >= 1") as info:
+        rollout(strict, cfg, inputs)
+    assert isinstance(info.value.__cause__ or info.value, (SiteError, Exception))
+
+
+def test_compact_under_inductor():
+    cfg = WINDOWED
+    model, inputs = setup(cfg, torch.float32)
+    plan = mixed_plan(cfg)
+    _, select = run_compiled(model, cfg, inputs, plan, "select")
+    torch._dynamo.reset()
+    _, (out,), _ = run_compact(model, cfg, inputs, plan, lowering="inductor")
+    assert max_abs_error(out, select) < 1e-4
