@@ -14,19 +14,20 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .kernels import KERNEL_CHOICES, KernelsError, default_kernels
 from .plan import HeadPlan
 from .runtime import LOWERINGS, MODES, Session, open_session
 
 __all__ = ["forcing_kv", "OptionsError"]
 
-OPTION_NAMES = ("plan", "mode", "lowering", "strict")
+OPTION_NAMES = ("plan", "mode", "lowering", "strict", "kernels")
 
 
 class OptionsError(ValueError):
     """The backend options are malformed."""
 
 
-def _parse_options(options: Mapping[str, Any] | None) -> tuple[HeadPlan, str, str, bool]:
+def _parse_options(options: Mapping[str, Any] | None) -> tuple[HeadPlan, str, str, bool, str]:
     if options is None or "plan" not in options:
         raise OptionsError(
             "backend 'forcing_kv' expected options={'plan': HeadPlan or path, ...}, got no plan; "
@@ -49,7 +50,13 @@ def _parse_options(options: Mapping[str, Any] | None) -> tuple[HeadPlan, str, st
     strict = options.get("strict", False)
     if not isinstance(strict, bool):
         raise OptionsError(f"option strict expected a bool, got {strict!r}")
-    return plan, mode, lowering, strict
+    try:
+        kernels = options.get("kernels") or default_kernels()
+    except KernelsError as e:
+        raise OptionsError(str(e)) from None
+    if kernels not in KERNEL_CHOICES:
+        raise OptionsError(f"option kernels expected one of {KERNEL_CHOICES}, got {kernels!r}")
+    return plan, mode, lowering, strict, kernels
 
 
 def _lower(gm: fx.GraphModule, example_inputs: list[Any], session: Session, inductor_mode: str | None) -> Callable:
@@ -71,16 +78,18 @@ def forcing_kv(
     options: Mapping[str, Any] | None = None,
     mode: str | None = None,
 ) -> Callable:
-    """Dynamo backend. ``options``: ``plan`` (required), ``mode`` (``off``/``oracle``/``select``/``profile``,
-    default ``select``), ``lowering`` (``inductor``/``aot_eager``/``eager``), ``strict`` (raise on attention
-    over a cache that cannot be rewritten). ``mode`` (the torch.compile argument) goes to Inductor.
+    """Dynamo backend. ``options``: ``plan`` (required), ``mode`` (``off``/``oracle``/``select``/``compact``/
+    ``profile``, default ``select``), ``lowering`` (``inductor``/``aot_eager``/``eager``), ``strict`` (raise on attention
+    over a cache that cannot be rewritten), ``kernels`` (``auto``: Triton on CUDA, torch on CPU; ``torch``; ``triton``,
+    on CPU through the interpreter; default ``$FKV_KERNELS`` or ``auto``). ``mode`` (the torch.compile argument) goes to Inductor.
     """
     from . import ops  # noqa: F401  registers the custom ops before any graph uses them
     from .passes import run_passes
 
-    plan, fkv_mode, lowering, strict = _parse_options(options)
-    session = open_session(options, plan, fkv_mode, lowering, strict)
-    if (session.plan, session.mode, session.lowering, session.strict) != (plan, fkv_mode, lowering, strict):
+    plan, fkv_mode, lowering, strict, kernels = _parse_options(options)
+    session = open_session(options, plan, fkv_mode, lowering, strict, kernels)
+    if (session.plan, session.mode, session.lowering, session.strict, session.kernels) != (
+            plan, fkv_mode, lowering, strict, kernels):
         raise OptionsError("the options of a compiled model were changed after its first compile; compile it anew")
     run_passes(gm, session)
     return _lower(gm, example_inputs, session, mode)

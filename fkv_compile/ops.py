@@ -7,6 +7,8 @@ is resolved at run time (see :mod:`fkv_compile.runtime`). Outputs are fresh cont
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -21,83 +23,64 @@ def _fake_attention(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-@torch.library.custom_op("fkv::select_attention", mutates_args=())
-def select_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layer_key: torch.Tensor,
-    session: int,
-    site: int,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Each head attends only to the tokens its role keeps in the dense window ``k``/``v``."""
-    s = runtime.session(session)
-    layer = s.layer_of(site, layer_key)
+AttentionBody = Callable[[runtime.Session, int, int, torch.Tensor, torch.Tensor, torch.Tensor, "float | None"], torch.Tensor]
+
+
+def _attention_op(name: str, body: AttentionBody, doc: str):
+    """Define ``fkv::<name>(q, k, v, layer_key, session, site, scale)`` with its fake; ``body`` gets the
+    session, site and the layer resolved from ``layer_key``."""
+
+    def op(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer_key: torch.Tensor,
+        session: int,
+        site: int,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        s = runtime.session(session)
+        return body(s, site, s.layer_of(site, layer_key), q, k, v, scale).contiguous()
+
+    op.__doc__ = doc
+    registered = torch.library.custom_op(f"fkv::{name}", op, mutates_args=())
+    registered.register_fake(lambda q, k, v, layer_key, session, site, scale=None: _fake_attention(q, v))
+    return registered
+
+
+def _select(s: runtime.Session, site: int, layer: int, q, k, v, scale):
     if not k.untyped_storage().nbytes():
         raise RuntimeError(
             f"fkv select_attention (site {site}, layer {layer}): the KV cache buffer was released by compact mode at "
             "another site of this layer, but this site could not be served compactly (see fkv_compile.report); "
             "compile with mode='select' for this model"
         )
-    out, kept = compressed_attention(q, k, v, s.plan, layer, scale)
+    out, kept = compressed_attention(q, k, v, s.plan, layer, scale, triton=s.triton(q.device))
     s.record(site, layer, kept.kept, kept.window, kept.layout_fits)
-    return out.contiguous()
+    return out
 
 
-@select_attention.register_fake
-def _(q, k, v, layer_key, session, site, scale=None):
-    return _fake_attention(q, v)
-
-
-@torch.library.custom_op("fkv::oracle_attention", mutates_args=())
-def oracle_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layer_key: torch.Tensor,
-    session: int,
-    site: int,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Dense attention masked by the keep rule (:func:`fkv_compile.semantics.oracle_attention`)."""
-    s = runtime.session(session)
-    layer = s.layer_of(site, layer_key)
+def _oracle(s: runtime.Session, site: int, layer: int, q, k, v, scale):
     mask = semantics.keep_mask(k, s.plan, layer, q.shape[-2])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, None, :], scale=scale)
     fits = semantics.window_layout(q.shape[-2], k.shape[-2], s.plan.frame_tokens, s.plan.chunk_frames) is not None
-    kept = tuple(mask.sum(-1).float().mean(0).tolist())
-    s.record(site, layer, kept, k.shape[-2], fits)
-    return out.contiguous()
+    s.record(site, layer, tuple(mask.sum(-1).float().mean(0).tolist()), k.shape[-2], fits)
+    return out
 
 
-@oracle_attention.register_fake
-def _(q, k, v, layer_key, session, site, scale=None):
-    return _fake_attention(q, v)
-
-
-@torch.library.custom_op("fkv::profile_attention", mutates_args=())
-def profile_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layer_key: torch.Tensor,
-    session: int,
-    site: int,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Dense attention, unchanged, plus the frame-level attention mass recorded for profiling."""
-    s = runtime.session(session)
-    layer = s.layer_of(site, layer_key)
+def _profile(s: runtime.Session, site: int, layer: int, q, k, v, scale):
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     record_call(s, layer, q, k, scale)
     s.record(site, layer, (float(k.shape[-2]),) * q.shape[1], k.shape[-2], True)
-    return out.contiguous()
+    return out
 
 
-@profile_attention.register_fake
-def _(q, k, v, layer_key, session, site, scale=None):
-    return _fake_attention(q, v)
+select_attention = _attention_op(
+    "select_attention", _select, "Each head attends only to the tokens its role keeps in the dense window k/v.")
+oracle_attention = _attention_op(
+    "oracle_attention", _oracle, "Dense attention masked by the keep rule (fkv_compile.semantics.oracle_attention).")
+profile_attention = _attention_op(
+    "profile_attention", _profile, "Dense attention, unchanged, plus the frame-level attention mass recorded.")
 
 
 OPS = {
@@ -134,7 +117,7 @@ def store_attention(
     """
     s = runtime.session(session)
     layer = s.layer_of(site, layer_key)
-    store = s.store(layer)
+    store = s.store(layer, q.device)
     store.write(k_new, v_new, write_start, write_end, (window_start, window_end))
     out = store.attention(q, (window_start, window_end), scale)
     mask = store.kept_mask(q.shape[1])
@@ -158,7 +141,7 @@ def store_roll(
     Returns an empty token that the site's ``store_attention`` takes, so the roll runs before it.
     """
     s = runtime.session(session)
-    s.store(s.layer_of(site, layer_key)).roll(dst, src, src_end - src)
+    s.store(s.layer_of(site, layer_key), layer_key.device).roll(dst, src, src_end - src)
     return layer_key.new_empty(0)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .kernels import use_triton
 from .plan import HeadPlan, PlanError
 from .store import LayerStore
 
@@ -55,13 +56,15 @@ class LayerStats:
 class Session:
     """Everything the backend and the ops of one compile call share."""
 
-    def __init__(self, sid: int, options: Mapping[str, Any], plan: HeadPlan, mode: str, lowering: str, strict: bool):
+    def __init__(self, sid: int, options: Mapping[str, Any], plan: HeadPlan, mode: str, lowering: str, strict: bool,
+                 kernels: str = "auto"):
         self.id = sid
         self.options = options  # held so that id(options) stays unique while the session lives
         self.plan = plan
         self.mode = mode
         self.lowering = lowering
         self.strict = strict
+        self.kernels = kernels  # "auto", "torch" or "triton" (fkv_compile.kernels)
         self.graphs = 0
         self.sites: list[SiteRecord] = []
         self.layers: dict[int, LayerStats] = {}
@@ -101,9 +104,13 @@ class Session:
             self._bindings[ident] = layer
             return layer
 
-    def store(self, layer: int) -> LayerStore:
+    def triton(self, device: torch.device) -> bool:
+        """Whether the ops run the Triton kernels on ``device`` (see :func:`fkv_compile.kernels.use_triton`)."""
+        return use_triton(self.kernels, device)
+
+    def store(self, layer: int, device: torch.device) -> LayerStore:
         if layer not in self.stores:
-            self.stores[layer] = LayerStore(self.plan, layer)
+            self.stores[layer] = LayerStore(self.plan, layer, triton=self.triton(device))
         return self.stores[layer]
 
     def release(self, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
@@ -147,12 +154,13 @@ def session_for_options(options: Mapping[str, Any]) -> Session | None:
     return _BY_OPTIONS.get(id(options))
 
 
-def open_session(options: Mapping[str, Any], plan: HeadPlan, mode: str, lowering: str, strict: bool) -> Session:
+def open_session(options: Mapping[str, Any], plan: HeadPlan, mode: str, lowering: str, strict: bool,
+                 kernels: str = "auto") -> Session:
     """The session of this options mapping (one per ``torch.compile`` call), created on first use."""
     existing = _BY_OPTIONS.get(id(options))
     if existing is not None:
         return existing
-    s = Session(next(_IDS), options, plan, mode, lowering, strict)
+    s = Session(next(_IDS), options, plan, mode, lowering, strict, kernels)
     _SESSIONS[s.id] = s
     _BY_OPTIONS[id(options)] = s
     return s

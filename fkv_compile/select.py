@@ -73,17 +73,12 @@ def _segment_tables(frame_tokens: int, segments: int, num_candidates: int, devic
     )
 
 
-def selected_segment_tokens(
-    region: torch.Tensor, p: RoleParams, frame_tokens: int, num_candidates: int, per_head: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Select the lowest-similarity segments of the candidate frames at the start of ``region``.
-
-    region: keys ``[B, Hd, (nc + 1) * F, D]`` of the ``nc`` candidate frames and the frame after the
-    last. Returns token positions into ``region`` ``[B, G, k * max_seg_len]`` (``G`` = Hd per head,
-    else 1) and their validity mask (``None`` when every segment has the same length).
-    """
+def region_similarity(region: torch.Tensor, frame_tokens: int, segments: int, num_candidates: int,
+                      per_head: bool) -> torch.Tensor:
+    """Similarity ``[B, G, nc * P]`` (fp32, frame-major) of the ``nc`` candidate frames at the start of
+    ``region`` ``[B, Hd, (nc + 1) * F, D]`` (the frame after the last included); ``G`` = Hd per head, else 1."""
     f, nc = frame_tokens, num_candidates
-    tables = _segment_tables(f, p.segments_per_frame, nc, region.device)
+    tables = _segment_tables(f, segments, nc, region.device)
     win = region.float()
     if per_head:
         x = win.unflatten(2, (nc + 1, f))  # [B, G=Hd, nc + 1, F, D]
@@ -92,14 +87,35 @@ def selected_segment_tokens(
     here, nxt = x[:, :, :-1], x[:, :, 1:]
     norms = x.norm(dim=-1).clamp_min(COSINE_EPS)
     cos = (here * nxt).sum(-1) / (norms[:, :, :-1] * norms[:, :, 1:])  # [B, G, nc, F]
-    sim = (cos @ tables.average).flatten(2)  # [B, G, nc * P]
+    return (cos @ tables.average).flatten(2)
+
+
+def lowest_segments(sim: torch.Tensor, p: RoleParams) -> torch.Tensor:
+    """The keep rule's choice: indices ``[B, G, k]`` of the ``k`` lowest similarities, ties to the lower index."""
     count = min(p.selected_segments, sim.shape[-1])
-    chosen = torch.sort(sim, dim=-1, stable=True).indices[..., :count]  # [B, G, k]
-    offs = torch.arange(tables.max_length, device=region.device)
+    return torch.sort(sim, dim=-1, stable=True).indices[..., :count]
+
+
+def segment_tokens(
+    chosen: torch.Tensor, p: RoleParams, frame_tokens: int, num_candidates: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token positions ``[B, G, k * max_seg_len]`` of the segments ``chosen`` (frame-major indices into
+    ``nc`` candidate frames) and their validity mask (``None`` when every segment has the same length)."""
+    tables = _segment_tables(frame_tokens, p.segments_per_frame, num_candidates, chosen.device)
+    offs = torch.arange(tables.max_length, device=chosen.device)
     tokens = tables.start[chosen][..., None] + offs  # [B, G, k, Lseg]
     valid = offs < tables.length[chosen][..., None]
     tokens = torch.where(valid, tokens, 0).flatten(2)
     return tokens, (None if bool(valid.all()) else valid.flatten(2))
+
+
+def selected_segment_tokens(
+    region: torch.Tensor, p: RoleParams, frame_tokens: int, num_candidates: int, per_head: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The keep rule's selected tokens of the candidate frames at the start of ``region`` (see
+    :func:`region_similarity` and :func:`segment_tokens`)."""
+    sim = region_similarity(region, frame_tokens, p.segments_per_frame, num_candidates, per_head)
+    return segment_tokens(lowest_segments(sim, p), p, frame_tokens, num_candidates)
 
 
 def _role_attention(
@@ -145,11 +161,13 @@ def compressed_attention(
     plan: HeadPlan,
     layer: int,
     scale: float | None = None,
+    triton: bool = False,
 ) -> tuple[torch.Tensor, KeptTokens]:
     """Attention of every head over the tokens its role keeps in the dense window.
 
     q: ``[B, H, Lq, D]``, k and v: ``[B, H, Lk, D]`` (any strides); returns ``[B, H, Lq, D]`` and
-    the kept-token counts. A call that does not fit the plan's geometry runs dense.
+    the kept-token counts. A call that does not fit the plan's geometry runs dense. ``triton``: one
+    range-attention kernel launch over all heads (:mod:`fkv_compile.kernels`) instead of gather + SDPA.
     """
     num_heads, lq, lk = q.shape[1], q.shape[2], k.shape[2]
     roles = plan.roles[layer]
@@ -157,6 +175,14 @@ def compressed_attention(
     if layout is None or all(r == "dense" for r in roles):
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return out, KeptTokens(kept=(float(lk),) * num_heads, window=lk, layout_fits=layout is not None)
+    if triton:
+        from .kernels.attention import range_attention
+        from .kernels.ranges import select_ranges
+
+        starts, ends = select_ranges(k, plan, layer, layout)
+        kept_per_head = (ends - starts).sum(-1).double().mean(0)
+        out = range_attention(q, k, v, starts, ends, scale)
+        return out, KeptTokens(kept=tuple(kept_per_head.tolist()), window=lk, layout_fits=True)
     out = q.new_empty(q.shape[:3] + v.shape[3:])
     kept = [float(lk)] * num_heads
     for role in ("dense", "static", "dynamic"):

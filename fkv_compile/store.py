@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .plan import HeadPlan, RoleParams
 from .semantics import WindowLayout, window_layout
-from .select import selected_segment_tokens
+from .select import lowest_segments, region_similarity, segment_tokens
 
 __all__ = ["StoreError", "LayerStore", "compact_unsupported"]
 
@@ -68,18 +68,34 @@ def _cat(parts: list[_Held]) -> _Held:
     return _Held(torch.cat([p.k for p in parts], 2), torch.cat([p.v for p in parts], 2), torch.cat([p.pos for p in parts], 1), valid)
 
 
-def _take_frames(src: _Held, frames: list[int], f: int) -> _Held:
-    """The full frames (by cache frame slot) out of ``src``; every token of them must be held."""
+def _frame_index(src: _Held, frames: list[int], f: int) -> torch.Tensor:
+    """Where the full frames ``frames`` (by cache frame slot) lie in ``src``: ``[len(frames) * F]`` indices.
+
+    Full-frame tokens sit at the same place for every batch item: looked up in item 0.
+    """
     if not frames:
-        return _Held(src.k[:, :, :0], src.v[:, :, :0], src.pos[:, :0])
-    want = torch.cat([torch.arange(fr * f, (fr + 1) * f, device=src.pos.device) for fr in frames])
-    # positions are the same for every batch item in full-frame regions: look them up in item 0
+        return torch.empty(0, dtype=torch.long, device=src.pos.device)
+    want = [p for fr in frames for p in range(fr * f, (fr + 1) * f)]
     where = {int(p): i for i, p in enumerate(src.pos[0].tolist()) if p >= 0}
-    missing = [int(p) for p in want.tolist() if int(p) not in where]
+    missing = [p for p in want if p not in where]
     if missing:
         raise StoreError(f"compact store does not hold cache tokens {missing[:4]}... (frames {frames}) the keep rule needs")
-    idx = torch.tensor([where[int(p)] for p in want.tolist()], device=src.pos.device)
-    return _Held(src.k[:, :, idx], src.v[:, :, idx], src.pos[:, idx])
+    return torch.tensor([where[p] for p in want], device=src.pos.device)
+
+
+def _gather(src: _Held, index: torch.Tensor, triton: bool) -> _Held:
+    """The tokens ``index`` ``[B, T]`` of ``src`` (``-1``: a padding slot, marked invalid)."""
+    pad = index < 0
+    pos = torch.where(pad, -1, torch.gather(src.pos, 1, index.clamp_min(0)))
+    if triton:
+        from .kernels.gather import gather_tokens
+
+        k, v = gather_tokens(src.k, src.v, index)
+    else:
+        b, g, _, d = src.k.shape
+        at = index.clamp_min(0)[:, None, :, None].expand(b, g, -1, d)
+        k, v = torch.gather(src.k, 2, at), torch.gather(src.v, 2, at)
+    return _Held(k, v, pos, ~pad if bool(pad.any()) else None)
 
 
 class _GroupStore:
@@ -121,11 +137,12 @@ def compact_unsupported(plan: HeadPlan) -> str | None:
 class LayerStore:
     """The compact KV of one layer (all head groups), driven by ``write``/``roll``/``attention``."""
 
-    def __init__(self, plan: HeadPlan, layer: int):
+    def __init__(self, plan: HeadPlan, layer: int, triton: bool = False):
         reason = compact_unsupported(plan)
         if reason:
             raise StoreError(reason)
         self.plan = plan
+        self.triton = triton  # the Triton kernels (fkv_compile.kernels) instead of torch for commit and attention
         self.groups = [
             _GroupStore(role, list(plan.heads(layer, role)), plan.params(role) if role != "dense" else None)
             for role in ("dense", "static", "dynamic")
@@ -181,35 +198,38 @@ class LayerStore:
             raise StoreError(f"compact store: window [{a}, {e}) does not fit the plan's geometry")
         first = a // f
         for g in self.groups:
-            old = _cat([g.history, g.current])
+            old = g.held()
             if g.role == "dense":
                 keep = old.pos[0] >= a
                 g.history = _Held(old.k[:, :, keep], old.v[:, :, keep], old.pos[:, keep])
                 continue
             p = g.params
-            sink = [first + j for j in layout.sink(p)]
-            recent = [first + j for j in layout.recent(p)]
-            parts = [_take_frames(old, sink, f), _take_frames(old, recent, f)]
+            fixed = _frame_index(old, [first + j for j in (*layout.sink(p), *layout.recent(p))], f)
+            index = fixed.expand(old.pos.shape[0], -1)
             if g.role == "dynamic":
-                parts.append(self._select(old, layout, first, p, len(g.heads)))
-            g.history = _cat(parts)
+                index = torch.cat([index, self._select(old, layout, first, p)], 1)
+            g.history = _gather(old, index, self.triton)
 
-    def _select(self, old: _Held, layout: WindowLayout, first: int, p: RoleParams, num_heads: int) -> _Held:
-        """The selected segments of the candidate frames (one selection per batch item over all dynamic heads)."""
+    def _select(self, old: _Held, layout: WindowLayout, first: int, p: RoleParams) -> torch.Tensor:
+        """Indices ``[B, T]`` into ``old`` of the selected segments' tokens (``-1``: padding of short
+        segments), one selection per batch item over all the group's heads."""
         cands = list(layout.candidates(p))
+        b, num_heads = old.pos.shape[0], old.k.shape[1]
         if not cands or p.selected_segments == 0:
-            return _Held(old.k[:, :, :0], old.v[:, :, :0], old.pos[:, :0])
+            return old.pos.new_empty((b, 0))
         f = layout.frame_tokens
-        region = _take_frames(old, [first + j for j in cands] + [first + cands[-1] + 1], f)
-        tokens, valid = selected_segment_tokens(region.k, p, f, len(cands), per_head=False)
-        tokens = tokens[:, 0]  # [B, T] into the region
-        b, _, _, d = region.k.shape
-        index = tokens[:, None, :, None].expand(b, num_heads, -1, d)
-        pos = torch.gather(region.pos, 1, tokens)
-        if valid is not None:
-            valid = valid[:, 0]
-            pos = torch.where(valid, pos, -1)
-        return _Held(torch.gather(region.k, 2, index), torch.gather(region.v, 2, index), pos, valid)
+        region_index = _frame_index(old, [first + j for j in cands] + [first + cands[-1] + 1], f)
+        region = _gather(old, region_index.expand(b, -1), self.triton)
+        if self.triton:
+            from .kernels.similarity import segment_similarity
+
+            everyone = torch.arange(num_heads, device=old.k.device)[None]
+            sim = segment_similarity(region.k, everyone, 0, len(cands), f, p.segments_per_frame)
+        else:
+            sim = region_similarity(region.k, f, p.segments_per_frame, len(cands), per_head=False)
+        tokens, valid = segment_tokens(lowest_segments(sim, p), p, f, len(cands))
+        index = region_index[tokens[:, 0]]
+        return index if valid is None else torch.where(valid[:, 0], index, -1)
 
     # -- reading ---------------------------------------------------------------------------------
     def attention(self, q: torch.Tensor, window: tuple[int, int], scale: float | None) -> torch.Tensor:
@@ -222,8 +242,17 @@ class LayerStore:
             if g.role == "dense":
                 keep = held.pos[0] >= window[0]
                 held = _Held(held.k[:, :, keep], held.v[:, :, keep], held.pos[:, keep])
-            mask = None if held.valid is None else held.valid[:, None, None, :]
             heads = torch.tensor(g.heads, device=q.device)
+            if self.triton:
+                from .kernels.attention import range_attention
+                from .kernels.ranges import mask_runs
+
+                starts, ends = mask_runs((held.pos >= window[0]) & (held.pos < window[1]))  # padding: pos -1
+                group = (-1, len(g.heads), -1)
+                range_attention(q, held.k, held.v, starts[:, None].expand(group), ends[:, None].expand(group), scale,
+                                q_heads=heads, out=out)
+                continue
+            mask = None if held.valid is None else held.valid[:, None, None, :]
             out[:, heads] = F.scaled_dot_product_attention(q[:, heads], held.k, held.v, attn_mask=mask, scale=scale)
         return out
 
@@ -231,7 +260,7 @@ class LayerStore:
         """Bool ``[B, H, e - a]`` over the last window ``[a, e)``: the tokens each head attends to."""
         a, e = self.window
         b = self.groups[0].current.pos.shape[0]
-        mask = torch.zeros(b, num_heads, e - a, dtype=torch.bool)
+        mask = torch.zeros(b, num_heads, e - a, dtype=torch.bool, device=self.groups[0].current.pos.device)
         for g in self.groups:
             held = g.held()
             ok = (held.pos >= a) & (held.pos < e)

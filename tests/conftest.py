@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# the Triton kernels run on CPU through the interpreter, which Triton reads when it is first
+# imported (Inductor imports it): set before anything imports torch._inductor
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,5 +1,6 @@
 """The compact store against the keep rule on the dense window, over random chunk sequences."""
 
+import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -13,8 +14,8 @@ from fkv_compile.testing import selection_margin
 class DenseCache:
     """The Self Forcing cache bookkeeping in frames: append, or roll keeping ``sink`` frames (windowed)."""
 
-    def __init__(self, b, h, d, f, frames, sink):
-        self.k = torch.zeros(b, frames * f, h, d, dtype=torch.float64)
+    def __init__(self, b, h, d, f, frames, sink, dtype=torch.float64):
+        self.k = torch.zeros(b, frames * f, h, d, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.f, self.frames, self.sink = f, frames, sink
         self.end = 0  # tokens in the cache
@@ -60,25 +61,30 @@ def scenarios(draw):
     return plan, windowed, model_sink if windowed else 0, frames, writes, draw(st.integers(0, 2**31 - 1)), draw(st.integers(1, 2))
 
 
-@given(scenarios())
-def test_store_keeps_what_the_rule_keeps_on_the_dense_window(scenario):
+# the torch path in float64; the Triton kernels (interpreter, float32 at most) in float32
+PATHS = [pytest.param(False, torch.float64, 1e-9, id="torch"), pytest.param(True, torch.float32, 1e-5, id="triton")]
+
+
+@pytest.mark.parametrize("triton,dtype,tol", PATHS)
+@given(scenario=scenarios())
+def test_store_keeps_what_the_rule_keeps_on_the_dense_window(triton, dtype, tol, scenario):
     plan, windowed, model_sink, frames, writes, seed, b = scenario
     gen = torch.Generator().manual_seed(seed)
     h, d, f = plan.num_heads, 4, plan.frame_tokens
-    cache = DenseCache(b, h, d, f, frames, model_sink)
-    store = LayerStore(plan, 0)
+    cache = DenseCache(b, h, d, f, frames, model_sink, dtype)
+    store = LayerStore(plan, 0, triton=triton)
     for repeats in writes:
         for step in range(repeats):
-            k = torch.randn(b, plan.chunk_tokens, h, d, generator=gen, dtype=torch.float64)
+            k = torch.randn(b, plan.chunk_tokens, h, d, generator=gen, dtype=dtype)
             v = torch.randn_like(k)
             a, e = cache.write(k, v, step == 0, store)
             wk, wv = cache.k[:, a:e].transpose(1, 2), cache.v[:, a:e].transpose(1, 2)
-            assume(selection_margin(wk, plan, 0, plan.chunk_tokens) > 1e-9)
-            expected = keep_mask(wk, plan, 0, plan.chunk_tokens)
+            assume(selection_margin(wk, plan, 0, plan.chunk_tokens) > tol)
+            expected = keep_mask(wk.double(), plan, 0, plan.chunk_tokens)
             assert torch.equal(store.kept_mask(h), expected)
-            q = torch.randn(b, h, plan.chunk_tokens, d, generator=gen, dtype=torch.float64)
-            torch.testing.assert_close(store.attention(q, (a, e), None), oracle_attention(q, wk, wv, plan, 0),
-                                       rtol=1e-9, atol=1e-9)
+            q = torch.randn(b, h, plan.chunk_tokens, d, generator=gen, dtype=dtype)
+            expected_out = oracle_attention(q.double(), wk.double(), wv.double(), plan, 0)
+            torch.testing.assert_close(store.attention(q, (a, e), None).double(), expected_out, rtol=tol, atol=tol)
 
 
 def test_memory_is_bounded_by_the_plan_not_the_video():
@@ -98,7 +104,6 @@ def test_memory_is_bounded_by_the_plan_not_the_video():
 
 def test_plans_the_store_cannot_serve_exactly_are_refused():
     from fkv_compile.store import StoreError, compact_unsupported
-    import pytest
 
     base = dict(frame_tokens=4, chunk_frames=2, segments_per_frame=2)
     assert compact_unsupported(HeadPlan.from_roles([["static", "dynamic"]], **base, candidate_frames=2)) is None

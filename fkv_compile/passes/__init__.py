@@ -5,7 +5,9 @@ Invariants every pass keeps:
 - only attention nodes the matchers accept are touched; everything else stays exactly as traced,
   and every declined attention call gets a report row with its reason;
 - a new node gets an ``example_value`` from its op's fake implementation;
-- no new aliasing: the custom ops return fresh tensors and mutate nothing;
+- no new aliasing: the custom ops return fresh tensors and declare no mutation; ``compact``'s ops
+  keep their order through data (roll tokens feed the attention op) and only release the dense
+  cache storage of sites whose every cache access they replaced (see :mod:`.compact`);
 - no dead-code elimination: ``eliminate_dead_code`` on a dynamo graph deletes in-place cache
   writes (``setitem``, ``fill_``), so the passes erase only the nodes they replace;
 - no buffers owned by the backend inside the graph: run-time state lives in

@@ -1,0 +1,182 @@
+"""``@triton.autotune`` with its choices persisted to a JSON file, so a machine tunes each shape once.
+
+Triton's autotuner keeps the best configuration per key (the kernel's ``key`` arguments plus the
+dtypes of its tensor arguments) in memory only. :class:`TunedKernel` preloads that memory from
+:class:`TuningCache` before the first launch and writes back what a launch tuned. Entries are
+keyed by GPU name, Triton and torch versions, kernel name and the autotune key (head dim, dtype,
+...), so one file serves several machines and upgrades never reuse stale choices.
+
+Environment: ``FKV_TUNING_CACHE`` the file (default ``~/.cache/fkv_compile/tuning.json``),
+``FKV_AUTOTUNE=0`` no tuning (each kernel runs its first configuration). Under the Triton
+interpreter every kernel has a single configuration and nothing is benchmarked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+
+from . import interpreting
+
+__all__ = ["TUNING_CACHE_ENV", "AUTOTUNE_ENV", "TuningCache", "TunedKernel", "tuning_enabled", "shared_cache"]
+
+TUNING_CACHE_ENV = "FKV_TUNING_CACHE"
+AUTOTUNE_ENV = "FKV_AUTOTUNE"
+FORMAT = "fkv-compile-tuning/1"
+
+
+def tuning_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+def _default_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "fkv_compile" / "tuning.json"
+
+
+def machine_signature(device: torch.device) -> dict[str, str]:
+    """What a tuned choice is only valid for: the GPU and the compiler versions."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "triton-interpreter"
+    return {"device": name, "triton": triton.__version__, "torch": torch.__version__}
+
+
+def _config_to_json(config: triton.Config) -> dict[str, Any]:
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _config_from_json(data: dict[str, Any]) -> triton.Config:
+    return triton.Config(dict(data["kwargs"]), num_warps=int(data["num_warps"]), num_stages=int(data["num_stages"]))
+
+
+class TuningCache:
+    """The tuned configurations in one JSON file (read once, merged and rewritten atomically on save).
+
+    A file that is not valid JSON, or not in this format, is ignored with a warning and never
+    overwritten (it may be someone else's file): tuning results then stay in memory.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else Path(os.environ.get(TUNING_CACHE_ENV) or _default_path())
+        self._entries: list[dict[str, Any]] | None = None
+        self._writable = True
+        self._lock = threading.Lock()
+
+    def _read(self) -> list[dict[str, Any]] | None:
+        """The file's entries, ``[]`` when it does not exist, ``None`` (after a warning) when unusable."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            warnings.warn(f"fkv tuning cache {self.path} is corrupt ({e}); ignoring it (delete it to re-tune)")
+            return None
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), list):
+            warnings.warn(f"fkv tuning cache {self.path} is not an {FORMAT} file; ignoring it and leaving it as is")
+            return None
+        return data["entries"]
+
+    def entries(self) -> list[dict[str, Any]]:
+        with self._lock:
+            if self._entries is None:
+                read = self._read()
+                self._writable = read is not None
+                self._entries = read or []
+            return self._entries
+
+    def lookup(self, signature: dict[str, str], kernel: str) -> dict[tuple, triton.Config]:
+        """The tuned configs of ``kernel`` on this machine, by autotune key."""
+        found = {}
+        for entry in self.entries():
+            try:
+                if entry["machine"] == signature and entry["kernel"] == kernel:
+                    found[tuple(entry["key"])] = _config_from_json(entry["config"])
+            except (KeyError, TypeError, ValueError) as e:
+                warnings.warn(f"fkv tuning cache {self.path}: skipping a malformed entry ({e!r})")
+        return found
+
+    def put(self, signature: dict[str, str], kernel: str, key: tuple, config: triton.Config) -> None:
+        entry = {"machine": signature, "kernel": kernel, "key": list(key), "config": _config_to_json(config)}
+        entries = self.entries()
+        with self._lock:
+            entries[:] = [e for e in entries if (e.get("machine"), e.get("kernel"), e.get("key")) != (
+                signature, kernel, list(key))] + [entry]
+            if self._writable:
+                self._save(entry)
+
+    def _save(self, entry: dict[str, Any]) -> None:
+        """Merge ``entry`` into the file as it is now (other processes may have written) and replace it."""
+        on_disk = self._read()
+        if on_disk is None:
+            self._writable = False
+            return
+        merged = [e for e in on_disk if (e.get("machine"), e.get("kernel"), e.get("key")) != (
+            entry["machine"], entry["kernel"], entry["key"])] + [entry]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"format": FORMAT, "entries": merged}, indent=1))
+        os.replace(tmp, self.path)
+
+
+_SHARED: dict[Path, TuningCache] = {}
+
+
+def shared_cache() -> TuningCache:
+    """The process-wide cache at the path the environment names now."""
+    cache = TuningCache()
+    return _SHARED.setdefault(cache.path, cache)
+
+
+def _cpu_bench(kernel_call: Callable[[], Any], quantiles: Sequence[float]) -> list[float]:
+    """Milliseconds of ``kernel_call`` on the interpreter (Triton's benchmarker needs a GPU driver)."""
+    kernel_call()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        kernel_call()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return [times[min(len(times) - 1, int(q * len(times)))] for q in quantiles]
+
+
+class TunedKernel:
+    """A Triton kernel under ``@triton.autotune`` whose tuned choices go through a :class:`TuningCache`.
+
+    ``configs[0]`` is the default: the only one under the interpreter or with ``FKV_AUTOTUNE=0``.
+    """
+
+    def __init__(self, name: str, fn: Any, configs: Sequence[triton.Config], key: list[str],
+                 cache: TuningCache | None = None):
+        if not configs:
+            raise ValueError(f"kernel {name}: no configurations")
+        self.name = name
+        self.cache = cache
+        self.configs = list(configs) if tuning_enabled() else list(configs[:1])
+        self.autotuner = triton.autotune(
+            configs=self.configs, key=key, do_bench=_cpu_bench if interpreting() else None
+        )(fn)
+        self._preloaded: set[str] = set()
+        self.benchmarked = 0  # keys tuned by benchmarking in this process (tests check reuse)
+
+    def launch(self, grid: Callable[[dict[str, Any]], tuple[int, ...]], device: torch.device, *args: Any,
+               **kwargs: Any) -> None:
+        cache = self.cache or shared_cache()
+        signature = machine_signature(device)
+        if len(self.configs) > 1 and signature["device"] not in self._preloaded:
+            self.autotuner.cache.update(cache.lookup(signature, self.name))
+            self._preloaded.add(signature["device"])
+        before = set(self.autotuner.cache)
+        self.autotuner[grid](*args, **kwargs)
+        for key in set(self.autotuner.cache) - before:
+            self.benchmarked += 1
+            cache.put(signature, self.name, key, self.autotuner.cache[key])
