@@ -65,7 +65,8 @@ def run_long(chunks: int) -> dict:
     from fkv_compile import HeadPlan
     from fkv_compile.models import MiniConfig, build, make_inputs, rollout
 
-    cfg = MiniConfig(num_layers=2, window_frames=12, sink_frames=3)
+    # rotary tables long enough for the video's absolute frame positions
+    cfg = MiniConfig(num_layers=2, window_frames=12, sink_frames=3, rope_positions=3 * chunks + 16)
     model = build(cfg)
     inputs = make_inputs(cfg, chunks=chunks)
     plan = HeadPlan.from_roles([["static", "dynamic"]] * 2, frame_tokens=cfg.frame_tokens, chunk_frames=3)
@@ -119,7 +120,10 @@ def main() -> None:
     payload = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows, "summary": summary}
     if args.long:
         cmd = [sys.executable, __file__, "--child", "long", str(args.long)]
-        long = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"the long rollout failed:\n{done.stderr[-3000:]}")
+        long = json.loads(done.stdout.strip().splitlines()[-1])
         payload["long_rollout"] = long
         for s in long["samples"]:
             print(f"chunk {s['chunk']:>5}: store {s['kv_bytes']:,} bytes, RSS {s['rss_bytes'] / 2**20:.1f} MiB")

@@ -4,6 +4,8 @@
     fkv plan show plan.json [--png plan.png]                  roles, kept tokens and bytes per layer
     fkv plan validate plan.json --model mini                  does the plan fit the model?
     fkv plan convert reference.json plan.json --frame-tokens 1560 --chunk-frames 3
+    fkv check my_pkg.ci:forcing_kv_target --plan plan.json    equivalence of every mode, for CI
+    fkv bench --geometry self-forcing-5s longlive-window      speed and memory, dense vs select vs compact
 
 Every command takes ``--json`` for scripts; errors go to standard error with exit status 1.
 """
@@ -336,6 +338,71 @@ def cmd_plan_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_target(args: argparse.Namespace) -> tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module], Any]]:
+    """``(model_factory, rollout)`` of a bundled miniature, or what a user's ``module:callable`` returns."""
+    if args.model in ("mini", "mini-windowed"):
+        from .models import MiniConfig, build, make_inputs, rollout
+
+        cfg = MiniConfig(**({"window_frames": 12, "sink_frames": 3} if args.model == "mini-windowed" else {}))
+        inputs = make_inputs(cfg, chunks=args.chunks or 5, seed=0)
+        return (lambda: build(cfg, seed=0)), (lambda model: rollout(model, cfg, inputs))
+    target = _load_callable(args.model)()
+    if not (isinstance(target, tuple) and len(target) == 2 and all(callable(t) for t in target)):
+        raise CliError(f"--model {args.model!r} must return (model_factory, rollout): two callables, "
+                       f"got {type(target).__name__}")
+    return target
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import check_equivalence
+
+    model_factory, rollout = _check_target(args)
+    result = check_equivalence(model_factory, rollout, _load_plan(args.plan), args.modes, args.lowering)
+    _emit(args, result.to_dict(), result.table())
+    if not result.passed:
+        print("fkv check: FAILED\n  " + "\n  ".join(result.failures()), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import GEOMETRIES, BenchSettings, run_bench
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    side = args.side if args.side is not None else (1 if device == "cuda" else 2)
+    results, lines = {}, []
+    with Progress(len(args.geometry) * (1 + len(args.modes)), "benchmarking",
+                  enabled=not (args.quiet or args.json)) as bar:
+        for name in args.geometry:
+            settings = BenchSettings(geometry=name, side=1 if name == "tiny" else side, layers=args.layers,
+                                     heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
+                                     repeats=args.repeats, device=device, plan=args.plan)
+            try:
+                result = run_bench(settings, Path(args.out), tuple(args.modes), bar.advance, png=not args.no_png)
+            except (ValueError, RuntimeError) as exc:
+                raise CliError(str(exc)) from None
+            results[name] = result
+            g = result["geometry"]
+            lines.append(f"{name}: {GEOMETRIES[name].note}; {g['frame_tokens']} tokens per frame here "
+                         f"({g['real_frame_tokens']} at real size), {args.layers} layers x {args.heads} heads, {device}")
+            for row in result["call"]:
+                lines.append(f"  call, layer {row['layer']}: kept/dense tokens {row['kept_ratio']:.3f}; time vs dense: "
+                             f"select {row['select_ratio']:.3f}, compact {row['compact_ratio']:.3f} "
+                             f"(dense {row['dense_ms']:.1f} ms, {row['kernels']} kernels)")
+            for mode, r in result["rollout"].items():
+                ratio = result.get("ratios_vs_dense", {}).get(mode, {})
+                lines.append(f"  rollout {mode:<8} video {r['video_s']:8.3f} s"
+                             + (f" (x{ratio['video_time']:.3f})" if ratio else "")
+                             + f"  attention {100 * r['attention_share']:4.1f}%  KV {r['kv_bytes'] / 2**20:8.1f} MiB"
+                             + f"  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB  compile {r['compile_s']:6.1f} s"
+                             + f"  recompiles {r['graphs_after_warmup']}  FPS {r['fps']:.2f}")
+    lines.append(f"wrote {args.out}/bench_<geometry>.json, .csv" + ("" if args.no_png else ", .png"))
+    _emit(args, results, "\n".join(lines))
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fkv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -386,6 +453,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--chunk-frames", type=int)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_plan_convert)
+
+    k = sub.add_parser("check", help="equivalence of off/oracle/select/compact on a model's rollout (for CI)")
+    k.add_argument("model", help="mini, mini-windowed, or module:callable returning (model_factory, rollout)")
+    k.add_argument("--plan", required=True)
+    k.add_argument("--modes", nargs="+", default=["off", "oracle", "select", "compact"],
+                   choices=["off", "oracle", "select", "compact"])
+    k.add_argument("--lowering", choices=["inductor", "aot_eager", "eager"], default="inductor")
+    k.add_argument("--chunks", type=int, help="chunks of the bundled miniatures' rollout (default 5)")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=cmd_check)
+
+    b = sub.add_parser("bench", help="time and memory, dense vs select vs compact, at named geometries")
+    b.add_argument("--geometry", nargs="+", default=["self-forcing-5s", "longlive-window"],
+                   choices=["self-forcing-5s", "longlive-window", "1080p", "tiny"])
+    b.add_argument("--side", type=int, help="divide the latent height and width by this (default 2 on CPU, 1 on CUDA)")
+    b.add_argument("--layers", type=int, default=4)
+    b.add_argument("--heads", type=int, default=12)
+    b.add_argument("--head-dim", type=int, default=128)
+    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    b.add_argument("--repeats", type=int, default=2, help="timed videos per mode after a warm-up video")
+    b.add_argument("--modes", nargs="+", default=["dense", "select", "compact"], choices=["dense", "select", "compact"])
+    b.add_argument("--device", choices=["cpu", "cuda"])
+    b.add_argument("--plan", help="a plan (its first --layers layers); default: 37%% static heads, as the reference")
+    b.add_argument("--out", default="bench_results")
+    b.add_argument("--no-png", action="store_true")
+    b.add_argument("--quiet", action="store_true")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

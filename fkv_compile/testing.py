@@ -6,7 +6,7 @@ error an independent low-precision implementation of the same oracle makes again
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import semantics
+from .check import DEFAULT_MODES, EquivalenceReport, check_equivalence
 from .plan import HeadPlan
 
 __all__ = [
+    "assert_equivalent",
     "BUDGET_FACTOR",
     "max_abs_error",
     "error_budget",
@@ -66,6 +68,27 @@ def selection_margin(k: torch.Tensor, plan: HeadPlan, layer: int, lq: int) -> fl
     if count == 0 or count == sims.shape[-1]:
         return float("inf")
     return float((sims[..., count] - sims[..., count - 1]).min())
+
+
+def assert_equivalent(
+    model_factory: Callable[[], torch.nn.Module],
+    rollout: Callable[[torch.nn.Module], Sequence[torch.Tensor]],
+    plan: HeadPlan,
+    modes: Sequence[str] = DEFAULT_MODES,
+    lowering: str = "inductor",
+) -> EquivalenceReport:
+    """For a user's CI (pytest or not): ``off`` bit-identical to the plain lowering, ``select`` and
+    ``compact`` equal to ``oracle`` within the data-derived budget over every chunk of ``rollout(model)``
+    (see :mod:`fkv_compile.check`). Raises ``AssertionError`` with the report's table on failure.
+
+        def test_forcing_kv_keeps_my_model():
+            assert_equivalent(lambda: MyModel().eval(), lambda m: my_rollout(m, seed=0), HeadPlan.load("plan.json"))
+    """
+    result = check_equivalence(model_factory, rollout, plan, modes, lowering)
+    if not result.passed:
+        raise AssertionError("fkv_compile equivalence failed:\n  " + "\n  ".join(result.failures()) + "\n"
+                             + result.table())
+    return result
 
 
 class OracleAttentionMode(TorchFunctionMode):

@@ -36,30 +36,34 @@ def build(cfg: MiniConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32)
 
 def make_inputs(
     cfg: MiniConfig, *, batch: int = 1, chunks: int, seed: int = 0, dtype: torch.dtype = torch.float32,
-    steps: Sequence[float] = DENOISING_STEPS,
+    steps: Sequence[float] = DENOISING_STEPS, device: torch.device | str = "cpu",
 ) -> RolloutInputs:
+    """Seeded on the CPU (the same numbers on every device), then moved to ``device``."""
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, cfg.chunk_frames, cfg.in_channels, cfg.latent_height, cfg.latent_width)
-    context = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=gen).to(dtype)
-    noise = [[torch.randn(shape, generator=gen).to(dtype) for _ in steps] for _ in range(chunks)]
+    context = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=gen).to(device, dtype)
+    noise = [[torch.randn(shape, generator=gen).to(device, dtype) for _ in steps] for _ in range(chunks)]
     return RolloutInputs(context=context, noise=noise)
 
 
-def new_caches(cfg: MiniConfig, *, batch: int, dtype: torch.dtype) -> tuple[list[KVCache], list[CrossCache]]:
+def new_caches(
+    cfg: MiniConfig, *, batch: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> tuple[list[KVCache], list[CrossCache]]:
     """Per-layer self-attention caches (dense, preallocated) and cross-attention caches."""
     lc = cfg.cache_frames * cfg.frame_tokens
     shape = (batch, lc, cfg.num_heads, cfg.head_dim)
     def index() -> torch.Tensor | int:
-        return torch.tensor([0], dtype=torch.long) if cfg.index_style == "tensor" else 0
+        return torch.tensor([0], dtype=torch.long, device=device) if cfg.index_style == "tensor" else 0
 
     kv = [
-        {"k": torch.zeros(shape, dtype=dtype), "v": torch.zeros(shape, dtype=dtype),
+        {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device),
          "global_end_index": index(), "local_end_index": index()}
         for _ in range(cfg.num_layers)
     ]
     text_shape = (batch, cfg.text_len, cfg.num_heads, cfg.head_dim)
     cross = [
-        {"k": torch.zeros(text_shape, dtype=dtype), "v": torch.zeros(text_shape, dtype=dtype), "is_init": False}
+        {"k": torch.zeros(text_shape, dtype=dtype, device=device), "v": torch.zeros(text_shape, dtype=dtype, device=device),
+         "is_init": False}
         for _ in range(cfg.num_layers)
     ]
     return kv, cross
@@ -82,19 +86,19 @@ def rollout(
     ``caches`` (fresh, from :func:`new_caches`) lets the caller watch them; by default they are new.
     Every forward is tagged with its chunk and step for the profiler (:func:`fkv_compile.profile.tag`).
     """
-    batch, dtype = inputs.context.shape[0], inputs.context.dtype
-    kv_cache, cross_cache = caches if caches is not None else new_caches(cfg, batch=batch, dtype=dtype)
+    batch, dtype, device = inputs.context.shape[0], inputs.context.dtype, inputs.context.device
+    kv_cache, cross_cache = caches if caches is not None else new_caches(cfg, batch=batch, dtype=dtype, device=device)
     outputs = []
     for chunk, noises in enumerate(inputs.noise):
         start = chunk * cfg.chunk_frames * cfg.frame_tokens
         x = noises[0]
         for i, t in enumerate(steps):
-            tt = torch.full((batch, cfg.chunk_frames), t * 1000.0, dtype=dtype)
+            tt = torch.full((batch, cfg.chunk_frames), t * 1000.0, dtype=dtype, device=device)
             with tag(chunk=chunk, step=i):
                 flow = model(x, tt, inputs.context, kv_cache, cross_cache, start)
             x0 = x - t * flow
             x = x0 if i + 1 == len(steps) else (1 - steps[i + 1]) * x0 + steps[i + 1] * noises[i + 1]
-        zero = torch.zeros((batch, cfg.chunk_frames), dtype=dtype)
+        zero = torch.zeros((batch, cfg.chunk_frames), dtype=dtype, device=device)
         with tag(chunk=chunk, step=len(steps)):  # the clean pass that commits the chunk
             model(x, zero, inputs.context, kv_cache, cross_cache, start)
         outputs.append(x)

@@ -1,0 +1,300 @@
+"""``fkv bench``: time and memory of dense vs ``select`` vs ``compact`` at named geometries.
+
+Two levels, on the Self Forcing-style miniature with random weights:
+
+- ``call``: one attention call of a full window's last chunk: dense SDPA, ``select`` (kept tokens
+  of the dense window) and ``compact`` (a store filled by a rollout of writes); ratios measured
+  side by side, against the kept/dense token ratio that bounds them.
+- ``rollout``: a whole video per mode, each mode in its own process so that its peak RSS is its
+  own: time per chunk (median over repeated videos after a warm-up video), the attention share of
+  the time (one profiled video), KV bytes per chunk, peak RSS, compile time (first video minus a
+  warm one) and graphs compiled after the warm-up (recompiles). On CUDA the clock is CUDA events
+  and FPS is reported as the papers define it: 4 x latent frames / diffusion time.
+
+Geometries are real sizes scaled by ``side`` (latent height and width divided by it; tokens per
+frame by its square); the model is ``layers`` layers of 12 heads x 128 (Self Forcing's 30 layers
+at real size). The plan defaults to the reference Self Forcing plan's share of static heads
+(37%), alternating per layer, or ``--plan``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .plan import HeadPlan
+
+__all__ = ["BenchGeometry", "GEOMETRIES", "BenchSettings", "run_bench"]
+
+MODES = ("dense", "select", "compact")
+ATTENTION_OPS = ("fkv::select_attention", "fkv::store_attention", "fkv::oracle_attention")
+
+
+@dataclass(frozen=True)
+class BenchGeometry:
+    """A real-size geometry: latent frame size (before the 2 x 2 patch), attention window, chunks per video."""
+
+    latent: tuple[int, int]
+    window_frames: int | None  # None: global attention over the whole video
+    sink_frames: int
+    chunks: int
+    note: str
+
+
+GEOMETRIES = {
+    "self-forcing-5s": BenchGeometry((60, 104), None, 3, 7, "Self Forcing 480p, 5 s = 21 latent frames, global"),
+    "longlive-window": BenchGeometry((60, 104), 12, 3, 10, "LongLive 480p, 12-frame window with a 3-frame sink"),
+    "1080p": BenchGeometry((136, 240), None, 3, 7, "1080p-like (8160 tokens per frame), 21 frames, global"),
+    "tiny": BenchGeometry((8, 12), 12, 3, 5, "a test geometry (24 tokens per frame)"),
+}
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    geometry: str
+    side: int = 2  # latent height and width divided by this
+    layers: int = 4
+    heads: int = 12
+    head_dim: int = 128
+    dtype: str = "float32"
+    repeats: int = 2
+    device: str = "cpu"
+    plan: str | None = None
+
+    def config(self):
+        from .models import MiniConfig
+
+        g = GEOMETRIES[self.geometry]
+        h, w = (x // self.side for x in g.latent)
+        if h % 2 or w % 2 or h < 2 or w < 2:
+            raise ValueError(f"side {self.side} leaves a {h} x {w} latent for {self.geometry}; it must be even")
+        dim = self.heads * self.head_dim
+        return MiniConfig(dim=dim, num_heads=self.heads, num_layers=self.layers, ffn_dim=dim, latent_height=h,
+                          latent_width=w, num_frames=3 * g.chunks, window_frames=g.window_frames,
+                          sink_frames=g.sink_frames)
+
+    def head_plan(self, cfg) -> HeadPlan:
+        if self.plan:
+            plan = HeadPlan.load(self.plan)
+            return HeadPlan.from_roles(plan.roles[: cfg.num_layers], frame_tokens=cfg.frame_tokens, chunk_frames=3)
+        return HeadPlan.from_roles(
+            [["static" if (h + layer) % 8 in (0, 3, 5) else "dynamic" for h in range(cfg.num_heads)]
+             for layer in range(cfg.num_layers)], frame_tokens=cfg.frame_tokens, chunk_frames=3)
+
+
+class _Clock:
+    """Wall time on CPU, CUDA events on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start: Any, end: Any) -> float:
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return end - start
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _attention_seconds(prof: torch.profiler.profile) -> float:
+    """Time in attention: top-level SDPA calls and the fkv ops (not their children twice)."""
+    total = 0.0
+    for e in prof.events():
+        name = e.name
+        if not (name in ATTENTION_OPS or "scaled_dot_product" in name):
+            continue
+        parent = e.cpu_parent
+        while parent is not None and not (parent.name in ATTENTION_OPS or "scaled_dot_product" in parent.name):
+            parent = parent.cpu_parent
+        if parent is None:
+            total += (e.device_time_total if e.device_time_total else e.cpu_time_total) / 1e6
+    return total
+
+
+def rollout_one_mode(s: BenchSettings, mode: str) -> dict[str, Any]:
+    """One mode's rollout numbers, in this process (run it in a fresh one for its own peak RSS)."""
+    import fkv_compile
+    from .models import build, make_inputs, new_caches, rollout
+
+    cfg = s.config()
+    device, dtype = torch.device(s.device), getattr(torch, s.dtype)
+    model = build(cfg, dtype=dtype).to(device)
+    inputs = make_inputs(cfg, chunks=GEOMETRIES[s.geometry].chunks, dtype=dtype, device=device)
+    plan = s.head_plan(cfg)
+    if mode == "dense":
+        compiled = torch.compile(model, backend="inductor")
+    else:
+        compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "mode": mode})
+    clock = _Clock(device)
+
+    def video(on_chunk: Callable[[int], None] | None = None) -> float:
+        start = clock.mark()
+        rollout(compiled, cfg, inputs, caches=new_caches(cfg, batch=1, dtype=dtype, device=device), on_chunk=on_chunk)
+        return clock.seconds(start, clock.mark())
+
+    first = video()
+    graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    chunk_times, kv_per_chunk, rss_per_chunk, totals = [], [], [], []
+    dense_kv = sum(c[n].nbytes for c in new_caches(cfg, batch=1, dtype=dtype, device="meta")[0] for n in ("k", "v"))
+    for _ in range(s.repeats):
+        marks = [clock.mark()]
+        kv_now, rss_now = [], []
+
+        def on_chunk(chunk: int) -> None:
+            marks.append(clock.mark())
+            kv_now.append(fkv_compile.memory_report(compiled).compact_bytes if mode == "compact" else dense_kv)
+            rss_now.append(_rss())
+
+        rollout(compiled, cfg, inputs, caches=new_caches(cfg, batch=1, dtype=dtype, device=device), on_chunk=on_chunk)
+        chunk_times.append([clock.seconds(a, b) for a, b in zip(marks, marks[1:])])
+        totals.append(sum(chunk_times[-1]))
+        kv_per_chunk, rss_per_chunk = kv_now, rss_now
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if clock.cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        profiled = video()
+    video_s = statistics.median(totals)
+    latent_frames = 3 * GEOMETRIES[s.geometry].chunks
+    return {
+        "mode": mode, "frame_tokens": cfg.frame_tokens, "video_s": video_s, "first_video_s": first,
+        "compile_s": max(0.0, first - video_s), "fps": 4 * latent_frames / video_s,
+        "chunk_s": [statistics.median(c) for c in zip(*chunk_times)],
+        "attention_share": _attention_seconds(prof) / profiled if profiled else math.nan,
+        "kv_bytes": kv_per_chunk[-1], "kv_bytes_per_chunk": kv_per_chunk, "rss_bytes_per_chunk": rss_per_chunk,
+        "dense_kv_bytes": dense_kv, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "graphs_after_warmup": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_after_warmup,
+        "static_heads": plan.count("static"), "heads": plan.num_layers * plan.num_heads,
+    }
+
+
+def call_level(s: BenchSettings) -> list[dict[str, Any]]:
+    """One attention call of the last chunk of a full window: dense vs select vs compact, side by side."""
+    from .kernels import use_triton
+    from .select import compressed_attention
+    from .store import LayerStore
+
+    cfg, device, dtype = s.config(), torch.device(s.device), getattr(torch, s.dtype)
+    plan = s.head_plan(cfg)
+    f, c, frames = cfg.frame_tokens, cfg.chunk_frames, cfg.cache_frames
+    gen = torch.Generator().manual_seed(0)
+    k_all, v_all = (torch.randn(1, frames * f, cfg.num_heads, cfg.head_dim, generator=gen).to(device, dtype)
+                    for _ in range(2))
+    q = torch.randn(1, c * f, cfg.num_heads, cfg.head_dim, generator=gen).to(device, dtype).transpose(1, 2)
+    k, v = k_all.transpose(1, 2), v_all.transpose(1, 2)
+    triton = use_triton("auto", device)
+    rows = []
+    for layer in range(min(plan.num_layers, 2)):
+        store = LayerStore(plan, layer, triton=triton)
+        for start in range(0, frames * f, c * f):
+            end = start + c * f
+            store.write(k_all[:, start:end], v_all[:, start:end], start, end, (0, end))
+        dense_s = _time(lambda: F.scaled_dot_product_attention(q, k, v), device, s.repeats)
+        select_s = _time(lambda: compressed_attention(q, k, v, plan, layer, triton=triton), device, s.repeats)
+        compact_s = _time(lambda: store.attention(q, (0, frames * f), None), device, s.repeats)
+        kept = compressed_attention(q, k, v, plan, layer, triton=triton)[1]
+        ratio = sum(kept.kept) / (len(kept.kept) * kept.window)
+        rows.append({"layer": layer, "kept_ratio": ratio, "dense_ms": 1e3 * dense_s, "select_ms": 1e3 * select_s,
+                     "compact_ms": 1e3 * compact_s, "select_ratio": select_s / dense_s,
+                     "compact_ratio": compact_s / dense_s, "kernels": "triton" if triton else "torch"})
+    return rows
+
+
+def _time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    clock = _Clock(device)
+    fn()
+    times = []
+    for _ in range(max(3, repeats)):
+        start = clock.mark()
+        fn()
+        times.append(clock.seconds(start, clock.mark()))
+    return statistics.median(times)
+
+
+def _child(s: BenchSettings, mode: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "fkv_compile.bench", json.dumps(asdict(s)), mode]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"fkv bench: the {mode} rollout failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_bench(s: BenchSettings, out_dir: Path, modes: tuple[str, ...] = MODES, advance: Callable[[], None] = lambda: None,
+              png: bool = True) -> dict[str, Any]:
+    """Both levels at one geometry; writes ``bench_<geometry>.json``/``.csv`` (and ``.png``) into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    calls = call_level(s)
+    advance()
+    rollouts = {}
+    for mode in modes:
+        rollouts[mode] = _child(s, mode)
+        advance()
+    g = GEOMETRIES[s.geometry]
+    result = {"settings": asdict(s), "geometry": {**asdict(g), "frame_tokens": rollouts[modes[0]]["frame_tokens"],
+                                                    "real_frame_tokens": g.latent[0] * g.latent[1] // 4},
+              "machine": {"device": torch.cuda.get_device_name() if s.device == "cuda" else "cpu",
+                          "threads": torch.get_num_threads(), "torch": torch.__version__},
+              "call": calls, "rollout": rollouts}
+    if "dense" in rollouts:
+        result["ratios_vs_dense"] = {m: {"video_time": r["video_s"] / rollouts["dense"]["video_s"],
+                                         "kv_bytes": r["kv_bytes"] / rollouts["dense"]["kv_bytes"],
+                                         "peak_rss": r["peak_rss_bytes"] / rollouts["dense"]["peak_rss_bytes"]}
+                                     for m, r in rollouts.items()}
+    stem = out_dir / f"bench_{s.geometry}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["geometry", "mode", "chunk", "seconds", "kv_bytes", "rss_bytes"])
+        for mode, r in rollouts.items():
+            for chunk, row in enumerate(zip(r["chunk_s"], r["kv_bytes_per_chunk"], r["rss_bytes_per_chunk"])):
+                writer.writerow([s.geometry, mode, chunk, *row])
+    if png:
+        _plot(rollouts, s.geometry, stem.with_suffix(".png"))
+    return result
+
+
+def _plot(rollouts: dict[str, dict[str, Any]], geometry: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (("chunk_s", 1e3, "time per chunk", "ms"), ("kv_bytes_per_chunk", 2**-20, "KV bytes", "MiB"),
+              ("rss_bytes_per_chunk", 2**-20, "process RSS", "MiB"))
+    for ax, (key, unit, title, ylabel) in zip(axes, panels):
+        for mode, r in rollouts.items():
+            ax.plot(range(len(r[key])), [unit * x for x in r[key]], marker="o", label=mode)
+        ax.set(title=f"{geometry}: {title}" if key == "chunk_s" else title, xlabel="chunk", ylabel=ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # the child process of one rollout mode
+    settings = BenchSettings(**json.loads(sys.argv[1]))
+    print(json.dumps(rollout_one_mode(settings, sys.argv[2])))

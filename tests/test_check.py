@@ -1,0 +1,98 @@
+"""Equivalence checking for users' CI: ``fkv check`` and ``fkv_compile.testing.assert_equivalent``."""
+
+import json
+import textwrap
+
+import pytest
+
+from fkv_compile import HeadPlan
+from fkv_compile.models import MiniConfig, build, make_inputs, rollout
+from fkv_compile.testing import assert_equivalent
+
+from rollouts import mixed_plan
+from test_cli import fkv
+
+WINDOWED = MiniConfig(window_frames=12, sink_frames=3)  # what `fkv check mini-windowed` runs
+
+
+def test_fkv_check_passes_on_the_bundled_miniature(tmp_path):
+    plan = tmp_path / "plan.json"
+    mixed_plan(WINDOWED).save(plan)
+    out = json.loads(fkv("check", "mini-windowed", "--plan", plan, "--lowering", "aot_eager", "--chunks", 4,
+                         "--json").stdout)
+    assert out["passed"] and out["chunks"] == 4  # one output per chunk
+    checks = {c["mode"]: c for c in out["checks"]}
+    assert set(checks) == {"aot_eager", "off", "oracle", "select", "compact"}  # the plain run: reproducibility
+    assert checks["off"]["max_abs_error"] == 0.0 and checks["off"]["budget"] == 0.0
+    assert checks["oracle"]["max_abs_error"] > 0 and checks["oracle"]["budget"] is None  # compression: information
+    assert 0 < checks["select"]["budget"] < checks["oracle"]["max_abs_error"]
+    assert all(c["cache_sites"] > 0 and c["graphs"] > 0 for c in out["checks"] if c["mode"] != "aot_eager")
+
+
+def test_fkv_check_fails_clearly_on_a_plan_for_another_model(tmp_path):
+    plan = tmp_path / "plan.json"
+    HeadPlan.from_roles([["static", "dynamic", "dense"]] * 2, frame_tokens=WINDOWED.frame_tokens,
+                        chunk_frames=3).save(plan)  # three heads; the miniature has two
+    result = fkv("check", "mini-windowed", "--plan", plan, "--lowering", "aot_eager", "--chunks", 2,
+                 "--modes", "select", ok=False)
+    assert result.returncode == 1
+    assert "FAILED" in result.stderr and "select" in result.stderr and "heads" in result.stderr
+
+
+DIVERGING = '''
+import torch
+from fkv_compile.models import MiniConfig, build, make_inputs, rollout
+
+CFG = MiniConfig(window_frames=12, sink_frames=3)
+INPUTS = make_inputs(CFG, chunks=2, seed=0)
+
+
+def target():
+    # a common mistake: unseeded weights, so every run builds a different model
+    return (lambda: build(CFG, seed=int(torch.randint(0, 2**30, ())))), (lambda m: rollout(m, CFG, INPUTS))
+'''
+
+
+def test_fkv_check_fails_on_a_model_whose_outputs_diverge(tmp_path):
+    (tmp_path / "diverging_target.py").write_text(textwrap.dedent(DIVERGING))
+    plan = tmp_path / "plan.json"
+    mixed_plan(WINDOWED).save(plan)
+    import os
+
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = fkv("check", "diverging_target:target", "--plan", plan, "--lowering", "aot_eager",
+                 "--modes", "off", "select", ok=False, env=env)
+    assert result.returncode == 1
+    assert "not reproducible" in result.stderr and "off: max abs error" in result.stderr
+
+
+def test_assert_equivalent_in_pytest_against_inductor():
+    cfg = MiniConfig(num_layers=2)
+    inputs = make_inputs(cfg, chunks=2, seed=0)
+    report = assert_equivalent(lambda: build(cfg, seed=0), lambda m: rollout(m, cfg, inputs), mixed_plan(cfg),
+                               modes=("off", "select"))
+    assert report.passed and report.checks[1].mode == "off" and report.checks[1].max_abs_error == 0.0
+    assert report.noise > 0  # Inductor's own numeric difference from eager is the budget's base
+
+
+def test_assert_equivalent_raises_with_the_table():
+    cfg = MiniConfig(num_layers=2)
+    inputs = make_inputs(cfg, chunks=2, seed=0)
+    wrong = HeadPlan.from_roles([["static", "static"]] * 3, frame_tokens=cfg.frame_tokens, chunk_frames=3)
+    with pytest.raises(AssertionError, match=r"(?s)select: PlanError: .*num_layers.*fkv check:"):
+        assert_equivalent(lambda: build(cfg, seed=0), lambda m: rollout(m, cfg, inputs), wrong,
+                          modes=("select",), lowering="aot_eager")
+
+
+def test_fkv_bench_runs_end_to_end_and_writes_its_files(tmp_path):
+    out = json.loads(fkv("bench", "--geometry", "tiny", "--layers", 1, "--heads", 2, "--head-dim", 16,
+                         "--repeats", 1, "--out", tmp_path, "--json").stdout)["tiny"]
+    assert set(out["rollout"]) == {"dense", "select", "compact"}
+    for r in out["rollout"].values():
+        assert len(r["chunk_s"]) == 5 and all(t > 0 for t in r["chunk_s"])
+        assert 0 < r["attention_share"] < 1 and r["graphs_after_warmup"] == 0
+    compact, dense = out["rollout"]["compact"], out["rollout"]["dense"]
+    assert compact["kv_bytes"] < dense["kv_bytes"] == dense["dense_kv_bytes"]
+    assert out["call"][0]["kept_ratio"] < 1 and out["call"][0]["select_ms"] > 0
+    assert (tmp_path / "bench_tiny.csv").read_text().count("\n") == 1 + 3 * 5
+    assert (tmp_path / "bench_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
