@@ -41,10 +41,19 @@ class MiniConfig:
     window_frames: int | None = None
     sink_frames: int = 3
     index_style: str = "tensor"  # "tensor": int64 [1] read with .item(); "int": Python ints in the dict
+    cache_style: str = "slots"  # "slots": preallocated buffer written in place; "cat": grown by torch.cat (global)
+    attention: str = "sdpa"  # "sdpa" or "manual": softmax(q @ k^T * scale) @ v written out
     text_len: int = 20
     text_dim: int = 64
     freq_dim: int = 64
     rope_positions: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.cache_style not in ("slots", "cat") or self.attention not in ("sdpa", "manual"):
+            raise ValueError(f"cache_style expected 'slots' or 'cat', attention 'sdpa' or 'manual'; got "
+                             f"{self.cache_style!r}, {self.attention!r}")
+        if self.cache_style == "cat" and self.window_frames is not None:
+            raise ValueError("cache_style='cat' grows a global cache: window_frames must be None")
 
     @property
     def head_dim(self) -> int:
@@ -108,6 +117,17 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, manual: bool) -> torch.Tensor:
+    """Attention of ``[B, L, H, D]`` tensors: SDPA, or written out as many models do."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if manual:
+        scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        out = scores.float().softmax(dim=-1).type_as(v) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2)
+
+
 def _read_index(kv_cache: KVCache, name: str) -> int:
     value = kv_cache[name]
     return value.item() if isinstance(value, torch.Tensor) else value
@@ -130,6 +150,8 @@ class CausalSelfAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
         self.sink_size = cfg.sink_frames if cfg.window_frames is not None else 0
         self.max_attention_tokens = cfg.cache_frames * cfg.frame_tokens
+        self.grow = cfg.cache_style == "cat"
+        self.manual = cfg.attention == "manual"
 
     def forward(
         self,
@@ -150,6 +172,11 @@ class CausalSelfAttention(nn.Module):
         roped_q = rope_apply(q, grid_sizes, freqs, current_start_frame).type_as(v)
         roped_k = rope_apply(k, grid_sizes, freqs, current_start_frame).type_as(v)
 
+        if self.grow:  # the history before this chunk, then the chunk; the grown tensors become the cache
+            k_all = torch.cat([kv_cache["k"][:, :current_start], roped_k], dim=1)
+            v_all = torch.cat([kv_cache["v"][:, :current_start], v], dim=1)
+            kv_cache["k"], kv_cache["v"] = k_all, v_all
+            return self.o(attend(roped_q, k_all, v_all, self.manual).flatten(2))
         current_end = current_start + s
         sink_tokens = self.sink_size * frame_tokens
         cache_size = kv_cache["k"].shape[1]
@@ -169,9 +196,7 @@ class CausalSelfAttention(nn.Module):
         kv_cache["k"][:, local_start:local_end] = roped_k
         kv_cache["v"][:, local_start:local_end] = v
         window = slice(max(0, local_end - self.max_attention_tokens), local_end)
-        out = F.scaled_dot_product_attention(
-            roped_q.transpose(1, 2), kv_cache["k"][:, window].transpose(1, 2), kv_cache["v"][:, window].transpose(1, 2)
-        ).transpose(1, 2)
+        out = attend(roped_q, kv_cache["k"][:, window], kv_cache["v"][:, window], self.manual)
         _write_index(kv_cache, "global_end_index", current_end)
         _write_index(kv_cache, "local_end_index", local_end)
         return self.o(out.flatten(2))
@@ -185,6 +210,7 @@ class CrossAttention(nn.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
+        self.manual = cfg.attention == "manual"
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, cross_cache: CrossCache) -> torch.Tensor:
         b, n, d = x.shape[0], self.num_heads, self.head_dim
@@ -193,9 +219,7 @@ class CrossAttention(nn.Module):
             cross_cache["is_init"] = True
             cross_cache["k"] = self.norm_k(self.k(context)).view(b, -1, n, d)
             cross_cache["v"] = self.v(context).view(b, -1, n, d)
-        k, v = cross_cache["k"], cross_cache["v"]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.o(out.transpose(1, 2).flatten(2))
+        return self.o(attend(q, cross_cache["k"], cross_cache["v"], self.manual).flatten(2))
 
 
 class Block(nn.Module):

@@ -43,7 +43,10 @@ def _check_plan_fits(site: AttentionSite, session: Session) -> None:
     where = f"the attention at {site.node.name} (keys from {site.k_window.source})"
     if isinstance(heads, int) and heads != plan.num_heads:
         raise PlanError(f"plan does not match the model: num_heads: plan has {plan.num_heads}, {where} has {heads}")
-    cache_tokens = site.k_window.cache.meta["example_value"].shape[site.k_window.dim]
+    grown = site.k_window.pattern == "cat-growth"
+    # a preallocated cache's size is the longest window; a grown one's is only known per call
+    read = site.k_window.read if grown else site.k_window.cache
+    cache_tokens = read.meta["example_value"].shape[site.k_window.dim]
     if not isinstance(cache_tokens, int):
         return
     if cache_tokens % plan.frame_tokens:
@@ -51,7 +54,17 @@ def _check_plan_fits(site: AttentionSite, session: Session) -> None:
             f"plan does not match the model: frame_tokens: plan has {plan.frame_tokens}, but the cache of {where} "
             f"holds {cache_tokens} tokens, not a whole number of frames; make the plan for this resolution"
         )
-    plan.validate_geometry(window_frames=cache_tokens // plan.frame_tokens)
+    if not grown:
+        plan.validate_geometry(window_frames=cache_tokens // plan.frame_tokens)
+
+
+def _compact_pattern(site: AttentionSite) -> str | None:
+    """Why ``compact`` cannot own this site's cache by its pattern alone, or ``None``."""
+    if site.k_window.pattern != "cache-window":
+        return f"NYI: compact for {site.k_window.pattern} caches (the pipeline keeps the grown tensors)"
+    if site.function != "sdpa":
+        return f"NYI: compact for {site.function} attention"
+    return None
 
 
 def run_passes(gm: fx.GraphModule, session: Session) -> None:
@@ -70,13 +83,13 @@ def run_passes(gm: fx.GraphModule, session: Session) -> None:
         record = session.new_site(
             graph=graph_id,
             node=site.node.name,
-            pattern="cache-window" + (" (+writes)" if site.writes_in_graph else ""),
+            pattern=site.pattern + (" (+writes)" if site.writes_in_graph else ""),
             action="found" if session.mode == "off" else "rewritten",
             cache=site.k_window.source,
             layer_key=site.layer_key_kind,
         )
         if session.mode == "compact":
-            accesses = compact_unsupported(session.plan) or match_compact(site)
+            accesses = compact_unsupported(session.plan) or _compact_pattern(site) or match_compact(site)
             if isinstance(accesses, CacheAccesses):
                 rewrite_compact(gm, site, accesses, session=session.id, site_id=record.site)
                 record.action = "compact"

@@ -1,8 +1,14 @@
 """Find attention calls over windows of a KV cache in a dynamo FX graph, structurally (never by names).
 
-A site is an SDPA call whose K and V trace back, through view-like ops and dtype casts, to a slice
-along one dim of a graph input (the cache buffer, e.g. ``L['kv_cache'][3]['k']``). Matchers return
-a dataclass or a reason string; they never raise.
+A site is an attention call (SDPA, or hand-written ``softmax(q @ k^T * s) @ v``, see
+:mod:`.manual_attention`) whose K and V trace back, through view-like ops and dtype casts, to
+
+- ``cache-window``: a slice along one dim of a graph input (the cache buffer, e.g.
+  ``L['kv_cache'][3]['k']``), or
+- ``cat-growth``: ``torch.cat([history, new], dim)`` where ``history`` is such an input or a slice
+  of it along ``dim`` and ``new`` is not read from it (caches grown by concatenation).
+
+Matchers return a dataclass or a reason string; they never raise.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+
+from .manual_attention import ManualAttention, match_manual_attention
 
 __all__ = ["AttentionSite", "Declined", "find_attention_sites", "is_attention"]
 
@@ -36,6 +44,7 @@ class CacheWindow:
     read: fx.Node
     source: str
     dim: int  # the sliced (token) dim of the cache
+    pattern: str = "cache-window"  # or "cat-growth"
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,12 @@ class AttentionSite:
     layer_key: fx.Node
     layer_key_kind: str  # "param" or "cache"
     writes_in_graph: bool
+    function: str = "sdpa"  # or "matmul-softmax"
+    internal: tuple[fx.Node, ...] = ()  # nodes of a hand-written attention that die with the rewrite
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.k_window.pattern}, {self.function}"
 
 
 @dataclass(frozen=True)
@@ -90,13 +105,55 @@ def sliced_dim(index: object) -> int | None:
     return partial[0] if len(partial) == 1 and items[partial[0]].step in (None, 1) else None
 
 
+def _through_views(node: object) -> object:
+    while isinstance(node, fx.Node) and is_view_like(node):
+        node = node.args[0]
+    return node
+
+
+def _reads_input(node: fx.Node, source: fx.Node) -> bool:
+    """Whether ``node`` depends on ``source`` (a graph input)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is source:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+def _trace_cat(cat: fx.Node) -> CacheWindow | str:
+    """``torch.cat([history, new], dim)`` with ``history`` a cache input (or a slice of it along ``dim``)."""
+    parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+    dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not isinstance(dim, int):
+        return "keys/values are a concatenation the pass does not support (expected [history, new] along one dim)"
+    history, new = (_through_views(p) for p in parts)
+    if not isinstance(history, fx.Node) or not isinstance(new, fx.Node):
+        return "attention operand is not a tensor"
+    base = history
+    if history.op == "call_function" and history.target is operator.getitem:
+        base, index = history.args
+        rank = cat.meta["example_value"].dim() if "example_value" in cat.meta else None
+        if sliced_dim(index) != (dim % rank if rank else dim):
+            return f"the history of a concatenated cache is read with an index the pass does not support: {index!r}"
+    if not isinstance(base, fx.Node) or base.op != "placeholder":
+        return "keys/values are a concatenation whose first part is not read from a cache input"
+    if _reads_input(new, base):
+        return f"the new tokens of the concatenation with cache {_source_name(base)} are read from the cache too"
+    return CacheWindow(cache=base, read=cat, source=_source_name(base), dim=dim, pattern="cat-growth")
+
+
 def _trace_window(node: fx.Node) -> CacheWindow | str:
-    """Follow ``node`` up through view-like ops to ``input[..., a:b]``; a reason string if it is not one."""
-    current = node
-    while is_view_like(current):
-        current = current.args[0]
-        if not isinstance(current, fx.Node):
-            return "attention operand is not a tensor"
+    """Follow ``node`` up through view-like ops to ``input[..., a:b]`` or a concatenation onto an input;
+    a reason string if it is neither."""
+    current = _through_views(node)
+    if not isinstance(current, fx.Node):
+        return "attention operand is not a tensor"
+    if current.op == "call_function" and current.target is torch.cat:
+        return _trace_cat(current)
     if current.op == "placeholder":
         return "keys/values are a whole graph input, not a window of a cache (e.g. cross-attention)"
     if current.op == "call_function" and current.target is operator.getitem:
@@ -137,14 +194,14 @@ def _writes_into(cache: fx.Node) -> bool:
     return False
 
 
-def _match(node: fx.Node) -> tuple[AttentionSite | None, Declined | None]:
+def _match_sdpa(node: fx.Node) -> tuple[AttentionSite | None, Declined | None]:
     args = list(node.args) + [None] * (6 - len(node.args))
     q, k, v = args[:3]
+    kw = dict(node.kwargs)
     windows = [_trace_window(k), _trace_window(v)]
     reasons = [w for w in windows if isinstance(w, str)]
     if reasons:
         return None, Declined(node, reasons[0], candidate=False)
-    kw = dict(node.kwargs)
     mask = kw.get("attn_mask", args[3])
     dropout = kw.get("dropout_p", args[4] if args[4] is not None else 0.0)
     causal = kw.get("is_causal", args[5] if args[5] is not None else False)
@@ -156,6 +213,19 @@ def _match(node: fx.Node) -> tuple[AttentionSite | None, Declined | None]:
         return None, Declined(node, "attention is causal (is_causal=True)", candidate=True)
     if kw.get("enable_gqa", False):
         return None, Declined(node, "NYI: grouped-query attention (enable_gqa=True)", candidate=True)
+    return _site(node, q, k, v, kw.get("scale"), windows, "sdpa", ())
+
+
+def _match_manual(manual: ManualAttention) -> tuple[AttentionSite | None, Declined | None]:
+    windows = [_trace_window(manual.k), _trace_window(manual.v)]
+    reasons = [w for w in windows if isinstance(w, str)]
+    if reasons:
+        return None, Declined(manual.out, reasons[0], candidate=False)
+    return _site(manual.out, manual.q, manual.k, manual.v, manual.scale, windows, "matmul-softmax", manual.internal)
+
+
+def _site(node: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, scale: float | None, windows: list[CacheWindow],
+          function: str, internal: tuple[fx.Node, ...]) -> tuple[AttentionSite | None, Declined | None]:
     qv, kv_ = q.meta.get("example_value"), k.meta.get("example_value")
     if qv is None or kv_ is None or qv.dim() != 4 or kv_.dim() != 4:
         return None, Declined(node, "attention operands are not 4-d [B, H, L, D]", candidate=True)
@@ -167,11 +237,12 @@ def _match(node: fx.Node) -> tuple[AttentionSite | None, Declined | None]:
     param = _nearest_param(node)
     return (
         AttentionSite(
-            node=node, q=q, k=k, v=v, scale=kw.get("scale"),
+            node=node, q=q, k=k, v=v, scale=scale,
             k_window=k_window, v_window=v_window,
             layer_key=param if param is not None else k_window.cache,
             layer_key_kind="param" if param is not None else "cache",
             writes_in_graph=_writes_into(k_window.cache),
+            function=function, internal=internal,
         ),
         None,
     )
@@ -181,18 +252,25 @@ def find_attention_sites(graph: fx.Graph) -> tuple[list[AttentionSite], list[Dec
     """Every attention call of ``graph``: rewritable sites, and declined calls with their reasons."""
     sites, declined = [], []
     for node in graph.nodes:
-        if not is_attention(node):
+        if is_attention(node):
+            site, no = _match_sdpa(node)
+        elif (manual := match_manual_attention(node)) is not None:
+            site, no = _match_manual(manual)
+        else:
             continue
-        site, no = _match(node)
         if site is not None:
             sites.append(site)
         else:
             declined.append(no)
     keys = [s.layer_key for s in sites]
     if len(set(keys)) != len(keys):
-        # one parameter shared by several sites cannot tell their layers apart: use the caches
+        # one parameter shared by several sites cannot tell their layers apart: use the caches,
+        # except grown ones (a new tensor every call)
+        declined += [Declined(s.node, "a cat-grown cache needs a per-layer parameter to identify its layer, and "
+                              "the nearest one is shared", candidate=True)
+                     for s in sites if s.k_window.pattern == "cat-growth"]
         sites = [
             AttentionSite(**{**s.__dict__, "layer_key": s.k_window.cache, "layer_key_kind": "cache"})
-            for s in sites
+            for s in sites if s.k_window.pattern != "cat-growth"
         ]
     return sites, declined

@@ -35,10 +35,27 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, mode: str, session:
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in site.node.meta:
             new.meta[key] = site.node.meta[key]
-    site.node.replace_all_uses_with(new)
+    result = _cast_like(gm, new, site.node)
+    site.node.replace_all_uses_with(result)
     gm.graph.erase_node(site.node)
+    for node in site.internal[1:]:  # a hand-written attention's scores, softmax and casts, users first
+        if not node.users:
+            gm.graph.erase_node(node)
     counters["fkv_compile"][f"{mode}_attention"] += 1
     return new
+
+
+def _cast_like(gm: fx.GraphModule, new: fx.Node, old: fx.Node) -> fx.Node:
+    """``new`` cast to ``old``'s dtype where they differ (a hand-written attention may end in another
+    dtype than q's, which the ops return)."""
+    before, after = _example(old), new.meta.get("example_value")
+    if before is None or after is None or before.dtype == after.dtype:
+        return new
+    with gm.graph.inserting_after(new):
+        cast = gm.graph.call_method("to", args=(new, before.dtype))
+    with after.fake_mode:
+        cast.meta["example_value"] = after.to(before.dtype)
+    return cast
 
 
 def _erase_dead_chain(gm: fx.GraphModule, node: object) -> None:

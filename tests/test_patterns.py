@@ -1,0 +1,137 @@
+"""Cache and attention patterns beyond Self Forcing's: cat-grown caches, hand-written attention."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fkv_compile
+from fkv_compile import HeadPlan
+from fkv_compile.models import MiniConfig, build, make_inputs, rollout
+from fkv_compile.semantics import oracle_attention
+from fkv_compile.testing import assert_within_budget, error_budget
+
+from rollouts import mixed_plan, run_eager_oracle, to64
+
+BASE = MiniConfig(num_layers=2)
+VARIANTS = [pytest.param("slots", "manual", id="slots-manual"), pytest.param("cat", "sdpa", id="cat-sdpa"),
+            pytest.param("cat", "manual", id="cat-manual")]
+
+
+def _variant(style, attention, model):
+    cfg = MiniConfig(num_layers=2, cache_style=style, attention=attention)
+    m = build(cfg, seed=0)
+    m.load_state_dict(model.state_dict())  # the same weights: every variant computes the same function
+    return cfg, m
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model, inputs = build(BASE, seed=0), make_inputs(BASE, chunks=4, seed=0)
+    plan = mixed_plan(BASE)
+    m64, in64 = to64(model, inputs)
+    ref = run_eager_oracle(m64, BASE, in64, plan)  # the SDPA + preallocated-cache model, in float64
+    return model, inputs, plan, ref, error_budget(run_eager_oracle(model, BASE, inputs, plan), ref, floor=1e-5)
+
+
+@pytest.mark.parametrize("style,attention", VARIANTS)
+@pytest.mark.parametrize("mode", ["select", "oracle"])
+def test_every_pattern_matches_the_float64_oracle_over_a_rollout(reference, style, attention, mode):
+    model, inputs, plan, ref, budget = reference
+    cfg, m = _variant(style, attention, model)
+    compiled = torch.compile(m, backend="forcing_kv", options={"plan": plan, "mode": mode, "lowering": "aot_eager"})
+    assert_within_budget(rollout(compiled, cfg, inputs), ref, budget, f"{mode} on {style}/{attention}")
+    rep = fkv_compile.report(compiled, print_table=False)
+    patterns = {s.pattern.removesuffix(" (+writes)") for s in rep.sites if s.action == "rewritten"}
+    expected = f"{'cat-growth' if style == 'cat' else 'cache-window'}, {'matmul-softmax' if attention == 'manual' else 'sdpa'}"
+    assert patterns == {expected}
+    assert [r.layer for r in rep.layers] == [0, 1] and all(r.kept_ratio < 1 for r in rep.layers)
+    assert any("cross-attention" in s.reason for s in rep.sites if s.action == "left alone")
+
+
+@pytest.mark.parametrize("style,attention", [VARIANTS[0], VARIANTS[2]])
+def test_off_is_bit_identical_to_inductor(reference, style, attention):
+    model, inputs, plan, _, _ = reference
+    cfg, m = _variant(style, attention, model)
+    expected = rollout(torch.compile(m, backend="inductor"), cfg, inputs)
+    torch._dynamo.reset()
+    got = rollout(torch.compile(m, backend="forcing_kv", options={"plan": plan, "mode": "off"}), cfg, inputs)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("style,attention", [VARIANTS[1], VARIANTS[2]])
+def test_cat_grown_caches_run_without_recompiles_after_warm_up(reference, style, attention):
+    model, inputs, plan, _, _ = reference
+    cfg, m = _variant(style, attention, model)
+    cfg_long = MiniConfig(num_layers=2, cache_style=style, attention=attention, num_frames=36)
+    long_inputs = make_inputs(cfg_long, chunks=12, seed=1)  # more chunks than dynamo's recompile limit of 8
+    long_plan = mixed_plan(cfg_long)
+    compiled = torch.compile(m, backend="forcing_kv", options={"plan": long_plan, "lowering": "aot_eager"})
+    rollout(compiled, cfg_long, inputs)  # warm-up: the growing dim becomes dynamic
+    graphs = fkv_compile.report(compiled, print_table=False).graphs
+    with torch.compiler.set_stance("fail_on_recompile"):
+        rollout(compiled, cfg_long, long_inputs)
+    assert fkv_compile.report(compiled, print_table=False).graphs == graphs
+
+
+def test_compact_falls_back_to_select_on_these_patterns_and_says_why(reference):
+    model, inputs, plan, ref, budget = reference
+    cfg, m = _variant("cat", "manual", model)
+    compiled = torch.compile(m, backend="forcing_kv", options={"plan": plan, "mode": "compact", "lowering": "aot_eager"})
+    assert_within_budget(rollout(compiled, cfg, inputs), ref, budget, "compact fallback")
+    reasons = {s.reason for s in fkv_compile.report(compiled, print_table=False).sites if s.action == "select"}
+    assert reasons == {"compact fell back to select: NYI: compact for cat-growth caches (the pipeline keeps the "
+                       "grown tensors)"}
+
+
+# -- the hand-written attention matcher, form by form --------------------------------------------------------
+
+class Attention(torch.nn.Module):
+    """One attention over the first ``n`` tokens of a cache, written out in one of several forms."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.proj, self.form = torch.nn.Linear(8, 8), form
+
+    def forward(self, x, cache, n):
+        q = self.proj(x).transpose(1, 2)
+        k, v = cache["k"][:, :n].transpose(1, 2), cache["v"][:, :n].transpose(1, 2)
+        d = q.shape[-1]
+        if self.form == "divide":
+            return torch.matmul(F.softmax(torch.matmul(q, k.transpose(2, 3)) / math.sqrt(d), dim=-1), v)
+        if self.form == "prescaled":
+            return torch.softmax((q * d**-0.5) @ torch.transpose(k, -1, -2), -1, dtype=torch.float32).to(q.dtype) @ v
+        if self.form == "no-scale":
+            return (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        if self.form == "wrong-dim":  # softmax over the queries: not attention
+            return (q @ k.transpose(-2, -1)).softmax(-2) @ v
+        if self.form == "weights-returned":
+            probs = (q @ k.transpose(-2, -1) * d**-0.5).softmax(-1)
+            return probs @ v, probs
+        raise ValueError(self.form)
+
+
+FORMS = {"divide": 8**-0.5, "prescaled": 8**-0.5, "no-scale": 1.0}
+
+
+@pytest.mark.parametrize("form", [*FORMS, "wrong-dim", "weights-returned"])
+def test_hand_written_forms(form):
+    plan = HeadPlan.from_roles([["static", "dynamic"]], frame_tokens=4, chunk_frames=1, segments_per_frame=2,
+                               candidate_frames=1)
+    module = Attention(form)
+    x = torch.randn(1, 4, 2, 8)
+    cache = {"k": torch.randn(1, 24, 2, 8), "v": torch.randn(1, 24, 2, 8)}
+    with torch.no_grad():
+        eager = module(x, cache, 24)
+        compiled = torch.compile(module, backend="forcing_kv", options={"plan": plan, "mode": "oracle", "lowering": "eager"})
+        got = compiled(x, cache, 24)
+    sites = fkv_compile.report(compiled, print_table=False).sites
+    if form in FORMS:
+        q = module.proj(x).transpose(1, 2).detach()
+        expected = oracle_attention(q, cache["k"].transpose(1, 2), cache["v"].transpose(1, 2), plan, 0, scale=FORMS[form])
+        torch.testing.assert_close(got, expected)
+        assert [s.pattern for s in sites] == ["cache-window, matmul-softmax"]
+    else:  # not recognised: untouched
+        torch.testing.assert_close(got, eager, rtol=0, atol=0)
+        assert not sites
