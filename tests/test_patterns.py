@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fkv_compile
 from fkv_compile import HeadPlan
-from fkv_compile.models import MiniConfig, build, make_inputs, rollout
+from fkv_compile.models import MiniConfig, build, make_inputs, new_caches, rollout
 from fkv_compile.semantics import oracle_attention
 from fkv_compile.testing import assert_within_budget, error_budget
 
@@ -16,7 +16,7 @@ from rollouts import mixed_plan, run_eager_oracle, to64
 
 BASE = MiniConfig(num_layers=2)
 VARIANTS = [pytest.param("slots", "manual", id="slots-manual"), pytest.param("cat", "sdpa", id="cat-sdpa"),
-            pytest.param("cat", "manual", id="cat-manual")]
+            pytest.param("cat", "manual", id="cat-manual"), pytest.param("absolute", "sdpa", id="causvid")]
 
 
 def _variant(style, attention, model):
@@ -73,6 +73,16 @@ def test_cat_grown_caches_run_without_recompiles_after_warm_up(reference, style,
     with torch.compiler.set_stance("fail_on_recompile"):
         rollout(compiled, cfg_long, long_inputs)
     assert fkv_compile.report(compiled, print_table=False).graphs == graphs
+
+
+def test_causvid_absolute_slots_run_compact(reference):
+    model, inputs, plan, ref, budget = reference
+    cfg, m = _variant("absolute", "sdpa", model)
+    kv, cross = new_caches(cfg, batch=1, dtype=torch.float32)
+    compiled = torch.compile(m, backend="forcing_kv", options={"plan": plan, "mode": "compact", "lowering": "aot_eager"})
+    assert_within_budget(rollout(compiled, cfg, inputs, caches=(kv, cross)), ref, budget, "compact on CausVid slots")
+    assert {s.action for s in fkv_compile.report(compiled, print_table=False).sites if s.pattern != "-"} == {"compact"}
+    assert all(fkv_compile.is_released(c["k"]) for c in kv)
 
 
 def test_compact_falls_back_to_select_on_these_patterns_and_says_why(reference):

@@ -50,7 +50,7 @@ def new_caches(
     cfg: MiniConfig, *, batch: int, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> tuple[list[KVCache], list[CrossCache]]:
     """Per-layer self-attention caches (dense, preallocated) and cross-attention caches."""
-    lc = cfg.cache_frames * cfg.frame_tokens if cfg.cache_style == "slots" else 0  # "cat": grown per chunk
+    lc = cfg.cache_frames * cfg.frame_tokens if cfg.cache_style != "cat" else 0  # "cat": grown per chunk
     shape = (batch, lc, cfg.num_heads, cfg.head_dim)
     def index() -> torch.Tensor | int:
         return torch.tensor([0], dtype=torch.long, device=device) if cfg.index_style == "tensor" else 0

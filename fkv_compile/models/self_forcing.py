@@ -41,7 +41,9 @@ class MiniConfig:
     window_frames: int | None = None
     sink_frames: int = 3
     index_style: str = "tensor"  # "tensor": int64 [1] read with .item(); "int": Python ints in the dict
-    cache_style: str = "slots"  # "slots": preallocated buffer written in place; "cat": grown by torch.cat (global)
+    # "slots": preallocated buffer, indices in the dict (Self Forcing); "absolute": slots at the absolute
+    # position, no indices (CausVid; global); "cat": grown by torch.cat (research forks; global)
+    cache_style: str = "slots"
     attention: str = "sdpa"  # "sdpa" or "manual": softmax(q @ k^T * scale) @ v written out
     text_len: int = 20
     text_dim: int = 64
@@ -49,11 +51,11 @@ class MiniConfig:
     rope_positions: int = 1024
 
     def __post_init__(self) -> None:
-        if self.cache_style not in ("slots", "cat") or self.attention not in ("sdpa", "manual"):
-            raise ValueError(f"cache_style expected 'slots' or 'cat', attention 'sdpa' or 'manual'; got "
+        if self.cache_style not in ("slots", "absolute", "cat") or self.attention not in ("sdpa", "manual"):
+            raise ValueError(f"cache_style expected 'slots', 'absolute' or 'cat', attention 'sdpa' or 'manual'; got "
                              f"{self.cache_style!r}, {self.attention!r}")
-        if self.cache_style == "cat" and self.window_frames is not None:
-            raise ValueError("cache_style='cat' grows a global cache: window_frames must be None")
+        if self.cache_style != "slots" and self.window_frames is not None:
+            raise ValueError(f"cache_style={self.cache_style!r} is global attention: window_frames must be None")
 
     @property
     def head_dim(self) -> int:
@@ -151,6 +153,7 @@ class CausalSelfAttention(nn.Module):
         self.sink_size = cfg.sink_frames if cfg.window_frames is not None else 0
         self.max_attention_tokens = cfg.cache_frames * cfg.frame_tokens
         self.grow = cfg.cache_style == "cat"
+        self.absolute = cfg.cache_style == "absolute"
         self.manual = cfg.attention == "manual"
 
     def forward(
@@ -178,6 +181,11 @@ class CausalSelfAttention(nn.Module):
             kv_cache["k"], kv_cache["v"] = k_all, v_all
             return self.o(attend(roped_q, k_all, v_all, self.manual).flatten(2))
         current_end = current_start + s
+        if self.absolute:  # CausVid: the chunk's slots are its absolute positions
+            kv_cache["k"][:, current_start:current_end] = roped_k
+            kv_cache["v"][:, current_start:current_end] = v
+            out = attend(roped_q, kv_cache["k"][:, :current_end], kv_cache["v"][:, :current_end], self.manual)
+            return self.o(out.flatten(2))
         sink_tokens = self.sink_size * frame_tokens
         cache_size = kv_cache["k"].shape[1]
         global_end = _read_index(kv_cache, "global_end_index")
