@@ -17,6 +17,7 @@ from rollouts import mixed_plan, run_eager_oracle, to64
 BASE = MiniConfig(num_layers=2)
 VARIANTS = [pytest.param("slots", "manual", id="slots-manual"), pytest.param("cat", "sdpa", id="cat-sdpa"),
             pytest.param("cat", "manual", id="cat-manual"), pytest.param("absolute", "sdpa", id="causvid")]
+WINDOWED = MiniConfig(num_layers=2, window_frames=12, sink_frames=3)
 
 
 def _variant(style, attention, model):
@@ -72,6 +73,34 @@ def test_cat_grown_caches_run_without_recompiles_after_warm_up(reference, style,
     graphs = fkv_compile.report(compiled, print_table=False).graphs
     with torch.compiler.set_stance("fail_on_recompile"):
         rollout(compiled, cfg_long, long_inputs)
+    assert fkv_compile.report(compiled, print_table=False).graphs == graphs
+
+
+@pytest.fixture(scope="module")
+def windowed_reference():
+    model, inputs = build(WINDOWED, seed=0), make_inputs(WINDOWED, chunks=7, seed=0)  # rolls from chunk 4 on
+    plan = mixed_plan(WINDOWED)
+    m64, in64 = to64(model, inputs)
+    ref = run_eager_oracle(m64, WINDOWED, in64, plan)
+    return model, inputs, plan, ref, error_budget(run_eager_oracle(model, WINDOWED, inputs, plan), ref, floor=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_longlive_clone_and_deferred_write(windowed_reference, attention):
+    model, inputs, plan, ref, budget = windowed_reference
+    cfg = MiniConfig(num_layers=2, window_frames=12, sink_frames=3, cache_style="longlive", attention=attention)
+    m = build(cfg, seed=0)
+    m.load_state_dict(model.state_dict())
+    compiled = torch.compile(m, backend="forcing_kv", options={"plan": plan, "lowering": "aot_eager"})
+    assert_within_budget(rollout(compiled, cfg, inputs), ref, budget, f"select on LongLive v1 ({attention})")
+    rep = fkv_compile.report(compiled, print_table=False)
+    assert {s.pattern.removesuffix(" (+writes)") for s in rep.sites if s.action == "rewritten"} == {
+        f"cat-window, {'matmul-softmax' if attention == 'manual' else 'sdpa'}"}
+    assert [r.layer for r in rep.layers] == [0, 1] and all(r.kept_ratio < 1 for r in rep.layers)
+    graphs = rep.graphs
+    long_inputs = make_inputs(cfg, chunks=12, seed=1)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        rollout(compiled, cfg, long_inputs)
     assert fkv_compile.report(compiled, print_table=False).graphs == graphs
 
 

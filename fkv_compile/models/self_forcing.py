@@ -42,7 +42,8 @@ class MiniConfig:
     sink_frames: int = 3
     index_style: str = "tensor"  # "tensor": int64 [1] read with .item(); "int": Python ints in the dict
     # "slots": preallocated buffer, indices in the dict (Self Forcing); "absolute": slots at the absolute
-    # position, no indices (CausVid; global); "cat": grown by torch.cat (research forks; global)
+    # position, no indices (CausVid; global); "cat": grown by torch.cat (research forks; global);
+    # "longlive": LongLive v1's per-layer clone, attention over cat(sink, window), cache written after all layers
     cache_style: str = "slots"
     attention: str = "sdpa"  # "sdpa" or "manual": softmax(q @ k^T * scale) @ v written out
     text_len: int = 20
@@ -51,10 +52,10 @@ class MiniConfig:
     rope_positions: int = 1024
 
     def __post_init__(self) -> None:
-        if self.cache_style not in ("slots", "absolute", "cat") or self.attention not in ("sdpa", "manual"):
-            raise ValueError(f"cache_style expected 'slots', 'absolute' or 'cat', attention 'sdpa' or 'manual'; got "
-                             f"{self.cache_style!r}, {self.attention!r}")
-        if self.cache_style != "slots" and self.window_frames is not None:
+        if self.cache_style not in ("slots", "absolute", "cat", "longlive") or self.attention not in ("sdpa", "manual"):
+            raise ValueError(f"cache_style expected 'slots', 'absolute', 'cat' or 'longlive', attention 'sdpa' or "
+                             f"'manual'; got {self.cache_style!r}, {self.attention!r}")
+        if self.cache_style in ("absolute", "cat") and self.window_frames is not None:
             raise ValueError(f"cache_style={self.cache_style!r} is global attention: window_frames must be None")
 
     @property
@@ -154,6 +155,7 @@ class CausalSelfAttention(nn.Module):
         self.max_attention_tokens = cfg.cache_frames * cfg.frame_tokens
         self.grow = cfg.cache_style == "cat"
         self.absolute = cfg.cache_style == "absolute"
+        self.defer = cfg.cache_style == "longlive"
         self.manual = cfg.attention == "manual"
 
     def forward(
@@ -187,7 +189,9 @@ class CausalSelfAttention(nn.Module):
             out = attend(roped_q, kv_cache["k"][:, :current_end], kv_cache["v"][:, :current_end], self.manual)
             return self.o(out.flatten(2))
         sink_tokens = self.sink_size * frame_tokens
-        cache_size = kv_cache["k"].shape[1]
+        # LongLive v1 works on clones and leaves the real cache to apply_deferred_cache_updates
+        keys, values = (kv_cache[n].clone() for n in ("k", "v")) if self.defer else (kv_cache["k"], kv_cache["v"])
+        cache_size = keys.shape[1]
         global_end = _read_index(kv_cache, "global_end_index")
         local_end_prev = _read_index(kv_cache, "local_end_index")
         if self.sink_size and current_end > global_end and s + local_end_prev > cache_size:
@@ -195,19 +199,35 @@ class CausalSelfAttention(nn.Module):
             evicted = s + local_end_prev - cache_size
             rolled = local_end_prev - evicted - sink_tokens
             src = slice(sink_tokens + evicted, sink_tokens + evicted + rolled)
-            kv_cache["k"][:, sink_tokens : sink_tokens + rolled] = kv_cache["k"][:, src].clone()
-            kv_cache["v"][:, sink_tokens : sink_tokens + rolled] = kv_cache["v"][:, src].clone()
+            keys[:, sink_tokens : sink_tokens + rolled] = keys[:, src].clone()
+            values[:, sink_tokens : sink_tokens + rolled] = values[:, src].clone()
             local_end = local_end_prev + current_end - global_end - evicted
         else:
             local_end = local_end_prev + current_end - global_end
         local_start = local_end - s
-        kv_cache["k"][:, local_start:local_end] = roped_k
-        kv_cache["v"][:, local_start:local_end] = v
+        keys[:, local_start:local_end] = roped_k
+        values[:, local_start:local_end] = v
+        if self.defer:  # the sink, then the window after it: adjacent slices, concatenated
+            start = max(sink_tokens, local_end - (self.max_attention_tokens - sink_tokens))
+            k_w = torch.cat([keys[:, :sink_tokens], keys[:, start:local_end]], dim=1)
+            v_w = torch.cat([values[:, :sink_tokens], values[:, start:local_end]], dim=1)
+            kv_cache["deferred"] = (keys, values, current_end, local_end)
+            return self.o(attend(roped_q, k_w, v_w, self.manual).flatten(2))
         window = slice(max(0, local_end - self.max_attention_tokens), local_end)
-        out = attend(roped_q, kv_cache["k"][:, window], kv_cache["v"][:, window], self.manual)
+        out = attend(roped_q, keys[:, window], values[:, window], self.manual)
         _write_index(kv_cache, "global_end_index", current_end)
         _write_index(kv_cache, "local_end_index", local_end)
         return self.o(out.flatten(2))
+
+
+def apply_deferred_cache_updates(kv_caches: list[KVCache]) -> None:
+    """LongLive v1: after all layers ran, write each layer's updated keys/values and indices into its cache."""
+    for cache in kv_caches:
+        keys, values, global_end, local_end = cache.pop("deferred")
+        cache["k"].copy_(keys)
+        cache["v"].copy_(values)
+        _write_index(cache, "global_end_index", global_end)
+        _write_index(cache, "local_end_index", local_end)
 
 
 class CrossAttention(nn.Module):
@@ -299,6 +319,8 @@ class CausalVideoDiT(nn.Module):
         ctx = self.text_embedding(context)
         for i, block in enumerate(self.blocks):
             h = block(h, e0, grid_sizes, self.freqs, ctx, kv_cache[i], cross_cache[i], current_start)
+        if cfg.cache_style == "longlive":
+            apply_deferred_cache_updates(kv_cache)
         shift, scale = (self.head_modulation.unsqueeze(1) + e.unflatten(0, (b, frames)).unsqueeze(2)).chunk(2, dim=2)
         h = (self.head_norm(h).unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2)
         out = self.head(h)  # [B, F * h * w, C_in * ph * pw]

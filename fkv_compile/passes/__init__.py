@@ -60,8 +60,10 @@ def _check_plan_fits(site: AttentionSite, session: Session) -> None:
 
 def _compact_pattern(site: AttentionSite) -> str | None:
     """Why ``compact`` cannot own this site's cache by its pattern alone, or ``None``."""
-    if site.k_window.pattern != "cache-window":
-        return f"NYI: compact for {site.k_window.pattern} caches (the pipeline keeps the grown tensors)"
+    owner = {"cat-growth": "the pipeline keeps the grown tensors",
+             "cat-window": "the pipeline copies its per-layer clone back into the cache after all layers"}
+    if site.k_window.pattern in owner:
+        return f"NYI: compact for {site.k_window.pattern} caches ({owner[site.k_window.pattern]})"
     if site.function != "sdpa":
         return f"NYI: compact for {site.function} attention"
     return None

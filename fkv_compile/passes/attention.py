@@ -6,7 +6,9 @@ A site is an attention call (SDPA, or hand-written ``softmax(q @ k^T * s) @ v``,
 - ``cache-window``: a slice along one dim of a graph input (the cache buffer, e.g.
   ``L['kv_cache'][3]['k']``), or
 - ``cat-growth``: ``torch.cat([history, new], dim)`` where ``history`` is such an input or a slice
-  of it along ``dim`` and ``new`` is not read from it (caches grown by concatenation).
+  of it along ``dim`` and ``new`` is not read from it (caches grown by concatenation), or
+- ``cat-window``: ``torch.cat([buf[:, :S], buf[:, a:e]], dim)``, two slices of one cache input or of
+  its in-graph clone (LongLive v1: the sink, then the window).
 
 Matchers return a dataclass or a reason string; they never raise.
 """
@@ -133,6 +135,9 @@ def _trace_cat(cat: fx.Node) -> CacheWindow | str:
     history, new = (_through_views(p) for p in parts)
     if not isinstance(history, fx.Node) or not isinstance(new, fx.Node):
         return "attention operand is not a tensor"
+    adjacent = _cat_of_slices(cat, history, new, dim)
+    if adjacent is not None:
+        return adjacent
     base = history
     if history.op == "call_function" and history.target is operator.getitem:
         base, index = history.args
@@ -144,6 +149,27 @@ def _trace_cat(cat: fx.Node) -> CacheWindow | str:
     if _reads_input(new, base):
         return f"the new tokens of the concatenation with cache {_source_name(base)} are read from the cache too"
     return CacheWindow(cache=base, read=cat, source=_source_name(base), dim=dim, pattern="cat-growth")
+
+
+def _slice_base(node: fx.Node, dim: int) -> fx.Node | None:
+    """The graph input under ``x[..., a:b]`` (through views and clones) sliced along ``dim``, else ``None``."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return None
+    base, index = node.args
+    rank = node.meta["example_value"].dim() if "example_value" in node.meta else None
+    if sliced_dim(index) != (dim % rank if rank else dim):
+        return None
+    base = _through_views(base)
+    return base if isinstance(base, fx.Node) and base.op == "placeholder" else None
+
+
+def _cat_of_slices(cat: fx.Node, first: fx.Node, second: fx.Node, dim: int) -> CacheWindow | None:
+    """``cat([buf[:, :S], buf[:, a:e]])`` of one cache (or its in-graph clone, LongLive v1): the sink
+    frames, then the window ending with the current chunk; the window is the concatenation."""
+    base = _slice_base(first, dim)
+    if base is None or _slice_base(second, dim) is not base:
+        return None
+    return CacheWindow(cache=base, read=cat, source=_source_name(base), dim=dim, pattern="cat-window")
 
 
 def _trace_window(node: fx.Node) -> CacheWindow | str:
