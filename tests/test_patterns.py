@@ -174,3 +174,20 @@ def test_hand_written_forms(form):
     else:  # not recognised: untouched
         torch.testing.assert_close(got, eager, rtol=0, atol=0)
         assert not sites
+
+
+def test_rolling_forcing_re_rotation_is_order_dependent_left_dense_and_reported():
+    cfg = MiniConfig(num_layers=2, window_frames=12, sink_frames=3, cache_style="rolling")
+    model, inputs = build(cfg, seed=0), make_inputs(cfg, chunks=5, seed=0)
+    plan = mixed_plan(cfg)
+    plain = rollout(torch.compile(model, backend="aot_eager"), cfg, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "lowering": "aot_eager"})
+    assert all(torch.equal(a, b) for a, b in zip(rollout(compiled, cfg, inputs), plain))  # untouched
+    rep = fkv_compile.report(compiled, print_table=False)
+    assert not rep.layers and all(s.action == "left alone" for s in rep.sites)
+    assert any(s.reason.startswith("order-dependent: the keys arrive computed outside this graph") for s in rep.sites)
+    torch._dynamo.reset()
+    strict = torch.compile(model, backend="forcing_kv", options={"plan": plan, "lowering": "aot_eager", "strict": True})
+    with pytest.raises(Exception, match=r"strict: attention \w+ in graph \d+ left dense: order-dependent"):
+        rollout(strict, cfg, inputs)

@@ -43,7 +43,8 @@ class MiniConfig:
     index_style: str = "tensor"  # "tensor": int64 [1] read with .item(); "int": Python ints in the dict
     # "slots": preallocated buffer, indices in the dict (Self Forcing); "absolute": slots at the absolute
     # position, no indices (CausVid; global); "cat": grown by torch.cat (research forks; global);
-    # "longlive": LongLive v1's per-layer clone, attention over cat(sink, window), cache written after all layers
+    # "longlive": LongLive v1's per-layer clone, attention over cat(sink, window), cache written after all layers;
+    # "rolling": Rolling Forcing-like, keys stored un-rotated and the window re-rotated at every call (order-dependent)
     cache_style: str = "slots"
     attention: str = "sdpa"  # "sdpa" or "manual": softmax(q @ k^T * scale) @ v written out
     text_len: int = 20
@@ -52,9 +53,10 @@ class MiniConfig:
     rope_positions: int = 1024
 
     def __post_init__(self) -> None:
-        if self.cache_style not in ("slots", "absolute", "cat", "longlive") or self.attention not in ("sdpa", "manual"):
-            raise ValueError(f"cache_style expected 'slots', 'absolute', 'cat' or 'longlive', attention 'sdpa' or "
-                             f"'manual'; got {self.cache_style!r}, {self.attention!r}")
+        styles = ("slots", "absolute", "cat", "longlive", "rolling")
+        if self.cache_style not in styles or self.attention not in ("sdpa", "manual"):
+            raise ValueError(f"cache_style expected one of {styles}, attention 'sdpa' or 'manual'; got "
+                             f"{self.cache_style!r}, {self.attention!r}")
         if self.cache_style in ("absolute", "cat") and self.window_frames is not None:
             raise ValueError(f"cache_style={self.cache_style!r} is global attention: window_frames must be None")
 
@@ -156,6 +158,7 @@ class CausalSelfAttention(nn.Module):
         self.grow = cfg.cache_style == "cat"
         self.absolute = cfg.cache_style == "absolute"
         self.defer = cfg.cache_style == "longlive"
+        self.rerotate = cfg.cache_style == "rolling"
         self.manual = cfg.attention == "manual"
 
     def forward(
@@ -205,7 +208,7 @@ class CausalSelfAttention(nn.Module):
         else:
             local_end = local_end_prev + current_end - global_end
         local_start = local_end - s
-        keys[:, local_start:local_end] = roped_k
+        keys[:, local_start:local_end] = k if self.rerotate else roped_k
         values[:, local_start:local_end] = v
         if self.defer:  # the sink, then the window after it: adjacent slices, concatenated
             start = max(sink_tokens, local_end - (self.max_attention_tokens - sink_tokens))
@@ -214,7 +217,14 @@ class CausalSelfAttention(nn.Module):
             kv_cache["deferred"] = (keys, values, current_end, local_end)
             return self.o(attend(roped_q, k_w, v_w, self.manual).flatten(2))
         window = slice(max(0, local_end - self.max_attention_tokens), local_end)
-        out = attend(roped_q, keys[:, window], values[:, window], self.manual)
+        if self.rerotate:  # positions relative to the window: every cached key is rotated anew at every call
+            frames = (window.stop - window.start) // frame_tokens
+            grid = torch.tensor([[frames, *grid_sizes[0][1:].tolist()]] * b, dtype=torch.long)
+            k_w = rope_apply(keys[:, window], grid, freqs, 0).type_as(v)
+            q_w = rope_apply(q, grid_sizes, freqs, frames - s // frame_tokens).type_as(v)
+            out = attend(q_w, k_w, values[:, window], self.manual)
+        else:
+            out = attend(roped_q, keys[:, window], values[:, window], self.manual)
         _write_index(kv_cache, "global_end_index", current_end)
         _write_index(kv_cache, "local_end_index", local_end)
         return self.o(out.flatten(2))

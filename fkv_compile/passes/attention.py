@@ -189,7 +189,28 @@ def _trace_window(node: fx.Node) -> CacheWindow | str:
             if dim is not None:
                 return CacheWindow(cache=base, read=current, source=_source_name(base), dim=dim)
             return f"cache {_source_name(base)} is read with an index the pass does not support: {index!r}"
+    written = [p for p in _inputs_under(current) if _writes_into(p)]
+    if written:
+        return (f"{ORDER_DEPENDENT}: keys/values are recomputed from cache {_source_name(written[0])} at every call "
+                "(e.g. re-rotated to window-relative positions), so which tokens a head keeps depends on the call")
     return "keys/values are not read from a cache input"
+
+
+ORDER_DEPENDENT = "order-dependent"
+
+
+def _inputs_under(node: fx.Node) -> list[fx.Node]:
+    """The graph inputs ``node`` depends on, in discovery order."""
+    found, seen, stack = [], set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            found.append(n)
+        stack.extend(n.all_input_nodes)
+    return found
 
 
 def _is_param(node: fx.Node) -> bool:
@@ -220,14 +241,34 @@ def _writes_into(cache: fx.Node) -> bool:
     return False
 
 
+def _windows(node: fx.Node, k: object, v: object) -> list[CacheWindow] | Declined:
+    """The cache windows of the keys and values of ``node``, or why it is declined.
+
+    Keys (or values) that arrive as a whole graph input while the other operand is a cache window
+    were computed from the cache outside this graph (after a graph break): transformed per call,
+    e.g. re-rotated to window-relative positions. Which tokens a head keeps then depends on the
+    call's order: declined as order-dependent (``strict`` raises).
+    """
+    windows = [_trace_window(k), _trace_window(v)]
+    reasons = [w for w in windows if isinstance(w, str)]
+    if not reasons:
+        return windows
+    found = [w for w in windows if isinstance(w, CacheWindow)]
+    if found and any(r.startswith("keys/values are a whole graph input") for r in reasons):
+        name = "keys" if isinstance(windows[1], CacheWindow) else "values"
+        return Declined(node, f"{ORDER_DEPENDENT}: the {name} arrive computed outside this graph while the other "
+                        f"operand is a window of cache {found[0].source}: they are transformed from the cache at "
+                        "every call (e.g. re-rotated anchors); left dense", candidate=True)
+    return Declined(node, reasons[0], candidate=reasons[0].startswith(ORDER_DEPENDENT))
+
+
 def _match_sdpa(node: fx.Node) -> tuple[AttentionSite | None, Declined | None]:
     args = list(node.args) + [None] * (6 - len(node.args))
     q, k, v = args[:3]
     kw = dict(node.kwargs)
-    windows = [_trace_window(k), _trace_window(v)]
-    reasons = [w for w in windows if isinstance(w, str)]
-    if reasons:
-        return None, Declined(node, reasons[0], candidate=False)
+    windows = _windows(node, k, v)
+    if isinstance(windows, Declined):
+        return None, windows
     mask = kw.get("attn_mask", args[3])
     dropout = kw.get("dropout_p", args[4] if args[4] is not None else 0.0)
     causal = kw.get("is_causal", args[5] if args[5] is not None else False)
@@ -243,10 +284,9 @@ def _match_sdpa(node: fx.Node) -> tuple[AttentionSite | None, Declined | None]:
 
 
 def _match_manual(manual: ManualAttention) -> tuple[AttentionSite | None, Declined | None]:
-    windows = [_trace_window(manual.k), _trace_window(manual.v)]
-    reasons = [w for w in windows if isinstance(w, str)]
-    if reasons:
-        return None, Declined(manual.out, reasons[0], candidate=False)
+    windows = _windows(manual.out, manual.k, manual.v)
+    if isinstance(windows, Declined):
+        return None, windows
     return _site(manual.out, manual.q, manual.k, manual.v, manual.scale, windows, "matmul-softmax", manual.internal)
 
 
