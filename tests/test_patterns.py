@@ -191,3 +191,52 @@ def test_rolling_forcing_re_rotation_is_order_dependent_left_dense_and_reported(
     strict = torch.compile(model, backend="forcing_kv", options={"plan": plan, "lowering": "aot_eager", "strict": True})
     with pytest.raises(Exception, match=r"strict: attention \w+ in graph \d+ left dense: order-dependent"):
         rollout(strict, cfg, inputs)
+
+
+def test_flash_attn_varlen_calls_are_rewritten(windowed_reference):
+    model, inputs, plan, ref, budget = windowed_reference
+    cfg = MiniConfig(num_layers=2, window_frames=12, sink_frames=3, attention="varlen")
+    m = build(cfg, seed=0)
+    m.load_state_dict(model.state_dict())
+    compiled = torch.compile(m, backend="forcing_kv", options={"plan": plan, "lowering": "aot_eager"})
+    assert_within_budget(rollout(compiled, cfg, inputs), ref, budget, "select on flash-attn varlen calls")
+    rep = fkv_compile.report(compiled, print_table=False)
+    assert {s.pattern for s in rep.sites if s.action == "rewritten"} == {"cache-window, flash-attn-varlen (+writes)"}
+    assert [r.layer for r in rep.layers] == [0, 1]
+    graphs = rep.graphs
+    with torch.compiler.set_stance("fail_on_recompile"):
+        rollout(compiled, cfg, make_inputs(cfg, chunks=12, seed=1))
+    assert fkv_compile.report(compiled, print_table=False).graphs == graphs
+    torch._dynamo.reset()
+    expected = rollout(torch.compile(m, backend="inductor"), cfg, inputs)
+    torch._dynamo.reset()
+    got = rollout(torch.compile(m, backend="forcing_kv", options={"plan": plan, "mode": "off"}), cfg, inputs)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_a_causal_varlen_call_is_left_alone_and_strict_names_it():
+    from fkv_compile.models.flash_standin import register
+
+    register()
+
+    class Causal(torch.nn.Module):
+        def forward(self, q, cache):
+            b, lq, lk = q.shape[0], q.shape[1], 12
+            cu_q = torch.tensor([i * lq for i in range(b + 1)], dtype=torch.int32)
+            cu_k = torch.tensor([i * lk for i in range(b + 1)], dtype=torch.int32)
+            k, v = cache["k"][:, :lk], cache["v"][:, :lk]
+            return torch.ops.flash_attn._flash_attn_varlen_forward(
+                q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, lq, lk, 0.0, 0.5, True)[0]
+
+    causal = Causal()
+
+    plan = HeadPlan.from_roles([["static", "static"]], frame_tokens=4, chunk_frames=1)
+    q, cache = torch.randn(1, 4, 2, 8), {"k": torch.randn(1, 12, 2, 8), "v": torch.randn(1, 12, 2, 8)}
+    compiled = torch.compile(causal, backend="forcing_kv", options={"plan": plan, "lowering": "eager"})
+    torch.testing.assert_close(compiled(q, cache), causal(q, cache), rtol=0, atol=0)
+    (site,) = fkv_compile.report(compiled, print_table=False).sites
+    assert site.action == "left alone" and site.reason == "flash-attn varlen call with causal set"
+    torch._dynamo.reset()
+    strict = torch.compile(causal, backend="forcing_kv", options={"plan": plan, "lowering": "eager", "strict": True})
+    with pytest.raises(Exception, match="strict: attention .* left dense: flash-attn varlen call with causal set"):
+        strict(q, cache)

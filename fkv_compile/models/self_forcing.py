@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .flash_standin import register as register_flash_standin
+from .flash_standin import varlen_attention
+
 __all__ = ["MiniConfig", "CausalVideoDiT", "KVCache", "CrossCache"]
 
 KVCache = dict  # {"k", "v": [B, Lc, H, D], "global_end_index", "local_end_index": int64 [1] or int}
@@ -46,7 +49,7 @@ class MiniConfig:
     # "longlive": LongLive v1's per-layer clone, attention over cat(sink, window), cache written after all layers;
     # "rolling": Rolling Forcing-like, keys stored un-rotated and the window re-rotated at every call (order-dependent)
     cache_style: str = "slots"
-    attention: str = "sdpa"  # "sdpa" or "manual": softmax(q @ k^T * scale) @ v written out
+    attention: str = "sdpa"  # "sdpa", "manual" (softmax(q @ k^T * scale) @ v written out) or "varlen" (flash-attn)
     text_len: int = 20
     text_dim: int = 64
     freq_dim: int = 64
@@ -54,8 +57,8 @@ class MiniConfig:
 
     def __post_init__(self) -> None:
         styles = ("slots", "absolute", "cat", "longlive", "rolling")
-        if self.cache_style not in styles or self.attention not in ("sdpa", "manual"):
-            raise ValueError(f"cache_style expected one of {styles}, attention 'sdpa' or 'manual'; got "
+        if self.cache_style not in styles or self.attention not in ("sdpa", "manual", "varlen"):
+            raise ValueError(f"cache_style expected one of {styles}, attention 'sdpa', 'manual' or 'varlen'; got "
                              f"{self.cache_style!r}, {self.attention!r}")
         if self.cache_style in ("absolute", "cat") and self.window_frames is not None:
             raise ValueError(f"cache_style={self.cache_style!r} is global attention: window_frames must be None")
@@ -122,10 +125,13 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, manual: bool) -> torch.Tensor:
-    """Attention of ``[B, L, H, D]`` tensors: SDPA, or written out as many models do."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> torch.Tensor:
+    """Attention of ``[B, L, H, D]`` tensors: SDPA, written out as many models do (``manual``), or
+    flash-attn's varlen op (``varlen``, a CPU stand-in where flash-attn is not installed)."""
+    if kind == "varlen":
+        return varlen_attention(q, k, v)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if manual:
+    if kind == "manual":
         scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
         out = scores.float().softmax(dim=-1).type_as(v) @ v
     else:
@@ -159,7 +165,9 @@ class CausalSelfAttention(nn.Module):
         self.absolute = cfg.cache_style == "absolute"
         self.defer = cfg.cache_style == "longlive"
         self.rerotate = cfg.cache_style == "rolling"
-        self.manual = cfg.attention == "manual"
+        self.attention = cfg.attention
+        if cfg.attention == "varlen":
+            register_flash_standin()
 
     def forward(
         self,
@@ -184,12 +192,12 @@ class CausalSelfAttention(nn.Module):
             k_all = torch.cat([kv_cache["k"][:, :current_start], roped_k], dim=1)
             v_all = torch.cat([kv_cache["v"][:, :current_start], v], dim=1)
             kv_cache["k"], kv_cache["v"] = k_all, v_all
-            return self.o(attend(roped_q, k_all, v_all, self.manual).flatten(2))
+            return self.o(attend(roped_q, k_all, v_all, self.attention).flatten(2))
         current_end = current_start + s
         if self.absolute:  # CausVid: the chunk's slots are its absolute positions
             kv_cache["k"][:, current_start:current_end] = roped_k
             kv_cache["v"][:, current_start:current_end] = v
-            out = attend(roped_q, kv_cache["k"][:, :current_end], kv_cache["v"][:, :current_end], self.manual)
+            out = attend(roped_q, kv_cache["k"][:, :current_end], kv_cache["v"][:, :current_end], self.attention)
             return self.o(out.flatten(2))
         sink_tokens = self.sink_size * frame_tokens
         # LongLive v1 works on clones and leaves the real cache to apply_deferred_cache_updates
@@ -215,16 +223,16 @@ class CausalSelfAttention(nn.Module):
             k_w = torch.cat([keys[:, :sink_tokens], keys[:, start:local_end]], dim=1)
             v_w = torch.cat([values[:, :sink_tokens], values[:, start:local_end]], dim=1)
             kv_cache["deferred"] = (keys, values, current_end, local_end)
-            return self.o(attend(roped_q, k_w, v_w, self.manual).flatten(2))
+            return self.o(attend(roped_q, k_w, v_w, self.attention).flatten(2))
         window = slice(max(0, local_end - self.max_attention_tokens), local_end)
         if self.rerotate:  # positions relative to the window: every cached key is rotated anew at every call
             frames = (window.stop - window.start) // frame_tokens
             grid = torch.tensor([[frames, *grid_sizes[0][1:].tolist()]] * b, dtype=torch.long)
             k_w = rope_apply(keys[:, window], grid, freqs, 0).type_as(v)
             q_w = rope_apply(q, grid_sizes, freqs, frames - s // frame_tokens).type_as(v)
-            out = attend(q_w, k_w, values[:, window], self.manual)
+            out = attend(q_w, k_w, values[:, window], self.attention)
         else:
-            out = attend(roped_q, keys[:, window], values[:, window], self.manual)
+            out = attend(roped_q, keys[:, window], values[:, window], self.attention)
         _write_index(kv_cache, "global_end_index", current_end)
         _write_index(kv_cache, "local_end_index", local_end)
         return self.o(out.flatten(2))
@@ -248,7 +256,9 @@ class CrossAttention(nn.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
-        self.manual = cfg.attention == "manual"
+        self.attention = cfg.attention
+        if cfg.attention == "varlen":
+            register_flash_standin()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, cross_cache: CrossCache) -> torch.Tensor:
         b, n, d = x.shape[0], self.num_heads, self.head_dim
@@ -257,7 +267,7 @@ class CrossAttention(nn.Module):
             cross_cache["is_init"] = True
             cross_cache["k"] = self.norm_k(self.k(context)).view(b, -1, n, d)
             cross_cache["v"] = self.v(context).view(b, -1, n, d)
-        return self.o(attend(q, cross_cache["k"], cross_cache["v"], self.manual).flatten(2))
+        return self.o(attend(q, cross_cache["k"], cross_cache["v"], self.attention).flatten(2))
 
 
 class Block(nn.Module):

@@ -39,7 +39,7 @@ class SiteError(RuntimeError):
 def _check_plan_fits(site: AttentionSite, session: Session) -> None:
     """Heads and frame geometry of the plan against the shapes traced at this site (static sizes only)."""
     plan = session.plan
-    heads = site.q.meta["example_value"].shape[1]
+    heads = site.q.meta["example_value"].shape[1 if site.layout == "bhld" else 2]
     where = f"the attention at {site.node.name} (keys from {site.k_window.source})"
     if isinstance(heads, int) and heads != plan.num_heads:
         raise PlanError(f"plan does not match the model: num_heads: plan has {plan.num_heads}, {where} has {heads}")

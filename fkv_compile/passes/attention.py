@@ -24,6 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .manual_attention import ManualAttention, match_manual_attention
+from .varlen_attention import VarlenAttention, arguments, is_flatten, match_varlen_attention
 
 __all__ = ["AttentionSite", "Declined", "find_attention_sites", "is_attention"]
 
@@ -63,8 +64,9 @@ class AttentionSite:
     layer_key: fx.Node
     layer_key_kind: str  # "param" or "cache"
     writes_in_graph: bool
-    function: str = "sdpa"  # or "matmul-softmax"
-    internal: tuple[fx.Node, ...] = ()  # nodes of a hand-written attention that die with the rewrite
+    function: str = "sdpa"  # or "matmul-softmax", "flash-attn-varlen"
+    internal: tuple[fx.Node, ...] = ()  # nodes of a hand-written or varlen attention that die with the rewrite
+    layout: str = "bhld"  # q/k/v as [B, H, L, D]; "blhd": [B, L, H, D] (varlen), transposed by the rewrite
 
     @property
     def pattern(self) -> str:
@@ -290,12 +292,22 @@ def _match_manual(manual: ManualAttention) -> tuple[AttentionSite | None, Declin
     return _site(manual.out, manual.q, manual.k, manual.v, manual.scale, windows, "matmul-softmax", manual.internal)
 
 
+def _match_varlen(varlen: VarlenAttention) -> tuple[AttentionSite | None, Declined | None]:
+    windows = _windows(varlen.out, varlen.k, varlen.v)
+    if isinstance(windows, Declined):
+        return None, windows
+    return _site(varlen.out, varlen.q, varlen.k, varlen.v, varlen.scale, windows, "flash-attn-varlen",
+                 varlen.internal, layout="blhd")
+
+
 def _site(node: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, scale: float | None, windows: list[CacheWindow],
-          function: str, internal: tuple[fx.Node, ...]) -> tuple[AttentionSite | None, Declined | None]:
+          function: str, internal: tuple[fx.Node, ...], layout: str = "bhld",
+          ) -> tuple[AttentionSite | None, Declined | None]:
     qv, kv_ = q.meta.get("example_value"), k.meta.get("example_value")
     if qv is None or kv_ is None or qv.dim() != 4 or kv_.dim() != 4:
         return None, Declined(node, "attention operands are not 4-d [B, H, L, D]", candidate=True)
-    if qv.shape[1] != kv_.shape[1]:
+    heads = 1 if layout == "bhld" else 2
+    if qv.shape[heads] != kv_.shape[heads]:
         return None, Declined(node, "NYI: query and key head counts differ", candidate=True)
     k_window, v_window = windows
     if k_window.cache is v_window.cache:
@@ -308,7 +320,7 @@ def _site(node: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, scale: float | None
             layer_key=param if param is not None else k_window.cache,
             layer_key_kind="param" if param is not None else "cache",
             writes_in_graph=_writes_into(k_window.cache),
-            function=function, internal=internal,
+            function=function, internal=internal, layout=layout,
         ),
         None,
     )
@@ -322,6 +334,13 @@ def find_attention_sites(graph: fx.Graph) -> tuple[list[AttentionSite], list[Dec
             site, no = _match_sdpa(node)
         elif (manual := match_manual_attention(node)) is not None:
             site, no = _match_manual(manual)
+        elif (varlen := match_varlen_attention(node)) is not None:
+            if isinstance(varlen, str):
+                k_arg = arguments(node)["k"]
+                reads_cache = isinstance(_trace_window(k_arg.args[0] if is_flatten(k_arg) else k_arg), CacheWindow)
+                site, no = None, Declined(node, varlen, candidate=reads_cache)
+            else:
+                site, no = _match_varlen(varlen)
         else:
             continue
         if site is not None:

@@ -23,26 +23,43 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, mode: str, session:
     Inductor see the right shape and strides; nothing else in the graph changes.
     """
     op = OPS[mode]
-    args = (site.q, site.k, site.v, site.layer_key, session, site_id, site.scale)
+    q, k, v = site.q, site.k, site.v
+    if site.layout == "blhd":  # [B, L, H, D] (flash-attn varlen): the ops take [B, H, L, D] views
+        q, k, v = (_method(gm, site.node, "transpose", (x, 1, 2)) for x in (q, k, v))
+    args = (q, k, v, site.layer_key, session, site_id, site.scale)
     with gm.graph.inserting_before(site.node):
         new = gm.graph.call_function(op, args=args)
     # the fake impl never reads layer_key; k stands in (a parameter's example may live in another fake mode)
-    examples = [_example(n) for n in (site.q, site.k, site.v, site.k)]
+    examples = [_example(n) for n in (q, k, v, k)]
     fake_mode = getattr(examples[0], "fake_mode", None)  # the graph's own mode, not the backend context's
     if fake_mode is not None:
         with fake_mode:
             new.meta["example_value"] = op(*examples, session, site_id, site.scale)
+    result = new
+    if site.layout == "blhd":  # back to the packed [B * L, H, D] the varlen call returned
+        result = _method(gm, site.node, "flatten", (_method(gm, site.node, "transpose", (new, 1, 2)), 0, 1))
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in site.node.meta:
             new.meta[key] = site.node.meta[key]
-    result = _cast_like(gm, new, site.node)
+    result = _cast_like(gm, result, site.node)
     site.node.replace_all_uses_with(result)
     gm.graph.erase_node(site.node)
-    for node in site.internal[1:]:  # a hand-written attention's scores, softmax and casts, users first
+    for node in site.internal[1:]:  # a hand-written attention's scores and softmax, varlen's call; users first
         if not node.users:
             gm.graph.erase_node(node)
     counters["fkv_compile"][f"{mode}_attention"] += 1
     return new
+
+
+def _method(gm: fx.GraphModule, before: fx.Node, name: str, args: tuple) -> fx.Node:
+    """``args[0].<name>(*args[1:])`` inserted before ``before``, with its example value."""
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_method(name, args=args)
+    example = _example(args[0])
+    if example is not None and getattr(example, "fake_mode", None) is not None:
+        with example.fake_mode:
+            node.meta["example_value"] = getattr(example, name)(*args[1:])
+    return node
 
 
 def _cast_like(gm: fx.GraphModule, new: fx.Node, old: fx.Node) -> fx.Node:
