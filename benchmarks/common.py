@@ -5,27 +5,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fkv_compile.bench import median_seconds  # noqa: F401  (re-exported for the scripts)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def median_seconds(fn: Callable[[], Any], *, repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def machine() -> dict[str, Any]:

@@ -11,7 +11,6 @@ rollout time ratios side by side.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 
 import torch
@@ -19,18 +18,9 @@ import torch.nn.functional as F
 
 import fkv_compile
 from fkv_compile import HeadPlan
+from fkv_compile.bench import median_seconds
 from fkv_compile.models import MiniConfig, build, make_inputs, new_caches, rollout
 from fkv_compile.select import compressed_attention
-
-
-def timed(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -54,8 +44,8 @@ def main() -> None:
         start = time.perf_counter()
         rollout(m, cfg, inputs)
         print(f"{name:>10}: first video incl. compile {time.perf_counter() - start:.1f} s")
-    t_dense = timed(lambda: rollout(dense, cfg, inputs), repeats=2)
-    t_fkv = timed(lambda: rollout(compressed, cfg, inputs), repeats=2)
+    t_dense = median_seconds(lambda: rollout(dense, cfg, inputs), repeats=2)
+    t_fkv = median_seconds(lambda: rollout(compressed, cfg, inputs), repeats=2)
 
     print()
     fkv_compile.report(compressed)
@@ -66,8 +56,8 @@ def main() -> None:
     k, v = kv[1]["k"].transpose(1, 2), kv[1]["v"].transpose(1, 2)
     q = torch.randn(1, cfg.num_heads, cfg.chunk_frames * cfg.frame_tokens, cfg.head_dim)
     _, kept = compressed_attention(q, k, v, plan, 1)
-    a_dense = timed(lambda: F.scaled_dot_product_attention(q, k, v), repeats=20)
-    a_fkv = timed(lambda: compressed_attention(q, k, v, plan, 1), repeats=20)
+    a_dense = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v), repeats=20)
+    a_fkv = median_seconds(lambda: compressed_attention(q, k, v, plan, 1), repeats=20)
     token_ratio = sum(kept.kept) / (len(kept.kept) * kept.window)
     print()
     print(f"attention call, last chunk (Lq={q.shape[2]}, Lk={k.shape[2]}): select/dense time {a_fkv / a_dense:.3f}, "

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .plan import HeadPlan
 
-__all__ = ["BenchGeometry", "GEOMETRIES", "BenchSettings", "run_bench"]
+__all__ = ["BenchGeometry", "GEOMETRIES", "BenchSettings", "run_bench", "median_seconds"]
 
 MODES = ("dense", "select", "compact")
 ATTENTION_OPS = ("fkv::select_attention", "fkv::store_attention", "fkv::oracle_attention")
@@ -211,9 +211,11 @@ def call_level(s: BenchSettings) -> list[dict[str, Any]]:
         for start in range(0, frames * f, c * f):
             end = start + c * f
             store.write(k_all[:, start:end], v_all[:, start:end], start, end, (0, end))
-        dense_s = _time(lambda: F.scaled_dot_product_attention(q, k, v), device, s.repeats)
-        select_s = _time(lambda: compressed_attention(q, k, v, plan, layer, triton=triton), device, s.repeats)
-        compact_s = _time(lambda: store.attention(q, (0, frames * f), None), device, s.repeats)
+        repeats = max(3, s.repeats)
+        dense_s = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v), repeats=repeats, device=device)
+        select_s = median_seconds(lambda: compressed_attention(q, k, v, plan, layer, triton=triton), repeats=repeats,
+                                  device=device)
+        compact_s = median_seconds(lambda: store.attention(q, (0, frames * f), None), repeats=repeats, device=device)
         kept = compressed_attention(q, k, v, plan, layer, triton=triton)[1]
         ratio = sum(kept.kept) / (len(kept.kept) * kept.window)
         rows.append({"layer": layer, "kept_ratio": ratio, "dense_ms": 1e3 * dense_s, "select_ms": 1e3 * select_s,
@@ -222,11 +224,14 @@ def call_level(s: BenchSettings) -> list[dict[str, Any]]:
     return rows
 
 
-def _time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    clock = _Clock(device)
-    fn()
+def median_seconds(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1,
+                   device: torch.device | str = "cpu") -> float:
+    """Median time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (CUDA events on a GPU)."""
+    clock = _Clock(torch.device(device))
+    for _ in range(warmup):
+        fn()
     times = []
-    for _ in range(max(3, repeats)):
+    for _ in range(repeats):
         start = clock.mark()
         fn()
         times.append(clock.seconds(start, clock.mark()))

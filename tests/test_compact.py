@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fkv_compile
-from fkv_compile import HeadPlan, SiteError
+from fkv_compile import SiteError
 from fkv_compile.models import new_caches, rollout
 from fkv_compile.report import find_options
 from fkv_compile.runtime import session_for_options

@@ -134,7 +134,7 @@ def range_attention(
     ``return_lse`` the natural-log log-sum-exp ``[B, H, Lq]`` (fp32, ``-inf`` for heads with no tokens).
     """
     b, num_heads, lq, d = q.shape
-    g, lk = k.shape[1], k.shape[2]
+    g = k.shape[1]
     if k.shape[0] != b or v.shape != k.shape or k.shape[3] != d:
         raise ValueError(f"range_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not agree")
     if q_heads is None and g != num_heads:
