@@ -47,3 +47,18 @@ def to64(model, inputs):
     m64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     inputs64 = type(inputs)(context=inputs.context.double(), noise=[[n.double() for n in c] for c in inputs.noise])
     return m64, inputs64
+
+
+def cases(default: list[tuple[str, ...]], **axes: dict[str, object]) -> list:
+    """pytest params over every combination of ``axes`` (name -> {id: value}). Combinations whose ids
+    are not in ``default`` run only with ``--runslow``; ``default`` covers every value at least once."""
+    import itertools
+
+    import pytest
+
+    params = []
+    for combo in itertools.product(*(list(values.items()) for values in axes.values())):
+        ids = tuple(i for i, _ in combo)
+        marks = () if ids in default else (pytest.mark.slow,)
+        params.append(pytest.param(*(v for _, v in combo), id="-".join(ids), marks=marks))
+    return params

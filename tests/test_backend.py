@@ -8,9 +8,8 @@ from fkv_compile import HeadPlan, PlanError, SiteError
 from fkv_compile.models import rollout
 from fkv_compile.testing import assert_within_budget, error_budget, max_abs_error
 
-from rollouts import GLOBAL, WINDOWED, mixed_plan, run_compiled, run_eager_oracle, setup, to64
+from rollouts import GLOBAL, WINDOWED, cases, mixed_plan, run_compiled, run_eager_oracle, setup, to64
 
-CONFIGS = [pytest.param(WINDOWED, id="windowed-sink"), pytest.param(GLOBAL, id="global")]
 
 
 def test_off_is_bit_identical_to_inductor():
@@ -26,8 +25,9 @@ def test_off_is_bit_identical_to_inductor():
     assert {s.action for s in rep.sites} == {"found", "left alone"}
 
 
-@pytest.mark.parametrize("cfg", CONFIGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cfg,dtype", cases(
+    [("windowed-sink", "bfloat16"), ("global", "float32")],
+    cfg={"windowed-sink": WINDOWED, "global": GLOBAL}, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}))
 def test_select_and_oracle_match_the_float64_oracle_over_a_rollout(cfg, dtype):
     model, inputs = setup(cfg, dtype)
     plan = mixed_plan(cfg)

@@ -10,9 +10,8 @@ from fkv_compile.report import find_options
 from fkv_compile.runtime import session_for_options
 from fkv_compile.testing import assert_within_budget, error_budget, max_abs_error
 
-from rollouts import GLOBAL, WINDOWED, mixed_plan, run_compiled, run_eager_oracle, setup, to64
+from rollouts import GLOBAL, WINDOWED, cases, mixed_plan, run_compiled, run_eager_oracle, setup, to64
 
-CONFIGS = [pytest.param(WINDOWED, id="windowed-sink"), pytest.param(GLOBAL, id="global")]
 
 
 def run_compact(model, cfg, inputs, plan, lowering="aot_eager", videos=1):
@@ -25,9 +24,10 @@ def run_compact(model, cfg, inputs, plan, lowering="aot_eager", videos=1):
     return compiled, outs, caches
 
 
-@pytest.mark.parametrize("cfg", CONFIGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("cfg,dtype,batch", cases(
+    [("windowed-sink", "float32", "batch2"), ("global", "bfloat16", "batch1")],
+    cfg={"windowed-sink": WINDOWED, "global": GLOBAL}, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16},
+    batch={"batch1": 1, "batch2": 2}))
 def test_compact_equals_select_and_oracle_over_two_videos(cfg, dtype, batch):
     model, inputs = setup(cfg, dtype, batch=batch)
     plan = mixed_plan(cfg)

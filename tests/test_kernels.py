@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("triton")
@@ -34,6 +34,9 @@ from fkv_compile.kernels.tuning import TunedKernel, TuningCache  # noqa: E402
 from fkv_compile.select import compressed_attention  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# the interpreter costs about a second per example here: at most 20 per property unless asked for more
+INTERPRETED = settings(settings.default, max_examples=min(settings.default.max_examples, 20)) \
+    if settings.default.max_examples <= 40 else settings.default
 
 
 def _ranges_mask(starts, ends, lk):
@@ -62,6 +65,7 @@ def ragged_ranges(draw, b, heads, lk):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@INTERPRETED
 @given(data=st.data())
 def test_range_attention_matches_the_float64_oracle(dtype, data):
     b, h = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
@@ -113,6 +117,7 @@ def test_bad_shapes_are_clear_errors():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@INTERPRETED
 @given(data=st.data())
 def test_segment_similarity_matches_the_keep_rule(dtype, data):
     plan = data.draw(plans())
@@ -156,6 +161,7 @@ def test_mask_runs_cover_exactly_the_mask(rows):
     assert torch.equal(_ranges_mask(starts, ends, mask.shape[1]), mask)
 
 
+@INTERPRETED
 @given(data=st.data())
 def test_select_ranges_are_the_keep_mask(data):
     plan = data.draw(plans())
@@ -171,6 +177,7 @@ def test_select_ranges_are_the_keep_mask(data):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@INTERPRETED
 @given(data=st.data())
 def test_select_through_triton_equals_the_torch_path_and_the_oracle(dtype, data):
     plan = data.draw(plans())

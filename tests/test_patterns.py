@@ -12,7 +12,7 @@ from fkv_compile.models import MiniConfig, build, make_inputs, new_caches, rollo
 from fkv_compile.semantics import oracle_attention
 from fkv_compile.testing import assert_within_budget, error_budget
 
-from rollouts import mixed_plan, run_eager_oracle, to64
+from rollouts import cases, mixed_plan, run_eager_oracle, to64
 
 BASE = MiniConfig(num_layers=2)
 VARIANTS = [pytest.param("slots", "manual", id="slots-manual"), pytest.param("cat", "sdpa", id="cat-sdpa"),
@@ -36,9 +36,14 @@ def reference():
     return model, inputs, plan, ref, error_budget(run_eager_oracle(model, BASE, inputs, plan), ref, floor=1e-5)
 
 
-@pytest.mark.parametrize("style,attention", VARIANTS)
-@pytest.mark.parametrize("mode", ["select", "oracle"])
-def test_every_pattern_matches_the_float64_oracle_over_a_rollout(reference, style, attention, mode):
+@pytest.mark.parametrize("variant,mode", cases(
+    [("slots-manual", "select"), ("slots-manual", "oracle"), ("cat-sdpa", "select"), ("cat-manual", "select"),
+     ("causvid", "select")],
+    variant={"slots-manual": ("slots", "manual"), "cat-sdpa": ("cat", "sdpa"), "cat-manual": ("cat", "manual"),
+             "causvid": ("absolute", "sdpa")},
+    mode={"select": "select", "oracle": "oracle"}))
+def test_every_pattern_matches_the_float64_oracle_over_a_rollout(reference, variant, mode):
+    style, attention = variant
     model, inputs, plan, ref, budget = reference
     cfg, m = _variant(style, attention, model)
     compiled = torch.compile(m, backend="forcing_kv", options={"plan": plan, "mode": mode, "lowering": "aot_eager"})
