@@ -41,10 +41,10 @@ class Report:
 
     def table(self) -> str:
         lines = [f"fkv_compile report: mode={self.mode}, {self.graphs} graphs compiled, {len(self.sites)} attention calls"]
-        lines.append(f"{'site':>4}  {'graph':>5}  {'node':<34} {'pattern':<22} {'action':<11} detail")
+        lines.append(f"{'site':>4}  {'graph':>5}  {'node':<34} {'pattern':<36} {'action':<11} detail")
         for s in self.sites:
             detail = s.reason or f"cache {s.cache}, layer by {s.layer_key}"
-            lines.append(f"{s.site:>4}  {s.graph:>5}  {s.node:<34} {s.pattern:<22} {s.action:<11} {detail}")
+            lines.append(f"{s.site:>4}  {s.graph:>5}  {s.node:<34} {s.pattern:<36} {s.action:<11} {detail}")
         if self.layers:
             lines.append(
                 f"{'layer':>5}  {'sites':<8} {'mode':<7} {'dense':>5} {'static':>6} {'dyn':>4}  "
