@@ -115,19 +115,6 @@ def _through_views(node: object) -> object:
     return node
 
 
-def _reads_input(node: fx.Node, source: fx.Node) -> bool:
-    """Whether ``node`` depends on ``source`` (a graph input)."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n is source:
-            return True
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return False
-
-
 def _trace_cat(cat: fx.Node) -> CacheWindow | str:
     """``torch.cat([history, new], dim)`` with ``history`` a cache input (or a slice of it along ``dim``)."""
     parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
@@ -140,15 +127,11 @@ def _trace_cat(cat: fx.Node) -> CacheWindow | str:
     adjacent = _cat_of_slices(cat, history, new, dim)
     if adjacent is not None:
         return adjacent
-    base = history
-    if history.op == "call_function" and history.target is operator.getitem:
-        base, index = history.args
-        rank = cat.meta["example_value"].dim() if "example_value" in cat.meta else None
-        if sliced_dim(index) != (dim % rank if rank else dim):
-            return f"the history of a concatenated cache is read with an index the pass does not support: {index!r}"
-    if not isinstance(base, fx.Node) or base.op != "placeholder":
-        return "keys/values are a concatenation whose first part is not read from a cache input"
-    if _reads_input(new, base):
+    base = history if history.op == "placeholder" else _slice_base(history, dim)
+    if base is None:
+        return ("keys/values are a concatenation whose first part is not a cache input or a slice of one along "
+                "the concatenated dim")
+    if base in _inputs_under(new):
         return f"the new tokens of the concatenation with cache {_source_name(base)} are read from the cache too"
     return CacheWindow(cache=base, read=cat, source=_source_name(base), dim=dim, pattern="cat-growth")
 
