@@ -9,6 +9,7 @@ Triton), which is how the tests exercise them.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -38,7 +39,10 @@ def default_kernels() -> str:
     return value
 
 
+@functools.cache
 def _triton_installed() -> bool:
+    """Looked up once: ``use_triton`` runs on every op call.""" 
+
     return importlib.util.find_spec("triton") is not None
 
 
