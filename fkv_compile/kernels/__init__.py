@@ -41,8 +41,7 @@ def default_kernels() -> str:
 
 @functools.cache
 def _triton_installed() -> bool:
-    """Looked up once: ``use_triton`` runs on every op call.""" 
-
+    """Looked up once: ``use_triton`` runs on every op call."""
     return importlib.util.find_spec("triton") is not None
 
 
