@@ -76,11 +76,18 @@ def test_the_harness_is_deterministic_and_its_videos_are_what_they_say():
     torch.testing.assert_close(pan[1, :, :, :-1], pan[0, :, :, 1:], atol=10 * cfg.noise, rtol=0)  # shifted by one
 
 
-def test_similarity_selection_beats_random_and_even_on_scene_cuts():
-    # the headline ordering that holds over every seed we tried (see the README's quality section:
-    # on moving objects the harness shows no consistent advantage yet, and says so)
-    result = evaluate(QualityConfig(videos=2), contents=("cut",))
-    errors = result.errors["cut"]
-    assert errors["forcing-kv"] < errors["random"] and errors["forcing-kv"] < errors["even"]
-    assert errors["forcing-kv"] < errors["streaming"]
-    assert result.kept["forcing-kv"] == result.kept["random"] == result.kept["streaming"]
+def test_similarity_selection_beats_random_and_even_on_moving_content_and_scene_cuts():
+    # the headline orderings, pooled over 8 seeded videos (deterministic); single videos can disagree on
+    # moving content (README: 7 of 8 seeds of 4 videos), and static content and pans go the other way
+    result = evaluate(QualityConfig(videos=8), contents=("moving", "cut"))
+    for content in ("moving", "cut"):
+        errors = result.errors[content]
+        assert errors["forcing-kv"] < errors["random"] and errors["forcing-kv"] < errors["even"], content
+    assert result.errors["cut"]["forcing-kv"] < result.errors["cut"]["streaming"]
+    assert result.kept["forcing-kv"] == result.kept["random"] == result.kept["even"] == result.kept["streaming"]
+    assert not result.notes, "the notes name exactly the contents where similarity loses"
+
+
+def test_the_harness_reports_where_similarity_selection_loses():
+    result = evaluate(QualityConfig(videos=2), contents=("static",))
+    assert "similarity selection does not beat even selection on 'static' content" in result.notes
