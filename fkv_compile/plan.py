@@ -1,6 +1,6 @@
 """Head plans: which role every attention head of every layer plays, and the geometry they assume.
 
-A plan is data: it is saved as versioned JSON (``{"type": "fkv_compile.HeadPlan", "version": 1,
+A plan is data: it is saved as versioned JSON (``{"type": "fkv_compile.HeadPlan", "version": 2,
 "data": {...}}``), validated on construction, and imported from the reference Forcing-KV head-plan
 JSON (arXiv 2605.09681, ``head_plans/*.json``), whose layers list ``static_head``/``dynamic_head``.
 """
@@ -21,9 +21,11 @@ __all__ = ["ROLES", "PlanError", "RoleParams", "HeadPlan"]
 Role = Literal["dense", "static", "dynamic"]
 ROLES: tuple[str, ...] = ("dense", "static", "dynamic")
 SELECTIONS: tuple[str, ...] = ("layer", "head")
+# how dynamic heads choose candidate segments: Forcing-KV, or a data-independent baseline at the same budget
+SEGMENT_CHOICES: tuple[str, ...] = ("similarity", "random", "even", "recent")
 
 PLAN_TYPE = "fkv_compile.HeadPlan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: segment_choice
 
 # Key names seen (or reasonably expected) in reference-format files, per meaning.
 _REF_LAYER_KEYS = ("layer_idx", "layer", "layer_id", "layer_index", "idx")
@@ -72,30 +74,32 @@ class RoleParams:
 
 
 _ROLE_PARAM_NAMES = tuple(f.name for f in dataclasses.fields(RoleParams))
+_PLAN_WIDE = ("selection", "segment_choice")
 
 
-def _split_role_params(params: Mapping[str, Any]) -> tuple[RoleParams, RoleParams, str]:
-    """``sink_frames=1`` sets both roles, ``static_sink_frames=1`` only one; ``selection`` is global."""
+def _split_role_params(params: Mapping[str, Any]) -> tuple[RoleParams, RoleParams, dict[str, Any]]:
+    """``sink_frames=1`` sets both roles, ``static_sink_frames=1`` only one; ``selection`` and
+    ``segment_choice`` are global (returned as plan fields)."""
     shared: dict[str, Any] = {}
     per_role: dict[str, dict[str, Any]] = {"static": {}, "dynamic": {}}
-    selection = "layer"
+    plan_fields: dict[str, Any] = {}
     for key, value in params.items():
-        if key == "selection":
-            selection = value
+        if key in _PLAN_WIDE:
+            plan_fields[key] = value
         elif key in _ROLE_PARAM_NAMES:
             shared[key] = value
         elif key.startswith(("static_", "dynamic_")) and key.split("_", 1)[1] in _ROLE_PARAM_NAMES:
             role, name = key.split("_", 1)
             per_role[role][name] = value
         else:
-            allowed = ", ".join(_ROLE_PARAM_NAMES + ("selection",))
+            allowed = ", ".join(_ROLE_PARAM_NAMES + _PLAN_WIDE)
             raise PlanError(
                 f"unknown plan parameter {key!r}; expected one of {allowed}, optionally prefixed with "
                 "'static_' or 'dynamic_'"
             )
     static = RoleParams(**{**shared, **per_role["static"]})
     dynamic = RoleParams(**{**shared, **per_role["dynamic"]})
-    return static, dynamic, selection
+    return static, dynamic, plan_fields
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,11 @@ class HeadPlan:
     selection:
         ``"layer"``: one segment selection per layer and batch item over the layer's dynamic heads'
         keys concatenated; ``"head"``: one selection per head.
+    segment_choice:
+        How dynamic heads choose their candidate segments: ``"similarity"`` (Forcing-KV: least similar
+        to the next frame), or a baseline at the same budget: ``"random"`` (a seeded random set per
+        window size), ``"even"`` (evenly spaced), ``"recent"`` (the latest ones: with the sink and
+        recent frames this is a sink + sliding window, StreamingLLM / LongLive style).
     provenance:
         Free-form, JSON-serializable notes on where the plan came from (profiling settings, source).
     """
@@ -125,6 +134,7 @@ class HeadPlan:
     static: RoleParams = field(default_factory=RoleParams)
     dynamic: RoleParams = field(default_factory=RoleParams)
     selection: str = "layer"
+    segment_choice: str = "similarity"
     provenance: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -146,6 +156,8 @@ class HeadPlan:
                     raise PlanError(f"roles[{layer}][{head}] expected one of {ROLES}, got {role!r}")
         if self.selection not in SELECTIONS:
             raise PlanError(f"selection expected one of {SELECTIONS}, got {self.selection!r}")
+        if self.segment_choice not in SEGMENT_CHOICES:
+            raise PlanError(f"segment_choice expected one of {SEGMENT_CHOICES}, got {self.segment_choice!r}")
         for name, params in (("static", self.static), ("dynamic", self.dynamic)):
             if not isinstance(params, RoleParams):
                 raise PlanError(f"{name} expected RoleParams, got {type(params).__name__}")
@@ -247,17 +259,17 @@ class HeadPlan:
 
         ``role_params`` are :class:`RoleParams` fields applied to both compressed roles
         (``recent_frames=2``), or to one of them with a ``static_``/``dynamic_`` prefix
-        (``dynamic_recent_frames=2``), plus ``selection``.
+        (``dynamic_recent_frames=2``), plus ``selection`` and ``segment_choice``.
         """
-        static, dynamic, selection = _split_role_params(role_params)
+        static, dynamic, plan_fields = _split_role_params(role_params)
         return cls(
             roles=tuple(tuple(row) for row in roles),
             frame_tokens=frame_tokens,
             chunk_frames=chunk_frames,
             static=static,
             dynamic=dynamic,
-            selection=selection,
             provenance=provenance or {},
+            **plan_fields,
         )
 
     @classmethod
@@ -334,6 +346,7 @@ class HeadPlan:
                 "static": dataclasses.asdict(self.static),
                 "dynamic": dataclasses.asdict(self.dynamic),
                 "selection": self.selection,
+                "segment_choice": self.segment_choice,
                 "provenance": dict(self.provenance),
             },
         }

@@ -1,57 +1,49 @@
 """Baseline KV policies next to Forcing-KV's, as keep masks over one attention call's window.
 
-Every policy of :data:`EQUAL_BUDGET` keeps exactly as many tokens per head as the keep rule's
-``dynamic`` role (sink + recent + ``k`` segments + the current chunk), so that comparisons are at
-equal KV budget:
+The equal-budget baselines are plans: the dynamic role with another ``segment_choice``
+(:class:`fkv_compile.HeadPlan`), so they run through the pass in every mode and share the keep
+rule's oracle (:mod:`fkv_compile.semantics`). Each keeps exactly as many segments per head as the
+keep rule's ``dynamic`` role (sink + recent + ``k`` segments + the current chunk):
 
-- ``forcing-kv``: the keep rule's dynamic role: the ``k`` candidate segments least similar to the
-  next frame (:mod:`fkv_compile.semantics`);
-- ``random``: ``k`` candidate segments drawn at random (seeded);
+- ``forcing-kv``: the ``k`` candidate segments least similar to the next frame;
+- ``random``: ``k`` candidate segments drawn at random (seeded, the same for every call);
 - ``even``: ``k`` candidate segments evenly spaced over the candidates;
-- ``streaming``: sink + the most recent history tokens, as many as the others keep (StreamingLLM,
-  LongLive's sink + window), for every head.
+- ``streaming``: the ``k`` most recent candidate segments: sink + a sliding window of the most
+  recent tokens (StreamingLLM, LongLive), for every head.
 
 ``dummy-forcing`` (Dummy Forcing's three head groups: first frame, last chunk, latest frame only;
-heads assigned round-robin) keeps fewer tokens and is reported with its own budget.
+heads assigned round-robin) keeps fewer tokens and is reported with its own budget; it is a mask only.
 
 Shape legend: ``B`` batch, ``H`` heads, ``Lk`` window tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from .plan import HeadPlan
-from .semantics import WindowLayout, keep_mask, segment_bounds, window_layout
+from .semantics import keep_mask, window_layout
 
-__all__ = ["POLICIES", "EQUAL_BUDGET", "policy_mask", "masked_attention", "gathered_attention"]
+__all__ = ["POLICIES", "EQUAL_BUDGET", "policy_plan", "policy_mask", "masked_attention", "gathered_attention"]
 
-EQUAL_BUDGET: tuple[str, ...] = ("forcing-kv", "random", "even", "streaming")
+SEGMENT_CHOICE = {"forcing-kv": "similarity", "random": "random", "even": "even", "streaming": "recent"}
+EQUAL_BUDGET: tuple[str, ...] = tuple(SEGMENT_CHOICE)
 POLICIES: tuple[str, ...] = EQUAL_BUDGET + ("dummy-forcing",)
 
 
-def _fixed(layout: WindowLayout, plan: HeadPlan, lk: int) -> torch.Tensor:
-    """Sink, recent and current-chunk tokens of the dynamic role, ``[Lk]``."""
-    p, keep = plan.dynamic, torch.zeros(lk, dtype=torch.bool)
-    for frames in (layout.sink(p), layout.recent(p), layout.current()):
-        t = layout.tokens(frames)
-        keep[t.start:t.stop] = True
-    return keep
+def policy_plan(policy: str, plan: HeadPlan) -> HeadPlan:
+    """``plan`` with every head of every layer following an equal-budget ``policy``: compile a model with
+    it to compare a baseline with Forcing-KV through the pass (select, compact, oracle modes alike)."""
+    if policy not in SEGMENT_CHOICE:
+        raise ValueError(f"policy expected one of {EQUAL_BUDGET} (dummy-forcing is a mask only), got {policy!r}")
+    roles = [["dynamic"] * plan.num_heads for _ in range(plan.num_layers)]
+    return dataclasses.replace(plan, roles=roles, segment_choice=SEGMENT_CHOICE[policy])
 
 
-def _segments(layout: WindowLayout, plan: HeadPlan, chosen: list[int], lk: int) -> torch.Tensor:
-    p, keep = plan.dynamic, torch.zeros(lk, dtype=torch.bool)
-    cands = list(layout.candidates(p))
-    bounds = segment_bounds(layout.frame_tokens, p.segments_per_frame)
-    for idx in chosen:
-        start, end = bounds[idx % p.segments_per_frame]
-        base = cands[idx // p.segments_per_frame] * layout.frame_tokens
-        keep[base + start:base + end] = True
-    return keep
-
-
-def policy_mask(policy: str, k: torch.Tensor, plan: HeadPlan, lq: int, seed: int = 0) -> torch.Tensor:
+def policy_mask(policy: str, k: torch.Tensor, plan: HeadPlan, lq: int) -> torch.Tensor:
     """Bool ``[B, H, Lk]``: the tokens ``policy`` keeps for every head of ``k`` ``[B, H, Lk, D]``.
 
     ``plan`` gives the geometry and the dynamic role's parameters (its roles are ignored: every head
@@ -61,28 +53,8 @@ def policy_mask(policy: str, k: torch.Tensor, plan: HeadPlan, lq: int, seed: int
     layout = window_layout(lq, lk, plan.frame_tokens, plan.chunk_frames)
     if layout is None:
         raise ValueError(f"a window of {lk} keys for {lq} queries does not fit the plan's geometry")
-    if policy == "forcing-kv":
-        every = HeadPlan.from_roles([["dynamic"] * h], frame_tokens=plan.frame_tokens, chunk_frames=plan.chunk_frames,
-                                    **_params(plan), selection=plan.selection)
-        return keep_mask(k, every, 0, lq)
-    p = plan.dynamic
-    available = len(layout.candidates(p)) * p.segments_per_frame
-    count = min(p.selected_segments, available)
-    fixed = _fixed(layout, plan, lk)
-    if policy == "random":
-        gen = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(available, generator=gen)[:count].tolist()
-        return (fixed | _segments(layout, plan, chosen, lk)).expand(b, h, lk).clone()
-    if policy == "even":
-        chosen = torch.linspace(0, available - 1, count).round().long().tolist() if count else []
-        return (fixed | _segments(layout, plan, sorted(set(chosen)), lk)).expand(b, h, lk).clone()
-    if policy == "streaming":
-        budget = int((fixed | _segments(layout, plan, list(range(count)), lk)).sum())
-        keep = torch.zeros(lk, dtype=torch.bool)
-        sink = layout.tokens(layout.sink(p))
-        keep[sink.start:sink.stop] = True
-        keep[max(sink.stop, lk - (budget - len(sink))):] = True
-        return keep.expand(b, h, lk).clone()
+    if policy in EQUAL_BUDGET:
+        return keep_mask(k, policy_plan(policy, dataclasses.replace(plan, roles=[["dynamic"] * h])), 0, lq)
     if policy == "dummy-forcing":
         f, current = layout.frame_tokens, layout.tokens(layout.current())
         groups = [range(0, f) if layout.history else range(0), range(0),
@@ -94,12 +66,6 @@ def policy_mask(policy: str, k: torch.Tensor, plan: HeadPlan, lq: int, seed: int
             keep[head, extra.start:extra.stop] = True
         return keep.expand(b, h, lk).clone()
     raise ValueError(f"policy expected one of {POLICIES}, got {policy!r}")
-
-
-def _params(plan: HeadPlan) -> dict:
-    p = plan.dynamic
-    return {"sink_frames": p.sink_frames, "recent_frames": p.recent_frames, "candidate_frames": p.candidate_frames,
-            "segments_per_frame": p.segments_per_frame, "retention": p.retention}
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -147,7 +147,7 @@ def evaluate(cfg: QualityConfig = QualityConfig(), contents: tuple[str, ...] = C
             q, k, v = video_qkv(make_video(content, cfg, gen), cfg, gen)
             dense = F.scaled_dot_product_attention(q, k, v)
             for policy in POLICIES:
-                mask = policy_mask(policy, k, plan, q.shape[2], seed=cfg.seed * 1000 + video_index)
+                mask = policy_mask(policy, k, plan, q.shape[2])
                 out = masked_attention(q, k, v, mask)
                 rel = (out - dense).flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1)  # [1, H]
                 sums[policy] += float(rel.mean()) / cfg.videos

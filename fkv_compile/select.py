@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .plan import HeadPlan, RoleParams
-from .semantics import COSINE_EPS, WindowLayout, window_layout
+from .semantics import COSINE_EPS, WindowLayout, baseline_scores, window_layout
 
 __all__ = ["KeptTokens", "compressed_attention", "selected_segment_tokens"]
 
@@ -90,6 +90,15 @@ def region_similarity(region: torch.Tensor, frame_tokens: int, segments: int, nu
     return (cos @ tables.average).flatten(2)
 
 
+def fixed_scores(choice: str, p: RoleParams, num_candidates: int, batch: int, groups: int,
+                 device: torch.device) -> torch.Tensor | None:
+    """A baseline ``segment_choice``'s scores ``[B, G, nc * P]``, or ``None`` for ``similarity`` (computed from keys)."""
+    if choice == "similarity":
+        return None
+    n = num_candidates * p.segments_per_frame
+    return baseline_scores(choice, n, min(p.selected_segments, n), device).expand(batch, groups, n)
+
+
 def lowest_segments(sim: torch.Tensor, p: RoleParams) -> torch.Tensor:
     """The keep rule's choice: indices ``[B, G, k]`` of the ``k`` lowest similarities, ties to the lower index."""
     count = min(p.selected_segments, sim.shape[-1])
@@ -110,11 +119,14 @@ def segment_tokens(
 
 
 def selected_segment_tokens(
-    region: torch.Tensor, p: RoleParams, frame_tokens: int, num_candidates: int, per_head: bool
+    region: torch.Tensor, p: RoleParams, frame_tokens: int, num_candidates: int, per_head: bool, choice: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The keep rule's selected tokens of the candidate frames at the start of ``region`` (see
     :func:`region_similarity` and :func:`segment_tokens`)."""
-    sim = region_similarity(region, frame_tokens, p.segments_per_frame, num_candidates, per_head)
+    groups = region.shape[1] if per_head else 1
+    sim = fixed_scores(choice, p, num_candidates, region.shape[0], groups, region.device)
+    if sim is None:
+        sim = region_similarity(region, frame_tokens, p.segments_per_frame, num_candidates, per_head)
     return segment_tokens(lowest_segments(sim, p), p, frame_tokens, num_candidates)
 
 
@@ -127,6 +139,7 @@ def _role_attention(
     p: RoleParams,
     layout: WindowLayout,
     selection: str,
+    choice: str,
     dynamic: bool,
     scale: float | None,
 ) -> tuple[torch.Tensor, list[float]]:
@@ -140,7 +153,7 @@ def _role_attention(
     f = layout.frame_tokens
     start = tables.first_candidate * f
     region = k[:, heads, start : start + (tables.num_candidates + 1) * f]
-    sel, valid = selected_segment_tokens(region, p, f, tables.num_candidates, per_head=selection == "head")
+    sel, valid = selected_segment_tokens(region, p, f, tables.num_candidates, selection == "head", choice)
     tokens = torch.cat([tables.fixed.expand(b, sel.shape[1], -1), sel + start], dim=-1)  # [B, G, T]
     bi = torch.arange(b, device=q.device)[:, None, None]
     hi = heads[None, :, None]
@@ -196,7 +209,7 @@ def compressed_attention(
         p = plan.params(role)
         tables = _role_tables(layout, p, q.device)
         group_out, group_kept = _role_attention(
-            q, k, v, heads, tables, p, layout, plan.selection, role == "dynamic", scale
+            q, k, v, heads, tables, p, layout, plan.selection, plan.segment_choice, role == "dynamic", scale
         )
         out[:, heads] = group_out
         for h, count in zip(head_list, group_kept):

@@ -17,12 +17,15 @@ The rule (DESIGN.md, "The contract"; Forcing-KV, arXiv 2605.09681), for a window
   and the key of the same token in the next frame;
 - ``k = min(floor(N_c P r + 0.5), candidate segments available)``; keep the ``k`` lowest
   similarities, ties to the lower (frame-major) index;
+- the baselines of ``plan.segment_choice`` replace the similarities by fixed scores
+  (:func:`baseline_scores`): same ``k``, same tie rule;
 - a call whose ``Lq != C F`` or whose ``Lk`` is not a whole number of frames (or holds fewer than
   ``C`` frames) stays dense.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +40,7 @@ __all__ = [
     "segment_bounds",
     "segment_similarity",
     "select_segments",
+    "baseline_scores",
     "keep_mask",
     "oracle_attention",
     "kept_token_count",
@@ -121,6 +125,24 @@ def select_segments(similarity: torch.Tensor, p: RoleParams) -> torch.Tensor:
     return torch.sort(order, dim=-1).values
 
 
+@functools.lru_cache(maxsize=256)
+def baseline_scores(choice: str, num_segments: int, selected: int, device: torch.device) -> torch.Tensor:
+    """Float32 scores ``[num_segments]`` (frame-major) whose ``selected`` lowest are a baseline's choice:
+    ``random``: a seeded random permutation (the same set for every call with this many candidates);
+    ``even``: ``selected`` segments evenly spaced from the first to the last; ``recent``: the latest."""
+    if choice == "random":
+        scores = torch.randperm(num_segments, generator=torch.Generator().manual_seed(0)).float()
+    elif choice == "even":
+        scores = torch.ones(num_segments)
+        if selected:
+            scores[torch.linspace(0, num_segments - 1, selected).round().long()] = 0.0
+    elif choice == "recent":
+        scores = -torch.arange(num_segments, dtype=torch.float32)
+    else:
+        raise ValueError(f"baseline segment_choice expected 'random', 'even' or 'recent', got {choice!r}")
+    return scores.to(device)
+
+
 def _selection_keys(k: torch.Tensor, heads: tuple[int, ...], selection: str) -> torch.Tensor:
     """``[B, G, Lk, E]`` keys the selection runs over: per head, or dynamic heads concatenated."""
     dyn = k[:, list(heads)]  # [B, Hd, Lk, D]
@@ -150,7 +172,13 @@ def keep_mask(k: torch.Tensor, plan: HeadPlan, layer: int, lq: int) -> torch.Ten
         role_mask = fixed.expand(b, len(heads), lk).clone()
         if role == "dynamic":
             keys = _selection_keys(k, heads, plan.selection)
-            chosen = select_segments(segment_similarity(keys, layout, p), p)  # [B, G, k]
+            if plan.segment_choice == "similarity":
+                scores = segment_similarity(keys, layout, p)
+            else:
+                n = len(layout.candidates(p)) * p.segments_per_frame
+                scores = baseline_scores(plan.segment_choice, n, min(p.selected_segments, n), k.device)
+                scores = scores.expand(keys.shape[0], keys.shape[1], n)
+            chosen = select_segments(scores, p)  # [B, G, k]
             bounds = segment_bounds(layout.frame_tokens, p.segments_per_frame)
             candidates = list(layout.candidates(p))
             for bi in range(b):

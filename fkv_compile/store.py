@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .plan import HeadPlan, RoleParams
 from .semantics import WindowLayout, window_layout
-from .select import lowest_segments, region_similarity, segment_tokens
+from .select import fixed_scores, lowest_segments, region_similarity, segment_tokens
 
 __all__ = ["StoreError", "LayerStore", "compact_unsupported"]
 
@@ -219,14 +219,16 @@ class LayerStore:
             return old.pos.new_empty((b, 0))
         f = layout.frame_tokens
         region_index = _frame_index(old, [first + j for j in cands] + [first + cands[-1] + 1], f)
-        region = _gather(old, region_index.expand(b, -1), self.triton)
-        if self.triton:
-            from .kernels.similarity import segment_similarity
+        sim = fixed_scores(self.plan.segment_choice, p, len(cands), b, 1, old.k.device)
+        if sim is None:
+            region = _gather(old, region_index.expand(b, -1), self.triton).k
+            if self.triton:
+                from .kernels.similarity import segment_similarity
 
-            everyone = torch.arange(num_heads, device=old.k.device)[None]
-            sim = segment_similarity(region.k, everyone, 0, len(cands), f, p.segments_per_frame)
-        else:
-            sim = region_similarity(region.k, f, p.segments_per_frame, len(cands), per_head=False)
+                everyone = torch.arange(num_heads, device=old.k.device)[None]
+                sim = segment_similarity(region, everyone, 0, len(cands), f, p.segments_per_frame)
+            else:
+                sim = region_similarity(region, f, p.segments_per_frame, len(cands), per_head=False)
         tokens, valid = segment_tokens(lowest_segments(sim, p), p, f, len(cands))
         index = region_index[tokens[:, 0]]
         return index if valid is None else torch.where(valid[:, 0], index, -1)

@@ -6,6 +6,7 @@ import torch
 from hypothesis import strategies as st
 
 from fkv_compile import HeadPlan
+from fkv_compile.plan import SEGMENT_CHOICES
 
 ROLE = st.sampled_from(["dense", "static", "dynamic"])
 
@@ -26,6 +27,7 @@ def plans(draw, *, num_layers: int = 1, max_heads: int = 4):
         segments_per_frame=draw(st.integers(1, frame_tokens)),
         retention=draw(st.floats(0.0, 1.0)),
         selection=draw(st.sampled_from(["layer", "head"])),
+        segment_choice=draw(st.sampled_from(SEGMENT_CHOICES)),
     )
 
 

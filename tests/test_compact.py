@@ -6,12 +6,12 @@ import torch
 import fkv_compile
 from fkv_compile import SiteError
 from fkv_compile.models import new_caches, rollout
+from fkv_compile.policies import policy_plan
 from fkv_compile.report import find_options
 from fkv_compile.runtime import session_for_options
 from fkv_compile.testing import assert_within_budget, error_budget, max_abs_error
 
 from rollouts import GLOBAL, WINDOWED, cases, mixed_plan, run_compiled, run_eager_oracle, setup, to64
-
 
 
 def run_compact(model, cfg, inputs, plan, lowering="aot_eager", videos=1):
@@ -118,3 +118,22 @@ def test_compact_under_inductor():
     torch._dynamo.reset()
     _, (out,), _ = run_compact(model, cfg, inputs, plan, lowering="inductor")
     assert max_abs_error(out, select) < 1e-4
+
+
+@pytest.mark.parametrize("policy", cases([("streaming",)], policy={p: p for p in ("streaming", "random", "even")}))
+def test_baseline_plans_run_through_the_pass_and_match_their_oracle(policy):
+    cfg = WINDOWED
+    model, inputs = setup(cfg, torch.float32)
+    plan = policy_plan(policy, mixed_plan(cfg))
+    assert plan.count("dynamic") == plan.num_layers * plan.num_heads
+    m64, in64 = to64(model, inputs)
+    reference = run_eager_oracle(m64, cfg, in64, plan)
+    budget = error_budget(run_eager_oracle(model, cfg, inputs, plan), reference, floor=1e-6)
+    forcing_kv = run_eager_oracle(m64, cfg, in64, mixed_plan(cfg))
+    assert max_abs_error(reference, forcing_kv) > 100 * budget, "the baseline keeps other tokens than Forcing-KV"
+    _, select = run_compiled(model, cfg, inputs, plan, "select")
+    assert_within_budget(select, reference, budget, f"{policy} select")
+    torch._dynamo.reset()
+    compiled, (outs,), _ = run_compact(model, cfg, inputs, plan)
+    assert_within_budget(outs, reference, budget, f"{policy} compact")
+    assert {s.action for s in fkv_compile.report(compiled, print_table=False).sites if s.pattern != "-"} == {"compact"}

@@ -1,5 +1,6 @@
 """The keep rule's invariants, checked against a brute-force reading of DESIGN.md's contract."""
 
+import dataclasses
 import math
 
 import torch
@@ -68,7 +69,7 @@ def test_dynamic_keeps_the_lowest_similarity_segments(data):
     mask = keep_mask(k, plan, 0, q.shape[2])
     heads = plan.heads(0, "dynamic")
     layout = window_layout(q.shape[2], k.shape[2], plan.frame_tokens, plan.chunk_frames)
-    if not heads:
+    if not heads or plan.segment_choice != "similarity":
         return
     p = plan.dynamic
     f = plan.frame_tokens
@@ -86,6 +87,30 @@ def test_dynamic_keeps_the_lowest_similarity_segments(data):
             assert max(kept_sims) <= min(dropped_sims) + 1e-12
         for h in group:  # one selection is shared by every head of the group
             assert torch.equal(mask[0, h], mask[0, group[0]])
+
+
+@given(st.data())
+def test_baselines_keep_their_segments_whatever_the_keys(data):
+    plan = dataclasses.replace(data.draw(plans()), segment_choice=data.draw(st.sampled_from(["random", "even", "recent"])))
+    q, k, v = data.draw(attention_inputs(plan))
+    mask = keep_mask(k, plan, 0, q.shape[2])
+    assert torch.equal(mask, keep_mask(torch.randn_like(k), plan, 0, q.shape[2])), "a baseline ignores the keys"
+    heads = plan.heads(0, "dynamic")
+    layout = window_layout(q.shape[2], k.shape[2], plan.frame_tokens, plan.chunk_frames)
+    if not heads:
+        return
+    p, f = plan.dynamic, plan.frame_tokens
+    segments = [(fr, s, e) for fr in layout.candidates(p) for s, e in segment_bounds(f, p.segments_per_frame)]
+    kept = [i for i, (fr, s, e) in enumerate(segments) if mask[0, heads[0], fr * f + s : fr * f + e].all()]
+    count = min(p.selected_segments, len(segments))
+    assert len(kept) == count
+    if plan.segment_choice == "recent":  # the latest segments: with the recent frames, one sliding window
+        assert kept == list(range(len(segments) - count, len(segments)))
+    if plan.segment_choice == "even" and count > 1:
+        assert kept[0] == 0 and kept[-1] == len(segments) - 1
+        gaps = [b - a for a, b in zip(kept, kept[1:])]
+        assert max(gaps) - min(gaps) <= 1
+    assert bool((mask[:, list(heads)] == mask[:1, heads[0]]).all()), "every head and batch item keeps the same"
 
 
 def test_ties_go_to_the_lower_index():

@@ -6,6 +6,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fkv_compile import HeadPlan
+from fkv_compile.plan import SEGMENT_CHOICES
 from fkv_compile.semantics import keep_mask, oracle_attention
 from fkv_compile.store import LayerStore
 from fkv_compile.testing import selection_margin
@@ -48,7 +49,7 @@ def scenarios(draw):
         roles, frame_tokens=f, chunk_frames=c, sink_frames=draw(st.integers(0, 2)),
         static_recent_frames=draw(st.integers(0, 2)), dynamic_recent_frames=draw(st.integers(1, 2)),
         candidate_frames=draw(st.integers(0, c)), segments_per_frame=draw(st.integers(1, f)),
-        retention=draw(st.floats(0, 1)),
+        retention=draw(st.floats(0, 1)), segment_choice=draw(st.sampled_from(SEGMENT_CHOICES)),
     )
     windowed = draw(st.booleans())
     model_sink = draw(st.integers(plan.static.sink_frames, plan.static.sink_frames + 2))

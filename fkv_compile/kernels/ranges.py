@@ -2,7 +2,7 @@
 
 ``select`` (:func:`select_ranges`): per head the sink frames, the selected segments and the recent
 frames + current chunk (adjacent, one range) of the dense window, the segments chosen from the
-similarity kernel's scores by the keep rule. ``compact`` (:func:`mask_runs`): the runs of held
+similarity kernel's scores (or a baseline's fixed scores) by the keep rule. ``compact`` (:func:`mask_runs`): the runs of held
 tokens a head group's store marks as attendable.
 
 Shape legend: ``B`` batch, ``H`` heads, ``Lk`` window tokens, ``R`` ranges per head.
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import HeadPlan
-from ..select import lowest_segments
+from ..select import fixed_scores, lowest_segments
 from ..semantics import WindowLayout
 from .similarity import segment_similarity
 
@@ -46,7 +46,9 @@ def select_ranges(k: torch.Tensor, plan: HeadPlan, layer: int, layout: WindowLay
         ends[:, heads, 1] = lk
         if role == "dynamic" and count:
             groups = torch.tensor([heads] if plan.selection == "layer" else [[h] for h in heads], device=k.device)
-            sim = segment_similarity(k, groups, cands.start, len(cands), f, p.segments_per_frame)
+            sim = fixed_scores(plan.segment_choice, p, len(cands), b, groups.shape[0], k.device)
+            if sim is None:
+                sim = segment_similarity(k, groups, cands.start, len(cands), f, p.segments_per_frame)
             chosen = torch.sort(lowest_segments(sim, p), dim=-1).values  # in window order: K/V read forward
             first = (cands.start + chosen // p.segments_per_frame) * f
             j = chosen % p.segments_per_frame
