@@ -325,8 +325,7 @@ def cmd_plan_convert(args: argparse.Namespace) -> int:
             raise CliError("converting a reference plan needs --frame-tokens and --chunk-frames")
         params = {**{f"static_{k}": v for k, v in embedded.get("static", {}).items()},
                   **{f"dynamic_{k}": v for k, v in embedded.get("dynamic", {}).items()}}
-        if "selection" in embedded:
-            params["selection"] = embedded["selection"]
+        params.update({key: embedded[key] for key in ("selection", "segment_choice") if key in embedded})
         plan = HeadPlan.from_reference_json(args.src, frame_tokens=frame_tokens, chunk_frames=chunk_frames, **params)
         if embedded.get("provenance"):
             plan = HeadPlan.from_dict({**plan.to_dict(), "data": {**plan.to_dict()["data"], "provenance": embedded["provenance"]}})

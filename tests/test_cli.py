@@ -1,5 +1,6 @@
 """The ``fkv`` command, run as users run it: in subprocesses."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -60,6 +61,11 @@ def test_reference_plan_through_the_cli(tmp_path):
     fkv("plan", "convert", REFERENCE, ours, "--frame-tokens", 1560, "--chunk-frames", 3)
     plan = HeadPlan.load(ours)
     assert plan.count("static") == 134
+    baseline, ref, back = tmp_path / "baseline.json", tmp_path / "baseline_ref.json", tmp_path / "back.json"
+    dataclasses.replace(plan, segment_choice="recent", selection="head").save(baseline)
+    fkv("plan", "convert", baseline, ref)
+    fkv("plan", "convert", ref, back)
+    assert HeadPlan.load(back) == HeadPlan.load(baseline), "plan-wide fields survive the reference format"
     fkv("plan", "validate", ours, "--geometry", "num_layers=30,num_heads=12,frame_tokens=1560,chunk_frames=3,window_frames=21")
     bad = fkv("plan", "validate", ours, "--geometry", "num_layers=30,num_heads=24,frame_tokens=880,chunk_frames=8", ok=False)
     assert "num_heads: plan has 12, model has 24" in bad.stderr and "chunk_frames: plan has 3, model has 8" in bad.stderr
