@@ -6,12 +6,12 @@
 """
 
 from .backend import OptionsError, forcing_kv
-from .passes import SiteError
+from .passes import RecompileLimitWarning, SiteError
 from .plan import HeadPlan, PlanError, RoleParams
 from .report import MemoryReport, Report, is_released, memory_report, report
 
 __all__ = [
-    "HeadPlan", "RoleParams", "PlanError", "OptionsError", "SiteError", "Report", "report", "MemoryReport",
+    "HeadPlan", "RoleParams", "PlanError", "OptionsError", "SiteError", "RecompileLimitWarning", "Report", "report", "MemoryReport",
     "memory_report", "is_released", "forcing_kv",
 ]
 __version__ = "0.1.0"

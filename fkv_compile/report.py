@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from .runtime import LayerStats, Session, SiteRecord, session_for_options
+from .runtime import FrameRecord, LayerStats, Session, SiteRecord, session_for_options
 
 __all__ = ["Report", "LayerRow", "MemoryRow", "MemoryReport", "report", "memory_report", "is_released", "find_options"]
 
@@ -38,9 +38,26 @@ class Report:
     sites: tuple[SiteRecord, ...]
     layers: tuple[LayerRow, ...]
     memory: MemoryReport | None = None  # compact mode: KV bytes dense vs compact
+    frames: tuple[FrameRecord, ...] = ()  # code objects compiled, in order of first compile
+
+    @property
+    def recompiles(self) -> int:
+        """Graphs compiled again for a frame already compiled (guard failures: new shapes, new int values)."""
+        return sum(f.compiles - 1 for f in self.frames)
+
+    @property
+    def graph_breaks(self) -> int:
+        """Frames that continue a function after a graph break (dynamo's resume functions)."""
+        return sum(f.function.startswith("torch_dynamo_resume_in_") for f in self.frames)
 
     def table(self) -> str:
-        lines = [f"fkv_compile report: mode={self.mode}, {self.graphs} graphs compiled, {len(self.sites)} attention calls"]
+        lines = [f"fkv_compile report: mode={self.mode}, {self.graphs} graphs compiled for {len(self.frames)} frames "
+                 f"({self.graph_breaks} after graph breaks, {self.recompiles} recompiles), "
+                 f"{len(self.sites)} attention calls"]
+        for f in self.frames:
+            if f.at_limit:
+                lines.append(f"WARNING: {f.function} hit torch._dynamo.config.recompile_limit ({f.compiles} compiles): "
+                             "its later variants run eagerly with dense attention (see docs/patterns.md)")
         lines.append(f"{'site':>4}  {'graph':>5}  {'node':<34} {'pattern':<36} {'action':<11} detail")
         for s in self.sites:
             detail = s.reason or f"cache {s.cache}, layer by {s.layer_key}"
@@ -178,7 +195,8 @@ def report(compiled: Any, *, print_table: bool = True, file: TextIO | None = Non
     session = _session_of(compiled, "report")
     rows = tuple(_layer_row(session, session.layers[i]) for i in sorted(session.layers))
     memory = _memory(session) if session.stores else None
-    result = Report(mode=session.mode, graphs=session.graphs, sites=tuple(session.sites), layers=rows, memory=memory)
+    result = Report(mode=session.mode, graphs=session.graphs, sites=tuple(session.sites), layers=rows, memory=memory,
+                    frames=tuple(session.frames.values()))
     if print_table:
         print(result.table(), file=file or sys.stdout)
     return result

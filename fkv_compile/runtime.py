@@ -21,7 +21,7 @@ from .kernels import use_triton
 from .plan import HeadPlan, PlanError
 from .store import LayerStore
 
-__all__ = ["Session", "SiteRecord", "LayerStats", "session", "session_for_options"]
+__all__ = ["Session", "SiteRecord", "FrameRecord", "LayerStats", "session", "session_for_options"]
 
 MODES: tuple[str, ...] = ("off", "oracle", "select", "compact", "profile")
 LOWERINGS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
@@ -39,6 +39,17 @@ class SiteRecord:
     reason: str = ""
     cache: str = ""
     layer_key: str = ""  # "param" or "cache": which tensor identifies the layer at run time
+
+
+@dataclass
+class FrameRecord:
+    """One code object dynamo compiled for this session (a graph break starts a new one)."""
+
+    frame: int
+    function: str
+    compiles: int = 0  # variants compiled; the ones after the first are recompiles
+    sites: int = 0  # attention sites over a cache found in it (most of any variant)
+    at_limit: bool = False  # compiles reached torch._dynamo.config.recompile_limit: later variants run eager
 
 
 @dataclass
@@ -67,6 +78,7 @@ class Session:
         self.kernels = kernels  # "auto", "torch" or "triton" (fkv_compile.kernels)
         self.graphs = 0
         self.sites: list[SiteRecord] = []
+        self.frames: dict[int, FrameRecord] = {}
         self.layers: dict[int, LayerStats] = {}
         self.profile_records: list = []  # fkv_compile.profile.MassRecord, in call order (mode "profile")
         self.stores: dict[int, LayerStore] = {}  # mode "compact"

@@ -245,3 +245,51 @@ def test_a_causal_varlen_call_is_left_alone_and_strict_names_it():
     strict = torch.compile(causal, backend="forcing_kv", options={"plan": plan, "lowering": "eager", "strict": True})
     with pytest.raises(Exception, match="strict: attention .* left dense: flash-attn varlen call with causal set"):
         strict(q, cache)
+
+
+LONGLIVE2 = MiniConfig(num_layers=2, window_frames=12, sink_frames=3, index_style="int")
+
+
+def test_longlive2_python_int_positions_compile_once_with_the_default_dynamic():
+    # LongLive 2.0 keeps positions as Python ints; with dynamic=None (default) they become symbolic after
+    # the first recompile, so a long rollout then runs without recompiles and always through the pass
+    model, plan = build(LONGLIVE2, seed=0), mixed_plan(LONGLIVE2)
+    warm, long_inputs = make_inputs(LONGLIVE2, chunks=5, seed=0), make_inputs(LONGLIVE2, chunks=9, seed=1)
+    compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "lowering": "aot_eager"})
+    rollout(compiled, LONGLIVE2, warm)
+    graphs = fkv_compile.report(compiled, print_table=False).graphs
+    with torch.compiler.set_stance("fail_on_recompile"):
+        outs = rollout(compiled, LONGLIVE2, long_inputs)  # more chunk positions than the recompile limit
+    rep = fkv_compile.report(compiled, print_table=False)
+    assert rep.graphs == graphs and not any(f.at_limit for f in rep.frames)
+    m64, in64 = to64(model, long_inputs)
+    ref = run_eager_oracle(m64, LONGLIVE2, in64, plan)
+    assert_within_budget(outs, ref, error_budget(run_eager_oracle(model, LONGLIVE2, long_inputs, plan), ref, floor=1e-5),
+                         "select, Python-int positions")
+
+
+def test_longlive2_dynamic_false_recompiles_per_chunk_and_the_report_says_so():
+    # dynamic=False specializes every position: a recompile per chunk until dynamo's limit, after which
+    # the frame runs eagerly with dense attention. The pass warns, the report flags it, strict raises.
+    model, plan = build(LONGLIVE2, seed=0), mixed_plan(LONGLIVE2)
+    inputs = make_inputs(LONGLIVE2, chunks=5, seed=0)
+    with torch._dynamo.config.patch(recompile_limit=3):
+        compiled = torch.compile(model, backend="forcing_kv", dynamic=False,
+                                 options={"plan": plan, "lowering": "aot_eager"})
+        with pytest.warns(fkv_compile.RecompileLimitWarning, match="dynamic=False"):
+            outs = rollout(compiled, LONGLIVE2, inputs)
+        rep = fkv_compile.report(compiled, print_table=False)
+        limited = [f for f in rep.frames if f.at_limit]
+        assert limited and all(f.compiles == 3 and f.sites for f in limited)
+        assert rep.recompiles >= 2 * len(limited) and "hit torch._dynamo.config.recompile_limit" in rep.table()
+        # past the limit the later chunks ran dense, without the pass: why it must not be silent
+        forwards = []
+        hook = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+        rollout(model, LONGLIVE2, inputs)
+        hook.remove()
+        assert len(outs) == 5 and all(r.calls < len(forwards) for r in rep.layers)
+        torch._dynamo.reset()
+        strict = torch.compile(model, backend="forcing_kv", dynamic=False,
+                               options={"plan": plan, "lowering": "aot_eager", "strict": True})
+        with pytest.raises(Exception, match="strict: .*recompile_limit"):
+            rollout(strict, LONGLIVE2, inputs)

@@ -17,23 +17,52 @@ Invariants every pass keeps:
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch.fx as fx
 
 from ..plan import PlanError
-from ..runtime import Session
+from ..runtime import FrameRecord, Session
 from .attention import AttentionSite, Declined, find_attention_sites
 from ..store import compact_unsupported
 from .compact import CacheAccesses, match_compact
+from .frames import current_frame, recompile_limit
 from .rewrite import lint_and_recompile, rewrite_compact, rewrite_site
 
-__all__ = ["SiteError", "run_passes", "AttentionSite", "Declined", "find_attention_sites"]
+__all__ = ["SiteError", "RecompileLimitWarning", "run_passes", "AttentionSite", "Declined", "find_attention_sites"]
 
 log = logging.getLogger("fkv_compile")
 
 
 class SiteError(RuntimeError):
     """``strict=True`` and an attention call over a cache window could not be rewritten."""
+
+
+class RecompileLimitWarning(UserWarning):
+    """A frame with attention sites reached dynamo's recompile limit: its later variants run eagerly, dense."""
+
+
+def _count_compile(gm: fx.GraphModule, session: Session, graph_id: int, sites: int) -> None:
+    """Count this compile for its frame; warn (``strict``: raise) once a frame with attention sites
+    reaches dynamo's recompile limit, after which dynamo runs its new variants without the pass."""
+    ident = current_frame(gm, fallback=graph_id)
+    record = session.frames.setdefault(ident.frame, FrameRecord(ident.frame, ident.function))
+    record.compiles += 1
+    record.sites = max(record.sites, sites)
+    limit = recompile_limit()
+    if record.at_limit or not record.sites or record.compiles < limit or session.mode == "off":
+        return
+    record.at_limit = True
+    message = (
+        f"{record.function} was compiled {record.compiles} times, torch._dynamo.config.recompile_limit: dynamo "
+        "runs its next variants eagerly, with the model's dense attention (not compressed). A recompile per chunk "
+        "usually means positions are specialized (torch.compile(dynamic=False) with Python-int indices); compile "
+        "with the default dynamic=None, or raise torch._dynamo.config.recompile_limit (every new position then "
+        "compiles)"
+    )
+    if session.strict:
+        raise SiteError(f"strict: {message}")
+    warnings.warn(message, RecompileLimitWarning, stacklevel=2)
 
 
 def _check_plan_fits(site: AttentionSite, session: Session) -> None:
@@ -74,6 +103,7 @@ def run_passes(gm: fx.GraphModule, session: Session) -> None:
     graph_id = session.graphs
     session.graphs += 1
     sites, declined = find_attention_sites(gm.graph)
+    _count_compile(gm, session, graph_id, len(sites))
     for site in sites:
         _check_plan_fits(site, session)
     for no in declined:

@@ -1,0 +1,40 @@
+"""Which code object (frame) dynamo is compiling, for the report's compile counts and the recompile-limit check.
+
+Dynamo compiles one graph per frame and variant: a graph break starts a new frame (a resume function
+``torch_dynamo_resume_in_<fn>_at_<line>``), a guard failure compiles the same frame again. When a
+frame holding an attention site reaches ``torch._dynamo.config.recompile_limit`` compiles, dynamo
+runs its later variants eagerly: with the model's own, dense attention. That must not pass silently.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+__all__ = ["FrameId", "current_frame", "recompile_limit"]
+
+_FILE_LINE = re.compile(r'File "(?P<file>[^"]+)", line \d+, in (?P<function>\S+)')
+
+
+@dataclass(frozen=True)
+class FrameId:
+    frame: int  # dynamo's frame id; negative for graphs compiled outside dynamo (no frame)
+    function: str  # "forward (self_forcing.py)": the outermost user function of the graph's code
+
+
+def current_frame(gm: fx.GraphModule, fallback: int) -> FrameId:
+    """The frame dynamo is compiling ``gm`` for, named by the outermost function in its nodes' stack traces."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    frame = compile_id.frame_id if compile_id is not None and compile_id.frame_id is not None else -1 - fallback
+    for node in gm.graph.nodes:
+        match = _FILE_LINE.search(node.meta.get("stack_trace") or "")
+        if match:
+            return FrameId(frame, f"{match['function']} ({match['file'].rsplit('/', 1)[-1]})")
+    return FrameId(frame, "<graph without source>")
+
+
+def recompile_limit() -> int:
+    return int(torch._dynamo.config.recompile_limit)
