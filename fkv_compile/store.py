@@ -42,6 +42,10 @@ class StoreError(RuntimeError):
     """The compact store was asked for tokens it does not hold, or was driven out of order."""
 
 
+RECOMPUTE_HINT = ("; a pipeline that recomputes earlier cache positions (LongLive's KV-recache after a prompt "
+                  "switch) needs tokens compact has dropped: use mode='select' for it")
+
+
 @dataclass
 class _Held:
     """Tokens of one head group in one region: K, V ``[B, G, T, D]`` and cache positions ``[B, T]``."""
@@ -79,7 +83,8 @@ def _frame_index(src: _Held, frames: list[int], f: int) -> torch.Tensor:
     where = {int(p): i for i, p in enumerate(src.pos[0].tolist()) if p >= 0}
     missing = [p for p in want if p not in where]
     if missing:
-        raise StoreError(f"compact store does not hold cache tokens {missing[:4]}... (frames {frames}) the keep rule needs")
+        raise StoreError(f"compact store does not hold cache tokens {missing[:4]}... (frames {frames}) the keep rule "
+                         f"needs{RECOMPUTE_HINT}")
     return torch.tensor([where[p] for p in want], device=src.pos.device)
 
 
@@ -177,6 +182,9 @@ class LayerStore:
         """Store the chunk ``k``, ``v`` ``[B, L, H, D]`` written at cache tokens ``[start, end)``."""
         if start == 0 and self.chunk is not None and self.chunk[0] != 0:
             self.reset()  # the pipeline went back to the start of the cache: a new video
+        if self.chunk is not None and 0 < start < self.chunk[0] and not self.rolled:
+            raise StoreError(f"compact store: a write at cache token {start}, before the current chunk at "
+                             f"{self.chunk[0]}{RECOMPUTE_HINT}")
         if self.chunk is not None and (self.rolled or (start, end) != self.chunk):
             self._commit(window)
             self.rolled = False

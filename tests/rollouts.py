@@ -45,7 +45,8 @@ def to64(model, inputs):
     """The same weights and random inputs in float64 (the reference run)."""
     m64 = build(model.cfg, dtype=torch.float64)
     m64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-    inputs64 = type(inputs)(context=inputs.context.double(), noise=[[n.double() for n in c] for c in inputs.noise])
+    inputs64 = type(inputs)(context=inputs.context.double(), noise=[[n.double() for n in c] for c in inputs.noise],
+                            switches={c: x.double() for c, x in inputs.switches.items()})
     return m64, inputs64
 
 

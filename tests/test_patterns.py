@@ -1,5 +1,6 @@
 """Cache and attention patterns beyond Self Forcing's: cat-grown caches, hand-written attention."""
 
+import dataclasses
 import math
 
 import pytest
@@ -9,6 +10,8 @@ import torch.nn.functional as F
 import fkv_compile
 from fkv_compile import HeadPlan
 from fkv_compile.models import MiniConfig, build, make_inputs, new_caches, rollout
+from fkv_compile.models.rollout import DENOISING_STEPS, recache
+from fkv_compile.store import StoreError
 from fkv_compile.semantics import oracle_attention
 from fkv_compile.testing import assert_within_budget, error_budget
 
@@ -293,3 +296,47 @@ def test_longlive2_dynamic_false_recompiles_per_chunk_and_the_report_says_so():
                                options={"plan": plan, "lowering": "aot_eager", "strict": True})
         with pytest.raises(Exception, match="strict: .*recompile_limit"):
             rollout(strict, LONGLIVE2, inputs)
+
+
+LONGLIVE_LORA = MiniConfig(num_layers=2, window_frames=12, sink_frames=3, cache_style="longlive", lora_rank=4)
+
+
+def test_kv_recache_keeps_the_sink_and_recomputes_the_window():
+    cfg = dataclasses.replace(LONGLIVE_LORA, cache_style="slots")
+    model, inputs = build(cfg, seed=0), make_inputs(cfg, chunks=6, seed=0)
+    kv, cross = new_caches(cfg, batch=1, dtype=torch.float32)
+    history = rollout(model, cfg, inputs, caches=(kv, cross))
+    before = [c["k"].clone() for c in kv]
+    sink = cfg.sink_frames * cfg.frame_tokens
+    recache(model, cfg, history, torch.randn_like(inputs.context), kv, cross)
+    for layer, (cache, old) in enumerate(zip(kv, before)):
+        assert torch.equal(cache["k"][:, :sink], old[:, :sink]), "the sink is protected"
+        if layer:  # layer 0's keys come before any cross-attention: the prompt cannot change them
+            changed = (cache["k"][:, sink:] - old[:, sink:]).abs().amax(dim=(-2, -1))  # per token
+            assert bool((changed > 1e-3).all()), "every token after the sink is recomputed under the new prompt"
+        assert cache["global_end_index"].item() == 6 * cfg.chunk_frames * cfg.frame_tokens
+        assert cache["local_end_index"].item() == cache["k"].shape[1] and cache["recache"] is False
+
+
+def test_longlive_with_lora_and_kv_recache_after_prompt_switches():
+    # LongLive v1 as run: clone-and-defer cache, unmerged LoRA on every Linear of a block, and a prompt
+    # switch before the window rolls (chunk 2) and after (chunk 6), each followed by a KV-recache
+    cfg = LONGLIVE_LORA
+    twin = dataclasses.replace(cfg, cache_style="slots")  # the same function with Self Forcing's cache
+    model, twin_model = build(cfg, seed=0), build(twin, seed=0)
+    twin_model.load_state_dict(model.state_dict())
+    inputs, plan = make_inputs(cfg, chunks=7, seed=0, switch_at=(2, 6)), mixed_plan(cfg)
+    m64, in64 = to64(twin_model, inputs)
+    ref = run_eager_oracle(m64, twin, in64, plan)
+    budget = error_budget(run_eager_oracle(twin_model, twin, inputs, plan), ref, floor=1e-5)
+    compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "lowering": "aot_eager"})
+    assert_within_budget(rollout(compiled, cfg, inputs), ref, budget, "select, LongLive + LoRA + KV-recache")
+    rep = fkv_compile.report(compiled, print_table=False)
+    assert {s.pattern for s in rep.sites if s.action == "rewritten"} == {"cat-window, sdpa (+writes)"}
+    forwards = 7 * (len(DENOISING_STEPS) + 1) + 2 + 4  # chunks, then the recached chunks of both switches
+    assert [r.calls for r in rep.layers] == [forwards] * cfg.num_layers and all(r.dense_calls == 0 for r in rep.layers)
+    torch._dynamo.reset()
+    compact = torch.compile(twin_model, backend="forcing_kv", options={"plan": plan, "mode": "compact",
+                                                                       "lowering": "aot_eager"})
+    with pytest.raises(StoreError, match="KV-recache.*mode='select'"):
+        rollout(compact, twin, inputs)

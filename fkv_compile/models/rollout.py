@@ -2,20 +2,22 @@
 
 The pipeline (not the model) allocates the per-layer caches, as the real pipelines do, and the
 same (possibly compiled) model is called ``len(steps) + 1`` times per chunk at the same position.
+A prompt switch (LongLive) swaps the text and recomputes the self-attention cache from the frames
+generated so far (KV-recache, :func:`recache`) before the next chunk.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..profile import tag
-from .self_forcing import CausalVideoDiT, CrossCache, KVCache, MiniConfig
+from .self_forcing import CausalVideoDiT, CrossCache, KVCache, MiniConfig, write_index
 
-__all__ = ["RolloutInputs", "make_inputs", "new_caches", "rollout", "build"]
+__all__ = ["RolloutInputs", "make_inputs", "new_caches", "rollout", "recache", "build"]
 
 DENOISING_STEPS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
 
@@ -26,6 +28,7 @@ class RolloutInputs:
 
     context: torch.Tensor  # [B, Lt, text_dim]
     noise: list[list[torch.Tensor]]  # per chunk, per denoising step: [B, C, C_in, H, W]
+    switches: dict[int, torch.Tensor] = field(default_factory=dict)  # chunk -> the new prompt from that chunk on
 
 
 def build(cfg: MiniConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> CausalVideoDiT:
@@ -36,14 +39,18 @@ def build(cfg: MiniConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32)
 
 def make_inputs(
     cfg: MiniConfig, *, batch: int = 1, chunks: int, seed: int = 0, dtype: torch.dtype = torch.float32,
-    steps: Sequence[float] = DENOISING_STEPS, device: torch.device | str = "cpu",
+    steps: Sequence[float] = DENOISING_STEPS, device: torch.device | str = "cpu", switch_at: Sequence[int] = (),
 ) -> RolloutInputs:
-    """Seeded on the CPU (the same numbers on every device), then moved to ``device``."""
+    """Seeded on the CPU (the same numbers on every device), then moved to ``device``. ``switch_at``:
+    chunks (> 0) before which the prompt changes to a new random one."""
+    if any(not 0 < c < chunks for c in switch_at):
+        raise ValueError(f"switch_at expected chunks in [1, {chunks}), got {list(switch_at)}")
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, cfg.chunk_frames, cfg.in_channels, cfg.latent_height, cfg.latent_width)
     context = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=gen).to(device, dtype)
     noise = [[torch.randn(shape, generator=gen).to(device, dtype) for _ in steps] for _ in range(chunks)]
-    return RolloutInputs(context=context, noise=noise)
+    switches = {c: torch.randn(batch, cfg.text_len, cfg.text_dim, generator=gen).to(device, dtype) for c in switch_at}
+    return RolloutInputs(context=context, noise=noise, switches=switches)
 
 
 def new_caches(
@@ -57,7 +64,7 @@ def new_caches(
 
     kv = [
         {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device),
-         "global_end_index": index(), "local_end_index": index()}
+         "global_end_index": index(), "local_end_index": index(), "recache": False}
         for _ in range(cfg.num_layers)
     ]
     text_shape = (batch, cfg.text_len, cfg.num_heads, cfg.head_dim)
@@ -89,19 +96,55 @@ def rollout(
     batch, dtype, device = inputs.context.shape[0], inputs.context.dtype, inputs.context.device
     kv_cache, cross_cache = caches if caches is not None else new_caches(cfg, batch=batch, dtype=dtype, device=device)
     outputs = []
+    context = inputs.context
     for chunk, noises in enumerate(inputs.noise):
         start = chunk * cfg.chunk_frames * cfg.frame_tokens
+        if chunk in inputs.switches:
+            context = inputs.switches[chunk]
+            with tag(chunk=chunk, step=-1):
+                recache(model, cfg, outputs, context, kv_cache, cross_cache)
         x = noises[0]
         for i, t in enumerate(steps):
             tt = torch.full((batch, cfg.chunk_frames), t * 1000.0, dtype=dtype, device=device)
             with tag(chunk=chunk, step=i):
-                flow = model(x, tt, inputs.context, kv_cache, cross_cache, start)
+                flow = model(x, tt, context, kv_cache, cross_cache, start)
             x0 = x - t * flow
             x = x0 if i + 1 == len(steps) else (1 - steps[i + 1]) * x0 + steps[i + 1] * noises[i + 1]
         zero = torch.zeros((batch, cfg.chunk_frames), dtype=dtype, device=device)
         with tag(chunk=chunk, step=len(steps)):  # the clean pass that commits the chunk
-            model(x, zero, inputs.context, kv_cache, cross_cache, start)
+            model(x, zero, context, kv_cache, cross_cache, start)
         outputs.append(x)
         if on_chunk is not None:
             on_chunk(chunk)
     return outputs
+
+
+@torch.no_grad()
+def recache(
+    model: nn.Module | Callable[..., torch.Tensor],
+    cfg: MiniConfig,
+    history: Sequence[torch.Tensor],
+    context: torch.Tensor,
+    kv_cache: list[KVCache],
+    cross_cache: list[CrossCache],
+) -> None:
+    """LongLive's KV-recache after a prompt switch: recompute the self-attention cache under the new prompt.
+
+    The last ``min(cache frames, frames so far)`` generated chunks (``history``, clean latents) are run
+    again at ``t = 0`` from the start of the cache, chunk by chunk; the model leaves the sink slots as
+    they were (sink protection) and the cross-attention caches are rebuilt from the new text.
+    """
+    c, f = cfg.chunk_frames, cfg.frame_tokens
+    chunks = min(cfg.cache_frames // c, len(history))
+    first = len(history) - chunks
+    for cross in cross_cache:
+        cross["is_init"] = False
+    for cache in kv_cache:
+        write_index(cache, "global_end_index", first * c * f)
+        write_index(cache, "local_end_index", 0)
+        cache["recache"] = True
+    zero = torch.zeros((context.shape[0], c), dtype=context.dtype, device=context.device)
+    for chunk in range(first, len(history)):
+        model(history[chunk], zero, context, kv_cache, cross_cache, chunk * c * f)
+    for cache in kv_cache:
+        cache["recache"] = False

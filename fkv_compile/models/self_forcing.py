@@ -21,9 +21,10 @@ from torch import nn
 from .flash_standin import register as register_flash_standin
 from .flash_standin import varlen_attention
 
-__all__ = ["MiniConfig", "CausalVideoDiT", "KVCache", "CrossCache"]
+__all__ = ["MiniConfig", "CausalVideoDiT", "KVCache", "CrossCache", "write_index"]
 
-KVCache = dict  # {"k", "v": [B, Lc, H, D], "global_end_index", "local_end_index": int64 [1] or int}
+KVCache = dict  # {"k", "v": [B, Lc, H, D], "global_end_index", "local_end_index": int64 [1] or int,
+#                  "recache": bool, set by the pipeline while it recomputes the cache after a prompt switch}
 CrossCache = dict  # {"k", "v": [B, Lt, H, D], "is_init": bool}
 
 
@@ -54,12 +55,15 @@ class MiniConfig:
     text_dim: int = 64
     freq_dim: int = 64
     rope_positions: int = 1024
+    lora_rank: int = 0  # > 0: every Linear of a block carries an unmerged LoRA of this rank (LongLive)
 
     def __post_init__(self) -> None:
         styles = ("slots", "absolute", "cat", "longlive", "rolling")
         if self.cache_style not in styles or self.attention not in ("sdpa", "manual", "varlen"):
             raise ValueError(f"cache_style expected one of {styles}, attention 'sdpa', 'manual' or 'varlen'; got "
                              f"{self.cache_style!r}, {self.attention!r}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank expected >= 0, got {self.lora_rank}")
         if self.cache_style in ("absolute", "cat") and self.window_frames is not None:
             raise ValueError(f"cache_style={self.cache_style!r} is global attention: window_frames must be None")
 
@@ -144,11 +148,33 @@ def _read_index(kv_cache: KVCache, name: str) -> int:
     return value.item() if isinstance(value, torch.Tensor) else value
 
 
-def _write_index(kv_cache: KVCache, name: str, value: int) -> None:
+def write_index(kv_cache: KVCache, name: str, value: int) -> None:
+    """Set an index entry of a layer cache, in place for tensors (as the pipelines do), else the Python int."""
     if isinstance(kv_cache[name], torch.Tensor):
         kv_cache[name].fill_(value)
     else:
         kv_cache[name] = value
+
+
+class LoRALinear(nn.Linear):
+    """``W x + b + (alpha / r) B A x`` with the low-rank update kept separate (unmerged), as LongLive runs it."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float = 1.0) -> None:
+        super().__init__(in_features, out_features)
+        self.lora_a = nn.Parameter(torch.randn(rank, in_features) / in_features**0.5)
+        # random, not zero as at the start of training: the update must change the output
+        self.lora_b = nn.Parameter(torch.randn(out_features, rank) / rank**0.5 * 0.1)
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
+
+
+def _linear(cfg: MiniConfig, in_features: int, out_features: int) -> nn.Linear:
+    """A block's Linear: plain, or with an unmerged LoRA when ``cfg.lora_rank`` is set."""
+    if cfg.lora_rank:
+        return LoRALinear(in_features, out_features, cfg.lora_rank)
+    return nn.Linear(in_features, out_features)
 
 
 class CausalSelfAttention(nn.Module):
@@ -157,7 +183,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: MiniConfig) -> None:
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.q, self.k, self.v, self.o = (_linear(cfg, cfg.dim, cfg.dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
         self.sink_size = cfg.sink_frames if cfg.window_frames is not None else 0
         self.max_attention_tokens = cfg.cache_frames * cfg.frame_tokens
@@ -216,8 +242,14 @@ class CausalSelfAttention(nn.Module):
         else:
             local_end = local_end_prev + current_end - global_end
         local_start = local_end - s
-        keys[:, local_start:local_end] = k if self.rerotate else roped_k
-        values[:, local_start:local_end] = v
+        if kv_cache.get("recache") and local_start < sink_tokens:
+            # LongLive's KV-recache after a prompt switch re-runs the window but leaves the sink as it was
+            kept = min(sink_tokens, local_end) - local_start
+            keys[:, local_start + kept : local_end] = (k if self.rerotate else roped_k)[:, kept:]
+            values[:, local_start + kept : local_end] = v[:, kept:]
+        else:
+            keys[:, local_start:local_end] = k if self.rerotate else roped_k
+            values[:, local_start:local_end] = v
         if self.defer:  # the sink, then the window after it: adjacent slices, concatenated
             start = max(sink_tokens, local_end - (self.max_attention_tokens - sink_tokens))
             k_w = torch.cat([keys[:, :sink_tokens], keys[:, start:local_end]], dim=1)
@@ -233,8 +265,8 @@ class CausalSelfAttention(nn.Module):
             out = attend(q_w, k_w, values[:, window], self.attention)
         else:
             out = attend(roped_q, keys[:, window], values[:, window], self.attention)
-        _write_index(kv_cache, "global_end_index", current_end)
-        _write_index(kv_cache, "local_end_index", local_end)
+        write_index(kv_cache, "global_end_index", current_end)
+        write_index(kv_cache, "local_end_index", local_end)
         return self.o(out.flatten(2))
 
 
@@ -244,8 +276,8 @@ def apply_deferred_cache_updates(kv_caches: list[KVCache]) -> None:
         keys, values, global_end, local_end = cache.pop("deferred")
         cache["k"].copy_(keys)
         cache["v"].copy_(values)
-        _write_index(cache, "global_end_index", global_end)
-        _write_index(cache, "local_end_index", local_end)
+        write_index(cache, "global_end_index", global_end)
+        write_index(cache, "local_end_index", local_end)
 
 
 class CrossAttention(nn.Module):
@@ -254,7 +286,7 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: MiniConfig) -> None:
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.q, self.k, self.v, self.o = (_linear(cfg, cfg.dim, cfg.dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
         self.attention = cfg.attention
         if cfg.attention == "varlen":
@@ -278,7 +310,7 @@ class Block(nn.Module):
         self.norm3 = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.self_attn = CausalSelfAttention(cfg)
         self.cross_attn = CrossAttention(cfg)
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.ffn = nn.Sequential(_linear(cfg, cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), _linear(cfg, cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x, e, grid_sizes, freqs, context, kv_cache, cross_cache, current_start):
