@@ -59,7 +59,7 @@ def test_every_pattern_matches_the_float64_oracle_over_a_rollout(reference, vari
     assert any("cross-attention" in s.reason for s in rep.sites if s.action == "left alone")
 
 
-@pytest.mark.parametrize("style,attention", [VARIANTS[0], VARIANTS[2]])
+@pytest.mark.parametrize("style,attention", VARIANTS)
 def test_off_is_bit_identical_to_inductor(reference, style, attention):
     model, inputs, plan, _, _ = reference
     cfg, m = _variant(style, attention, model)
@@ -340,3 +340,14 @@ def test_longlive_with_lora_and_kv_recache_after_prompt_switches():
                                                                        "lowering": "aot_eager"})
     with pytest.raises(StoreError, match="KV-recache.*mode='select'"):
         rollout(compact, twin, inputs)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_longlive_off_is_bit_identical_to_inductor_through_a_prompt_switch(attention):
+    cfg = dataclasses.replace(LONGLIVE_LORA, attention=attention)
+    model, inputs = build(cfg, seed=0), make_inputs(cfg, chunks=3, seed=0, switch_at=(2,))
+    expected = rollout(torch.compile(model, backend="inductor"), cfg, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="forcing_kv", options={"plan": mixed_plan(cfg), "mode": "off"})
+    assert all(torch.equal(a, b) for a, b in zip(rollout(compiled, cfg, inputs), expected))
+    assert {s.action for s in fkv_compile.report(compiled, print_table=False).sites if s.pattern != "-"} == {"found"}
