@@ -122,6 +122,20 @@ def test_causvid_absolute_slots_run_compact(reference):
     assert all(fkv_compile.is_released(c["k"]) for c in kv)
 
 
+@pytest.mark.parametrize("attention", ["manual", "varlen"])
+def test_compact_owns_the_cache_whatever_the_attention_function(windowed_reference, attention):
+    model, inputs, plan, ref, budget = windowed_reference
+    cfg = dataclasses.replace(WINDOWED, attention=attention)
+    m = build(cfg, seed=0)
+    m.load_state_dict(model.state_dict())
+    compiled = torch.compile(m, backend="forcing_kv", options={"plan": plan, "mode": "compact", "lowering": "aot_eager"})
+    kv, cross = new_caches(cfg, batch=1, dtype=torch.float32)
+    assert_within_budget(rollout(compiled, cfg, inputs, caches=(kv, cross)), ref, budget, f"compact, {attention}")
+    rep = fkv_compile.report(compiled, print_table=False)
+    assert {s.action for s in rep.sites if s.pattern != "-"} == {"compact"}
+    assert all(fkv_compile.is_released(c["k"]) and fkv_compile.is_released(c["v"]) for c in kv)
+
+
 def test_compact_falls_back_to_select_on_these_patterns_and_says_why(reference):
     model, inputs, plan, ref, budget = reference
     cfg, m = _variant("cat", "manual", model)

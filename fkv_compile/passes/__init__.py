@@ -93,8 +93,6 @@ def _compact_pattern(site: AttentionSite) -> str | None:
              "cat-window": "the pipeline copies its per-layer clone back into the cache after all layers"}
     if site.k_window.pattern in owner:
         return f"NYI: compact for {site.k_window.pattern} caches ({owner[site.k_window.pattern]})"
-    if site.function != "sdpa":
-        return f"NYI: compact for {site.function} attention"
     return None
 
 

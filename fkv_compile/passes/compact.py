@@ -144,7 +144,7 @@ def match_compact(site: AttentionSite) -> CacheAccesses | str:
         node = read
         while len(node.users) == 1 and is_view_like(next(iter(node.users))):
             node = next(iter(node.users))
-        if len(node.users) != 1 or next(iter(node.users)) is not site.node:
+        if not node.users or any(user not in (site.node, *site.internal) for user in node.users):
             return "the window read has uses besides the attention"
     window = _slice_of(k_read.args[1])
     if window is None or not _same(window, _slice_of(v_read.args[1])):

@@ -23,9 +23,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, mode: str, session:
     Inductor see the right shape and strides; nothing else in the graph changes.
     """
     op = OPS[mode]
-    q, k, v = site.q, site.k, site.v
-    if site.layout == "blhd":  # [B, L, H, D] (flash-attn varlen): the ops take [B, H, L, D] views
-        q, k, v = (_method(gm, site.node, "transpose", (x, 1, 2)) for x in (q, k, v))
+    q, k, v = _heads_major(gm, site, (site.q, site.k, site.v))
     args = (q, k, v, site.layer_key, session, site_id, site.scale)
     with gm.graph.inserting_before(site.node):
         new = gm.graph.call_function(op, args=args)
@@ -35,6 +33,21 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, mode: str, session:
     if fake_mode is not None:
         with fake_mode:
             new.meta["example_value"] = op(*examples, session, site_id, site.scale)
+    _replace_site(gm, site, new)
+    counters["fkv_compile"][f"{mode}_attention"] += 1
+    return new
+
+
+def _heads_major(gm: fx.GraphModule, site: AttentionSite, nodes: tuple[fx.Node, ...]) -> tuple[fx.Node, ...]:
+    """The ops take ``[B, H, L, D]``: transposed views of a ``[B, L, H, D]`` site's (flash-attn varlen) inputs."""
+    if site.layout != "blhd":
+        return nodes
+    return tuple(_method(gm, site.node, "transpose", (x, 1, 2)) for x in nodes)
+
+
+def _replace_site(gm: fx.GraphModule, site: AttentionSite, new: fx.Node) -> None:
+    """Route the users of ``site.node`` to ``new`` (an op's ``[B, H, Lq, D]`` output) in the site's layout
+    and dtype, then erase the attention and its now unused internal nodes."""
     result = new
     if site.layout == "blhd":  # back to the packed [B * L, H, D] the varlen call returned
         result = _method(gm, site.node, "flatten", (_method(gm, site.node, "transpose", (new, 1, 2)), 0, 1))
@@ -47,8 +60,6 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, mode: str, session:
     for node in site.internal[1:]:  # a hand-written attention's scores and softmax, varlen's call; users first
         if not node.users:
             gm.graph.erase_node(node)
-    counters["fkv_compile"][f"{mode}_attention"] += 1
-    return new
 
 
 def _method(gm: fx.GraphModule, before: fx.Node, name: str, args: tuple) -> fx.Node:
@@ -99,21 +110,18 @@ def rewrite_compact(gm: fx.GraphModule, site: AttentionSite, acc: CacheAccesses,
             source = setitem.args[2]
             gm.graph.erase_node(setitem)
             _erase_dead_chain(gm, source)
-    args = (site.q, acc.k_new, acc.v_new, k_cache, v_cache, site.layer_key, tokens, acc.start, acc.end, *acc.window,
+    (q,) = _heads_major(gm, site, (site.q,))
+    args = (q, acc.k_new, acc.v_new, k_cache, v_cache, site.layer_key, tokens, acc.start, acc.end, *acc.window,
             session, site_id, site.scale)
     with gm.graph.inserting_before(site.node):
         new = gm.graph.call_function(OPS["compact"], args=args)
-    q_example, v_example = _example(site.q), _example(acc.v_new)
+    q_example, v_example = _example(q), _example(acc.v_new)
     fake_mode = getattr(q_example, "fake_mode", None)
     if fake_mode is not None:
         with fake_mode:
             new.meta["example_value"] = q_example.new_empty((*q_example.shape[:-1], v_example.shape[-1]))
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-        if key in site.node.meta:
-            new.meta[key] = site.node.meta[key]
     old_k, old_v = site.k, site.v
-    site.node.replace_all_uses_with(new)
-    gm.graph.erase_node(site.node)
+    _replace_site(gm, site, new)
     for read in (old_k, old_v):
         _erase_dead_chain(gm, read)
     for setitem in acc.writes:
