@@ -57,7 +57,8 @@ class Report:
         for f in self.frames:
             if f.at_limit:
                 lines.append(f"WARNING: {f.function} hit torch._dynamo.config.recompile_limit ({f.compiles} compiles): "
-                             "its later variants run eagerly with dense attention (see docs/patterns.md)")
+                             "its new variants and those of what it calls run eagerly, attention dense "
+                             "(see docs/patterns.md)")
         lines.append(f"{'site':>4}  {'graph':>5}  {'node':<34} {'pattern':<36} {'action':<11} detail")
         for s in self.sites:
             detail = s.reason or f"cache {s.cache}, layer by {s.layer_key}"

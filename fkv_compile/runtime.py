@@ -49,7 +49,7 @@ class FrameRecord:
     function: str
     compiles: int = 0  # variants compiled; the ones after the first are recompiles
     sites: int = 0  # attention sites over a cache found in it (most of any variant)
-    at_limit: bool = False  # compiles reached torch._dynamo.config.recompile_limit: later variants run eager
+    at_limit: bool = False  # reached torch._dynamo.config.recompile_limit: new variants (and callees') run eager
 
 
 @dataclass

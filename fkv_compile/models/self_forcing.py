@@ -56,12 +56,17 @@ class MiniConfig:
     freq_dim: int = 64
     rope_positions: int = 1024
     lora_rank: int = 0  # > 0: every Linear of a block carries an unmerged LoRA of this rank (LongLive)
+    # a graph break in the self-attention ("slots" caches): "after-write" (the window read and the attention
+    # in the next graph), "before-attention" (the window arrives at the attention's graph as an input)
+    graph_break: str = "none"
 
     def __post_init__(self) -> None:
         styles = ("slots", "absolute", "cat", "longlive", "rolling")
         if self.cache_style not in styles or self.attention not in ("sdpa", "manual", "varlen"):
             raise ValueError(f"cache_style expected one of {styles}, attention 'sdpa', 'manual' or 'varlen'; got "
                              f"{self.cache_style!r}, {self.attention!r}")
+        if self.graph_break not in ("none", "after-write", "before-attention"):
+            raise ValueError(f"graph_break expected 'none', 'after-write' or 'before-attention', got {self.graph_break!r}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank expected >= 0, got {self.lora_rank}")
         if self.cache_style in ("absolute", "cat") and self.window_frames is not None:
@@ -192,6 +197,7 @@ class CausalSelfAttention(nn.Module):
         self.defer = cfg.cache_style == "longlive"
         self.rerotate = cfg.cache_style == "rolling"
         self.attention = cfg.attention
+        self.graph_break = cfg.graph_break
         if cfg.attention == "varlen":
             register_flash_standin()
 
@@ -264,7 +270,12 @@ class CausalSelfAttention(nn.Module):
             q_w = rope_apply(q, grid_sizes, freqs, frames - s // frame_tokens).type_as(v)
             out = attend(q_w, k_w, values[:, window], self.attention)
         else:
-            out = attend(roped_q, keys[:, window], values[:, window], self.attention)
+            if self.graph_break == "after-write":
+                torch._dynamo.graph_break()
+            k_w, v_w = keys[:, window], values[:, window]
+            if self.graph_break == "before-attention":
+                torch._dynamo.graph_break()
+            out = attend(roped_q, k_w, v_w, self.attention)
         write_index(kv_cache, "global_end_index", current_end)
         write_index(kv_cache, "local_end_index", local_end)
         return self.o(out.flatten(2))

@@ -43,19 +43,21 @@ class RecompileLimitWarning(UserWarning):
 
 
 def _count_compile(gm: fx.GraphModule, session: Session, graph_id: int, sites: int) -> None:
-    """Count this compile for its frame; warn (``strict``: raise) once a frame with attention sites
-    reaches dynamo's recompile limit, after which dynamo runs its new variants without the pass."""
+    """Count this compile for its frame; warn (``strict``: raise) once a frame reaches dynamo's recompile
+    limit: dynamo then runs its new variants eagerly, and new variants of the frames it calls (the resume
+    function holding the attention after a graph break, say) too, all without the pass."""
     ident = current_frame(gm, fallback=graph_id)
     record = session.frames.setdefault(ident.frame, FrameRecord(ident.frame, ident.function))
     record.compiles += 1
     record.sites = max(record.sites, sites)
     limit = recompile_limit()
-    if record.at_limit or not record.sites or record.compiles < limit or session.mode == "off":
+    if record.at_limit or record.compiles < limit or session.mode == "off":
         return
     record.at_limit = True
     message = (
         f"{record.function} was compiled {record.compiles} times, torch._dynamo.config.recompile_limit: dynamo "
-        "runs its next variants eagerly, with the model's dense attention (not compressed). A recompile per chunk "
+        "runs its next variants, and new variants of the frames it calls, eagerly: attention there is the model's "
+        "dense attention (not compressed). A recompile per chunk "
         "usually means positions are specialized (torch.compile(dynamic=False) with Python-int indices); compile "
         "with the default dynamic=None, or raise torch._dynamo.config.recompile_limit (every new position then "
         "compiles)"
@@ -72,8 +74,9 @@ def _check_plan_fits(site: AttentionSite, session: Session) -> None:
     where = f"the attention at {site.node.name} (keys from {site.k_window.source})"
     if isinstance(heads, int) and heads != plan.num_heads:
         raise PlanError(f"plan does not match the model: num_heads: plan has {plan.num_heads}, {where} has {heads}")
-    grown = site.k_window.pattern == "cat-growth"
-    # a preallocated cache's size is the longest window; a grown one's is only known per call
+    grown = site.k_window.pattern in ("cat-growth", "window-input")
+    # a preallocated cache's size is the longest window; a grown one's (or a window's from an earlier graph)
+    # is only known per call
     read = site.k_window.read if grown else site.k_window.cache
     cache_tokens = read.meta["example_value"].shape[site.k_window.dim]
     if not isinstance(cache_tokens, int):
@@ -90,7 +93,8 @@ def _check_plan_fits(site: AttentionSite, session: Session) -> None:
 def _compact_pattern(site: AttentionSite) -> str | None:
     """Why ``compact`` cannot own this site's cache by its pattern alone, or ``None``."""
     owner = {"cat-growth": "the pipeline keeps the grown tensors",
-             "cat-window": "the pipeline copies its per-layer clone back into the cache after all layers"}
+             "cat-window": "the pipeline copies its per-layer clone back into the cache after all layers",
+             "window-input": "the window is read in an earlier graph, where its cache stays dense"}
     if site.k_window.pattern in owner:
         return f"NYI: compact for {site.k_window.pattern} caches ({owner[site.k_window.pattern]})"
     return None

@@ -8,7 +8,10 @@ A site is an attention call (SDPA, or hand-written ``softmax(q @ k^T * s) @ v``,
 - ``cat-growth``: ``torch.cat([history, new], dim)`` where ``history`` is such an input or a slice
   of it along ``dim`` and ``new`` is not read from it (caches grown by concatenation), or
 - ``cat-window``: ``torch.cat([buf[:, :S], buf[:, a:e]], dim)``, two slices of one cache input or of
-  its in-graph clone (LongLive v1: the sink, then the window).
+  its in-graph clone (LongLive v1: the sink, then the window);
+- ``window-input``: a graph input that *is* such a slice, taken in an earlier graph (a graph break
+  between the window read and the attention): its example value is a view of a larger buffer along
+  one dim, which dynamo records for inputs that alias (a fresh tensor, e.g. cross-attention's K, is not).
 
 Matchers return a dataclass or a reason string; they never raise.
 """
@@ -136,6 +139,23 @@ def _trace_cat(cat: fx.Node) -> CacheWindow | str:
     return CacheWindow(cache=base, read=cat, source=_source_name(base), dim=dim, pattern="cat-growth")
 
 
+def _window_of_base(example: object) -> int | None:
+    """The dim along which ``example`` (an input's fake tensor) is a slice of its base buffer, else ``None``.
+
+    A slice as long as its buffer (a full window) is only accepted as ``[B, L, H, D]``'s token dim 1."""
+    base = getattr(example, "_base", None)
+    if not isinstance(example, torch.Tensor) or base is None or base.dim() != example.dim():
+        return None
+    if example.stride() != base.stride() or base.storage_offset() != 0:
+        return None
+    shorter = [d for d in range(example.dim()) if example.shape[d] != base.shape[d]]
+    if len(shorter) > 1 or (not shorter and example.dim() != 4):
+        return None
+    dim = shorter[0] if shorter else 1
+    start, rest = divmod(example.storage_offset(), base.stride(dim))
+    return dim if rest == 0 and start + example.shape[dim] <= base.shape[dim] else None
+
+
 def _slice_base(node: fx.Node, dim: int) -> fx.Node | None:
     """The graph input under ``x[..., a:b]`` (through views and clones) sliced along ``dim``, else ``None``."""
     if node.op != "call_function" or node.target is not operator.getitem:
@@ -166,6 +186,9 @@ def _trace_window(node: fx.Node) -> CacheWindow | str:
     if current.op == "call_function" and current.target is torch.cat:
         return _trace_cat(current)
     if current.op == "placeholder":
+        dim = _window_of_base(current.meta.get("example_value"))
+        if dim is not None:
+            return CacheWindow(cache=current, read=current, source=_source_name(current), dim=dim, pattern="window-input")
         return "keys/values are a whole graph input, not a window of a cache (e.g. cross-attention)"
     if current.op == "call_function" and current.target is operator.getitem:
         base, index = current.args

@@ -2,8 +2,9 @@
 
 Dynamo compiles one graph per frame and variant: a graph break starts a new frame (a resume function
 ``torch_dynamo_resume_in_<fn>_at_<line>``), a guard failure compiles the same frame again. When a
-frame holding an attention site reaches ``torch._dynamo.config.recompile_limit`` compiles, dynamo
-runs its later variants eagerly: with the model's own, dense attention. That must not pass silently.
+frame reaches ``torch._dynamo.config.recompile_limit`` compiles, dynamo runs its later variants
+eagerly, and new variants of the frames called from them (resume functions included): attention
+there is the model's own, dense. That must not pass silently.
 """
 
 from __future__ import annotations
