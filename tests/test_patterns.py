@@ -349,6 +349,9 @@ def test_longlive_with_lora_and_kv_recache_after_prompt_switches():
     assert {s.pattern for s in rep.sites if s.action == "rewritten"} == {"cat-window, sdpa (+writes)"}
     forwards = 7 * (len(DENOISING_STEPS) + 1) + 2 + 4  # chunks, then the recached chunks of both switches
     assert [r.calls for r in rep.layers] == [forwards] * cfg.num_layers and all(r.dense_calls == 0 for r in rep.layers)
+    with torch.compiler.set_stance("fail_on_recompile"):  # the first video warmed up switches and recaches
+        rollout(compiled, cfg, make_inputs(cfg, chunks=10, seed=1, switch_at=(3, 8)))
+    assert fkv_compile.report(compiled, print_table=False).graphs == rep.graphs
     torch._dynamo.reset()
     compact = torch.compile(twin_model, backend="forcing_kv", options={"plan": plan, "mode": "compact",
                                                                        "lowering": "aot_eager"})
@@ -392,3 +395,16 @@ def test_sites_split_by_a_graph_break_are_followed(windowed_reference, where, pa
     rep = fkv_compile.report(compact, print_table=False)
     assert {s.action for s in rep.sites if s.pattern != "-"} == {"select"}, "the writes are not in the attention's graph"
     assert not fkv_compile.is_released(kv[0]["k"])
+
+
+@pytest.mark.parametrize("cfg", [
+    pytest.param(LONGLIVE2, id="python-int-positions"),
+    pytest.param(dataclasses.replace(WINDOWED, graph_break="before-attention"), id="window-input"),
+    pytest.param(dataclasses.replace(WINDOWED, cache_style="rolling"), id="rolling-forcing"),
+])
+def test_off_is_bit_identical_to_inductor_on_the_other_patterns(cfg):
+    model, inputs = build(cfg, seed=0), make_inputs(cfg, chunks=5, seed=0)  # chunk 4 rolls the window
+    expected = rollout(torch.compile(model, backend="inductor"), cfg, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="forcing_kv", options={"plan": mixed_plan(cfg), "mode": "off"})
+    assert all(torch.equal(a, b) for a, b in zip(rollout(compiled, cfg, inputs), expected))
