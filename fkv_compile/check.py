@@ -164,8 +164,12 @@ def check_equivalence(
             err, rel, worst = _errors(outs, ref)
             if mode == "off" and any(not torch.equal(a, b) for a, b in zip(outs, ref)):
                 err = max(err, math.ulp(0.0))  # bit-identical means equal bits, not a zero rounded difference
+            limited = [f.function for f in rep.frames if f.at_limit]
             checks.append(ModeCheck(mode, ref_name, err, rel, worst, mode_budget, rep.graphs, breaks,
-                                    sum(s.pattern != "-" for s in rep.sites)))
+                                    sum(s.pattern != "-" for s in rep.sites),
+                                    error=f"{', '.join(limited)} hit torch._dynamo.config.recompile_limit: later "
+                                    "chunks ran eagerly, uncompressed (the oracle too, so outputs can still agree)"
+                                    if limited else ""))
         except Exception as exc:  # a failing mode is a result to report, not the end of the check
             checks.append(ModeCheck(mode, "-", math.nan, math.nan, -1, budget, 0, 0, 0,
                                     error=f"{type(exc).__name__}: {exc}"))

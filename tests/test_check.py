@@ -4,8 +4,9 @@ import json
 import textwrap
 
 import pytest
+import torch
 
-from fkv_compile import HeadPlan
+from fkv_compile import HeadPlan, RecompileLimitWarning
 from fkv_compile.models import MiniConfig, build, make_inputs, rollout
 from fkv_compile.testing import assert_equivalent
 
@@ -82,6 +83,16 @@ def test_assert_equivalent_raises_with_the_table():
     with pytest.raises(AssertionError, match=r"(?s)select: PlanError: .*num_layers.*fkv check:"):
         assert_equivalent(lambda: build(cfg, seed=0), lambda m: rollout(m, cfg, inputs), wrong,
                           modes=("select",), lowering="aot_eager")
+
+
+def test_a_frame_at_the_recompile_limit_fails_the_check_even_if_outputs_agree():
+    # past the limit select and the oracle both run dense, so their outputs agree; the check must not pass
+    cfg = MiniConfig(num_layers=2, window_frames=12, sink_frames=3, index_style="int")
+    inputs = make_inputs(cfg, chunks=3, seed=0)
+    with torch._dynamo.config.patch(recompile_limit=2), pytest.warns(RecompileLimitWarning):
+        with pytest.raises(AssertionError, match=r"select: .*hit torch._dynamo.config.recompile_limit"):
+            assert_equivalent(lambda: build(cfg, seed=0), lambda m: rollout(m, cfg, inputs), mixed_plan(cfg),
+                              modes=("select",), lowering="aot_eager")
 
 
 def test_fkv_bench_runs_end_to_end_and_writes_its_files(tmp_path):
