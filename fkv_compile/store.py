@@ -104,18 +104,42 @@ def _gather(src: _Held, index: torch.Tensor, triton: bool) -> _Held:
 
 
 class _GroupStore:
-    """Held tokens of the heads of one role in one layer."""
+    """Held tokens of the heads of one role in one layer, in one buffer: the history (sink, recent and
+    selected tokens), then the current chunk. A commit builds it once per chunk; the chunk's later
+    writes (denoising steps) overwrite its tail in place, so attention reads it without a copy."""
 
     def __init__(self, role: str, heads: list[int], params: RoleParams | None):
         self.role, self.heads, self.params = role, heads, params
-        self.history: _Held | None = None  # sink + recent (+ selected): everything before the chunk
-        self.current: _Held | None = None
+        self.held: _Held | None = None
+        self.chunk_tokens = 0  # the current chunk is the last chunk_tokens of held
 
-    def held(self) -> _Held:
-        return _cat([self.history, self.current])
+    def history(self) -> _Held | None:
+        if self.held is None:
+            return None
+        n = self.held.k.shape[2] - self.chunk_tokens
+        h = self.held
+        return _Held(h.k[:, :, :n], h.v[:, :, :n], h.pos[:, :n], None if h.valid is None else h.valid[:, :n])
+
+    def put_chunk(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, again: bool) -> None:
+        """The chunk's K, V ``[B, G, L, D]`` (any strides) at cache positions ``pos`` ``[B, L]``; ``again``:
+        the chunk put last, once more (a later denoising step or the clean pass)."""
+        if again:
+            n = self.chunk_tokens
+            self.held.k[:, :, -n:].copy_(k)
+            self.held.v[:, :, -n:].copy_(v)
+            return
+        history = self.history()
+        if history is None:
+            history = _empty(k.shape[0], len(self.heads), k.shape[-1], k)
+        self.held = _cat([history, _Held(k, v, pos)])
+        self.chunk_tokens = k.shape[2]
+
+    def set_history(self, history: _Held) -> None:
+        """After a commit: only the history remains until the next chunk is put."""
+        self.held, self.chunk_tokens = history, 0
 
     def nbytes(self) -> int:
-        return sum(h.nbytes() for h in (self.history, self.current) if h is not None)
+        return self.held.nbytes() if self.held is not None else 0
 
 
 def compact_unsupported(plan: HeadPlan) -> str | None:
@@ -160,7 +184,7 @@ class LayerStore:
     # -- driving ---------------------------------------------------------------------------------
     def reset(self) -> None:
         for g in self.groups:
-            g.history = g.current = None
+            g.held, g.chunk_tokens = None, 0
         self.chunk = self.window = None
         self.rolled = False
 
@@ -170,12 +194,12 @@ class LayerStore:
             raise StoreError("compact store: a roll before any write")
         shift = src - dst
         for g in self.groups:
-            for held in (g.history, g.current):
-                if held is None:
-                    continue
-                moved = (held.pos >= src) & (held.pos < src + length)
-                evicted = (held.pos >= dst) & (held.pos < src)
-                held.pos = torch.where(moved, held.pos - shift, torch.where(evicted, -2, held.pos))
+            held = g.held
+            if held is None:
+                continue
+            moved = (held.pos >= src) & (held.pos < src + length)
+            evicted = (held.pos >= dst) & (held.pos < src)
+            held.pos = torch.where(moved, held.pos - shift, torch.where(evicted, -2, held.pos))
         self.rolled = True  # the pipeline rolls only for a new chunk, possibly at the same slots as the last
 
     def write(self, k: torch.Tensor, v: torch.Tensor, start: int, end: int, window: tuple[int, int]) -> None:
@@ -185,16 +209,15 @@ class LayerStore:
         if self.chunk is not None and 0 < start < self.chunk[0] and not self.rolled:
             raise StoreError(f"compact store: a write at cache token {start}, before the current chunk at "
                              f"{self.chunk[0]}{RECOMPUTE_HINT}")
-        if self.chunk is not None and (self.rolled or (start, end) != self.chunk):
+        again = self.chunk is not None and not self.rolled and (start, end) == self.chunk
+        if self.chunk is not None and not again:
             self._commit(window)
             self.rolled = False
         elif self.chunk is None and start != 0:
             raise StoreError(f"compact store: the first write must start a video at position 0, got {start}")
         pos = torch.arange(start, end, device=k.device).expand(k.shape[0], -1)
         for g in self.groups:
-            g.current = _Held(k[:, :, g.heads].transpose(1, 2).contiguous(), v[:, :, g.heads].transpose(1, 2).contiguous(), pos)
-            if g.history is None:
-                g.history = _empty(k.shape[0], len(g.heads), k.shape[-1], k)
+            g.put_chunk(k[:, :, g.heads].transpose(1, 2), v[:, :, g.heads].transpose(1, 2), pos, again)
         self.chunk, self.window = (start, end), window
 
     def _commit(self, window: tuple[int, int]) -> None:
@@ -206,17 +229,17 @@ class LayerStore:
             raise StoreError(f"compact store: window [{a}, {e}) does not fit the plan's geometry")
         first = a // f
         for g in self.groups:
-            old = g.held()
+            old = g.held
             if g.role == "dense":
                 keep = old.pos[0] >= a
-                g.history = _Held(old.k[:, :, keep], old.v[:, :, keep], old.pos[:, keep])
+                g.set_history(_Held(old.k[:, :, keep], old.v[:, :, keep], old.pos[:, keep]))
                 continue
             p = g.params
             fixed = _frame_index(old, [first + j for j in (*layout.sink(p), *layout.recent(p))], f)
             index = fixed.expand(old.pos.shape[0], -1)
             if g.role == "dynamic":
                 index = torch.cat([index, self._select(old, layout, first, p)], 1)
-            g.history = _gather(old, index, self.triton)
+            g.set_history(_gather(old, index, self.triton))
 
     def _select(self, old: _Held, layout: WindowLayout, first: int, p: RoleParams) -> torch.Tensor:
         """Indices ``[B, T]`` into ``old`` of the selected segments' tokens (``-1``: padding of short
@@ -246,10 +269,10 @@ class LayerStore:
         """q ``[B, H, Lq, D]`` over the held tokens of each head group; ``[B, H, Lq, D]``."""
         if self.window != window or self.chunk is None:
             raise StoreError(f"compact store: attention over window {window} but the last write set up {self.window}")
-        out = q.new_empty(q.shape[:3] + (self.groups[0].current.v.shape[-1],))
+        out = q.new_empty(q.shape[:3] + (self.groups[0].held.v.shape[-1],))
         for g in self.groups:
-            held = g.held()
-            if g.role == "dense":
+            held = g.held
+            if g.role == "dense" and bool((held.pos[0] < window[0]).any()):
                 keep = held.pos[0] >= window[0]
                 held = _Held(held.k[:, :, keep], held.v[:, :, keep], held.pos[:, keep])
             heads = torch.tensor(g.heads, device=q.device)
@@ -269,10 +292,10 @@ class LayerStore:
     def kept_mask(self, num_heads: int) -> torch.Tensor:
         """Bool ``[B, H, e - a]`` over the last window ``[a, e)``: the tokens each head attends to."""
         a, e = self.window
-        b = self.groups[0].current.pos.shape[0]
-        mask = torch.zeros(b, num_heads, e - a, dtype=torch.bool, device=self.groups[0].current.pos.device)
+        b = self.groups[0].held.pos.shape[0]
+        mask = torch.zeros(b, num_heads, e - a, dtype=torch.bool, device=self.groups[0].held.pos.device)
         for g in self.groups:
-            held = g.held()
+            held = g.held
             ok = (held.pos >= a) & (held.pos < e)
             if held.valid is not None:
                 ok &= held.valid

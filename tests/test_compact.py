@@ -60,8 +60,8 @@ def test_dense_buffers_are_released_and_the_store_adds_up_to_the_report():
     mem = fkv_compile.memory_report(compiled)
     assert mem.dense_bytes == dense_bytes
     session_stores = session_for_options(find_options(compiled)).stores
-    tensors = [t for s in session_stores.values() for g in s.groups for h in (g.history, g.current)
-               for t in (h.k, h.v, h.pos) + ((h.valid,) if h.valid is not None else ())]
+    tensors = [t for s in session_stores.values() for g in s.groups
+               for t in (g.held.k, g.held.v, g.held.pos) + ((g.held.valid,) if g.held.valid is not None else ())]
     assert mem.compact_bytes == sum(t.nbytes for t in tensors)
     # reading a released buffer from outside fails loudly
     with pytest.raises(RuntimeError, match="out of bounds"):
