@@ -59,7 +59,10 @@ def test_every_pattern_matches_the_float64_oracle_over_a_rollout(reference, vari
     assert any("cross-attention" in s.reason for s in rep.sites if s.action == "left alone")
 
 
-@pytest.mark.parametrize("style,attention", VARIANTS)
+# CI runs one variant per cache style family; --runslow runs every one
+@pytest.mark.parametrize("style,attention", [VARIANTS[0], VARIANTS[2],
+                                             *(pytest.param(*v.values, id=v.id, marks=pytest.mark.slow)
+                                               for v in (VARIANTS[1], VARIANTS[3]))])
 def test_off_is_bit_identical_to_inductor(reference, style, attention):
     model, inputs, plan, _, _ = reference
     cfg, m = _variant(style, attention, model)
@@ -359,7 +362,7 @@ def test_longlive_with_lora_and_kv_recache_after_prompt_switches():
         rollout(compact, twin, inputs)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+@pytest.mark.parametrize("attention", ["sdpa", pytest.param("manual", marks=pytest.mark.slow)])
 def test_longlive_off_is_bit_identical_to_inductor_through_a_prompt_switch(attention):
     cfg = dataclasses.replace(LONGLIVE_LORA, attention=attention)
     model, inputs = build(cfg, seed=0), make_inputs(cfg, chunks=3, seed=0, switch_at=(2,))
@@ -398,9 +401,10 @@ def test_sites_split_by_a_graph_break_are_followed(windowed_reference, where, pa
 
 
 @pytest.mark.parametrize("cfg", [
-    pytest.param(LONGLIVE2, id="python-int-positions"),
+    pytest.param(LONGLIVE2, id="python-int-positions", marks=pytest.mark.slow),
     pytest.param(dataclasses.replace(WINDOWED, graph_break="before-attention"), id="window-input"),
-    pytest.param(dataclasses.replace(WINDOWED, cache_style="rolling"), id="rolling-forcing"),
+    # Rolling Forcing is left alone in every mode: test_rolling_forcing_... checks it untouched by default
+    pytest.param(dataclasses.replace(WINDOWED, cache_style="rolling"), id="rolling-forcing", marks=pytest.mark.slow),
 ])
 def test_off_is_bit_identical_to_inductor_on_the_other_patterns(cfg):
     model, inputs = build(cfg, seed=0), make_inputs(cfg, chunks=5, seed=0)  # chunk 4 rolls the window
