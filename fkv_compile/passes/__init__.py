@@ -39,7 +39,8 @@ class SiteError(RuntimeError):
 
 
 class RecompileLimitWarning(UserWarning):
-    """A frame with attention sites reached dynamo's recompile limit: its later variants run eagerly, dense."""
+    """A compiled frame reached dynamo's recompile limit: its new variants, and those of the frames it calls,
+    run eagerly, with dense attention."""
 
 
 def _count_compile(gm: fx.GraphModule, session: Session, graph_id: int, sites: int) -> None:
