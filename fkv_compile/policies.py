@@ -54,7 +54,8 @@ def policy_mask(policy: str, k: torch.Tensor, plan: HeadPlan, lq: int) -> torch.
     if layout is None:
         raise ValueError(f"a window of {lk} keys for {lq} queries does not fit the plan's geometry")
     if policy in EQUAL_BUDGET:
-        return keep_mask(k, policy_plan(policy, dataclasses.replace(plan, roles=[["dynamic"] * h])), 0, lq)
+        every = dataclasses.replace(plan, roles=[["dynamic"] * h], segment_choice=SEGMENT_CHOICE[policy])
+        return keep_mask(k, every, 0, lq)
     if policy == "dummy-forcing":
         f, current = layout.frame_tokens, layout.tokens(layout.current())
         groups = [range(0, f) if layout.history else range(0), range(0),

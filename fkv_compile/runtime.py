@@ -48,7 +48,6 @@ class FrameRecord:
     frame: int
     function: str
     compiles: int = 0  # variants compiled; the ones after the first are recompiles
-    sites: int = 0  # attention sites over a cache found in it (most of any variant)
     at_limit: bool = False  # reached torch._dynamo.config.recompile_limit: new variants (and callees') run eager
 
 

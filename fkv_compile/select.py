@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .plan import HeadPlan, RoleParams
-from .semantics import COSINE_EPS, WindowLayout, baseline_scores, window_layout
+from .semantics import COSINE_EPS, WindowLayout, fixed_scores, window_layout
 
 __all__ = ["KeptTokens", "compressed_attention", "selected_segment_tokens"]
 
@@ -88,15 +88,6 @@ def region_similarity(region: torch.Tensor, frame_tokens: int, segments: int, nu
     norms = x.norm(dim=-1).clamp_min(COSINE_EPS)
     cos = (here * nxt).sum(-1) / (norms[:, :, :-1] * norms[:, :, 1:])  # [B, G, nc, F]
     return (cos @ tables.average).flatten(2)
-
-
-def fixed_scores(choice: str, p: RoleParams, num_candidates: int, batch: int, groups: int,
-                 device: torch.device) -> torch.Tensor | None:
-    """A baseline ``segment_choice``'s scores ``[B, G, nc * P]``, or ``None`` for ``similarity`` (computed from keys)."""
-    if choice == "similarity":
-        return None
-    n = num_candidates * p.segments_per_frame
-    return baseline_scores(choice, n, min(p.selected_segments, n), device).expand(batch, groups, n)
 
 
 def lowest_segments(sim: torch.Tensor, p: RoleParams) -> torch.Tensor:

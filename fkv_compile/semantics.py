@@ -41,6 +41,7 @@ __all__ = [
     "segment_similarity",
     "select_segments",
     "baseline_scores",
+    "fixed_scores",
     "keep_mask",
     "oracle_attention",
     "kept_token_count",
@@ -143,6 +144,15 @@ def baseline_scores(choice: str, num_segments: int, selected: int, device: torch
     return scores.to(device)
 
 
+def fixed_scores(choice: str, p: RoleParams, num_candidates: int, batch: int, groups: int,
+                 device: torch.device) -> torch.Tensor | None:
+    """A baseline ``segment_choice``'s scores ``[B, G, nc * P]``, or ``None`` for ``similarity`` (computed from keys)."""
+    if choice == "similarity":
+        return None
+    n = num_candidates * p.segments_per_frame
+    return baseline_scores(choice, n, min(p.selected_segments, n), device).expand(batch, groups, n)
+
+
 def _selection_keys(k: torch.Tensor, heads: tuple[int, ...], selection: str) -> torch.Tensor:
     """``[B, G, Lk, E]`` keys the selection runs over: per head, or dynamic heads concatenated."""
     dyn = k[:, list(heads)]  # [B, Hd, Lk, D]
@@ -172,12 +182,9 @@ def keep_mask(k: torch.Tensor, plan: HeadPlan, layer: int, lq: int) -> torch.Ten
         role_mask = fixed.expand(b, len(heads), lk).clone()
         if role == "dynamic":
             keys = _selection_keys(k, heads, plan.selection)
-            if plan.segment_choice == "similarity":
+            scores = fixed_scores(plan.segment_choice, p, len(layout.candidates(p)), b, keys.shape[1], k.device)
+            if scores is None:
                 scores = segment_similarity(keys, layout, p)
-            else:
-                n = len(layout.candidates(p)) * p.segments_per_frame
-                scores = baseline_scores(plan.segment_choice, n, min(p.selected_segments, n), k.device)
-                scores = scores.expand(keys.shape[0], keys.shape[1], n)
             chosen = select_segments(scores, p)  # [B, G, k]
             bounds = segment_bounds(layout.frame_tokens, p.segments_per_frame)
             candidates = list(layout.candidates(p))

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from .plan import HeadPlan, RoleParams
-from .semantics import WindowLayout, window_layout
-from .select import fixed_scores, lowest_segments, region_similarity, segment_tokens
+from .semantics import WindowLayout, fixed_scores, window_layout
+from .select import lowest_segments, region_similarity, segment_tokens
 
 __all__ = ["StoreError", "LayerStore", "compact_unsupported"]
 
@@ -272,9 +272,10 @@ class LayerStore:
         out = q.new_empty(q.shape[:3] + (self.groups[0].held.v.shape[-1],))
         for g in self.groups:
             held = g.held
-            if g.role == "dense" and bool((held.pos[0] < window[0]).any()):
+            if g.role == "dense":
                 keep = held.pos[0] >= window[0]
-                held = _Held(held.k[:, :, keep], held.v[:, :, keep], held.pos[:, keep])
+                if not bool(keep.all()):
+                    held = _Held(held.k[:, :, keep], held.v[:, :, keep], held.pos[:, keep])
             heads = torch.tensor(g.heads, device=q.device)
             if self.triton:
                 from .kernels.attention import range_attention

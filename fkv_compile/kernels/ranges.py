@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import HeadPlan
-from ..select import fixed_scores, lowest_segments
-from ..semantics import WindowLayout
+from ..select import lowest_segments
+from ..semantics import WindowLayout, fixed_scores
 from .similarity import segment_similarity
 
 __all__ = ["select_ranges", "mask_runs"]

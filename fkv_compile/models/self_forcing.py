@@ -248,13 +248,14 @@ class CausalSelfAttention(nn.Module):
         else:
             local_end = local_end_prev + current_end - global_end
         local_start = local_end - s
+        stored_k = k if self.rerotate else roped_k
         if kv_cache.get("recache") and local_start < sink_tokens:
             # LongLive's KV-recache after a prompt switch re-runs the window but leaves the sink as it was
             kept = min(sink_tokens, local_end) - local_start
-            keys[:, local_start + kept : local_end] = (k if self.rerotate else roped_k)[:, kept:]
+            keys[:, local_start + kept : local_end] = stored_k[:, kept:]
             values[:, local_start + kept : local_end] = v[:, kept:]
         else:
-            keys[:, local_start:local_end] = k if self.rerotate else roped_k
+            keys[:, local_start:local_end] = stored_k
             values[:, local_start:local_end] = v
         if self.defer:  # the sink, then the window after it: adjacent slices, concatenated
             start = max(sink_tokens, local_end - (self.max_attention_tokens - sink_tokens))

@@ -43,14 +43,13 @@ class RecompileLimitWarning(UserWarning):
     run eagerly, with dense attention."""
 
 
-def _count_compile(gm: fx.GraphModule, session: Session, graph_id: int, sites: int) -> None:
+def _count_compile(gm: fx.GraphModule, session: Session, graph_id: int) -> None:
     """Count this compile for its frame; warn (``strict``: raise) once a frame reaches dynamo's recompile
     limit: dynamo then runs its new variants eagerly, and new variants of the frames it calls (the resume
     function holding the attention after a graph break, say) too, all without the pass."""
     ident = current_frame(gm, fallback=graph_id)
     record = session.frames.setdefault(ident.frame, FrameRecord(ident.frame, ident.function))
     record.compiles += 1
-    record.sites = max(record.sites, sites)
     limit = recompile_limit()
     if record.at_limit or record.compiles < limit or session.mode == "off":
         return
@@ -106,7 +105,7 @@ def run_passes(gm: fx.GraphModule, session: Session) -> None:
     graph_id = session.graphs
     session.graphs += 1
     sites, declined = find_attention_sites(gm.graph)
-    _count_compile(gm, session, graph_id, len(sites))
+    _count_compile(gm, session, graph_id)
     for site in sites:
         _check_plan_fits(site, session)
     for no in declined:
