@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fkv_compile import HeadPlan
-from fkv_compile.select import compressed_attention
+from fkv_compile.modes.select import compressed_attention
 
 from common import median_seconds, write_results
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from fkv_compile.bench import median_seconds  # noqa: F401  (re-exported for the scripts)
+from fkv_compile.tools.bench import median_seconds  # noqa: F401  (re-exported for the scripts)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -46,7 +46,7 @@ def bench_geometry(name: str, frame_tokens: int, dtype: torch.dtype, limits: dic
 
     from fkv_compile.kernels.attention import range_attention
     from fkv_compile.kernels.gather import gather_tokens
-    from fkv_compile.kernels.ranges import select_ranges
+    from fkv_compile.modes.ranges import select_ranges
     from fkv_compile.kernels.similarity import segment_similarity
     from fkv_compile.semantics import window_layout
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from fkv_compile.policies import POLICIES
-from fkv_compile.quality import CONTENTS, QualityConfig, evaluate
+from fkv_compile.tools.policies import POLICIES
+from fkv_compile.tools.quality import CONTENTS, QualityConfig, evaluate
 
 from common import write_results
 

@@ -1,4 +1,4 @@
-"""The ``forcing_kv`` torch.compile backend: parse options, run the passes, hand the graph to a lowering.
+"""The ``forcing_kv`` torch.compile backend: build the config, run the passes, hand the graph to a lowering.
 
 Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so
 ``torch.compile(model, backend="forcing_kv", options={"plan": plan})`` works without importing
@@ -7,62 +7,23 @@ this package first. It must not also call ``register_backend`` (duplicate-name e
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from .kernels import KERNEL_CHOICES, KernelsError, default_kernels
-from .plan import HeadPlan
-from .runtime import LOWERINGS, MODES, Session, open_session
+from .config import Config, OptionsError
+from .modes.state import Session, open_session
+from .passes import run_passes
 
 __all__ = ["forcing_kv", "OptionsError"]
 
-OPTION_NAMES = ("plan", "mode", "lowering", "strict", "kernels")
 
-
-class OptionsError(ValueError):
-    """The backend options are malformed."""
-
-
-def _parse_options(options: Mapping[str, Any] | None) -> tuple[HeadPlan, str, str, bool, str]:
-    if options is None or "plan" not in options:
-        raise OptionsError(
-            "backend 'forcing_kv' expected options={'plan': HeadPlan or path, ...}, got no plan; "
-            "pass torch.compile(model, backend='forcing_kv', options={'plan': plan})"
-        )
-    unknown = sorted(set(options) - set(OPTION_NAMES))
-    if unknown:
-        raise OptionsError(f"backend 'forcing_kv' got unknown options {unknown}; expected some of {OPTION_NAMES}")
-    plan = options["plan"]
-    if isinstance(plan, (str, os.PathLike)):
-        plan = HeadPlan.load(plan)
-    if not isinstance(plan, HeadPlan):
-        raise OptionsError(f"option plan expected a HeadPlan or a path, got {type(plan).__name__}")
-    mode = options.get("mode", "select")
-    if mode not in MODES:
-        raise OptionsError(f"option mode expected one of {MODES}, got {mode!r}")
-    lowering = options.get("lowering", "inductor")
-    if lowering not in LOWERINGS:
-        raise OptionsError(f"option lowering expected one of {LOWERINGS}, got {lowering!r}")
-    strict = options.get("strict", False)
-    if not isinstance(strict, bool):
-        raise OptionsError(f"option strict expected a bool, got {strict!r}")
-    try:
-        kernels = options.get("kernels") or default_kernels()
-    except KernelsError as e:
-        raise OptionsError(str(e)) from None
-    if kernels not in KERNEL_CHOICES:
-        raise OptionsError(f"option kernels expected one of {KERNEL_CHOICES}, got {kernels!r}")
-    return plan, mode, lowering, strict, kernels
-
-
-def _lower(gm: fx.GraphModule, example_inputs: list[Any], session: Session, inductor_mode: str | None) -> Callable:
-    if session.lowering == "eager":
+def _lower(gm: fx.GraphModule, example_inputs: list[Any], lowering: str, inductor_mode: str | None) -> Callable:
+    if lowering == "eager":
         return gm.forward
-    if session.lowering == "aot_eager":
+    if lowering == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager
 
         return aot_eager(gm, example_inputs)
@@ -72,24 +33,31 @@ def _lower(gm: fx.GraphModule, example_inputs: list[Any], session: Session, indu
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
+def _real_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """The real tensors this graph reads: its inputs (a module's parameters and buffers among them; their
+    ``grapharg`` holds the tensor) and the attributes of the graph module itself."""
+    found = [*gm.parameters(), *gm.buffers()]
+    for node in gm.graph.find_nodes(op="placeholder"):
+        example = getattr(node.meta.get("grapharg"), "example", None)
+        if isinstance(example, torch.Tensor):
+            found.append(example)
+    return found
+
+
 def forcing_kv(
     gm: fx.GraphModule,
     example_inputs: list[Any],
     options: Mapping[str, Any] | None = None,
     mode: str | None = None,
 ) -> Callable:
-    """Dynamo backend. ``options``: ``plan`` (required), ``mode`` (``off``/``oracle``/``select``/``compact``/
-    ``profile``, default ``select``), ``lowering`` (``inductor``/``aot_eager``/``eager``), ``strict`` (raise on attention
-    over a cache that cannot be rewritten), ``kernels`` (``auto``: Triton on CUDA, torch on CPU; ``torch``; ``triton``,
-    on CPU through the interpreter; default ``$FKV_KERNELS`` or ``auto``). ``mode`` (the torch.compile argument) goes to Inductor.
-    """
+    """Dynamo backend; ``options`` are the fields of :class:`fkv_compile.Config` (``plan`` required).
+    ``mode`` (the torch.compile argument) goes to Inductor."""
     from . import ops  # noqa: F401  registers the custom ops before any graph uses them
-    from .passes import run_passes
 
-    plan, fkv_mode, lowering, strict, kernels = _parse_options(options)
-    session = open_session(options, plan, fkv_mode, lowering, strict, kernels)
-    if (session.plan, session.mode, session.lowering, session.strict, session.kernels) != (
-            plan, fkv_mode, lowering, strict, kernels):
+    config = Config.from_options(options)
+    session: Session = open_session(options, config)
+    if session.config != config:
         raise OptionsError("the options of a compiled model were changed after its first compile; compile it anew")
+    session.read(_real_tensors(gm))
     run_passes(gm, session)
-    return _lower(gm, example_inputs, session, mode)
+    return session.owns(_lower(gm, example_inputs, config.lowering, mode))

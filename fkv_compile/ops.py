@@ -1,8 +1,13 @@
-"""Custom ops the pass rewrites attention into: ``fkv::{select,oracle,profile}_attention``.
+"""Registration of the custom ops the pass rewrites graphs into (bodies live in :mod:`fkv_compile.modes`).
 
-Torch-only, fixed-arity schemas, each fake beside its op. Both take the SDPA operands in
-``[B, H, L, D]``, a per-layer key tensor and the (session, site) ids baked into the graph; the layer
-is resolved at run time (see :mod:`fkv_compile.runtime`). Outputs are fresh contiguous tensors.
+- ``fkv::select_attention``, ``fkv::oracle_attention``, ``fkv::profile_attention``: the SDPA operands
+  in ``[B, H, L, D]``, a per-layer key tensor and the (session, site) ids baked into the graph;
+- ``fkv::store_attention`` (``compact``): the chunk's cache write and the window's attention, served
+  by the layer's compact store;
+- ``fkv::store_roll`` (``compact``): the pipeline's eviction of history, on the store.
+
+Fixed-arity schemas, each fake beside its op; the layer is resolved at run time from the key tensor
+(:mod:`fkv_compile.modes.state`). Outputs are fresh contiguous tensors.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from . import runtime, semantics
-from .profile import record_call
-from .select import compressed_attention
+from . import semantics
+from .modes import state
+from .modes.profile import record_call
+from .modes.select import compressed_attention
 
 __all__ = ["select_attention", "oracle_attention", "profile_attention"]
 
@@ -23,7 +29,7 @@ def _fake_attention(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-AttentionBody = Callable[[runtime.Session, int, int, torch.Tensor, torch.Tensor, torch.Tensor, "float | None"], torch.Tensor]
+AttentionBody = Callable[[state.Session, int, int, torch.Tensor, torch.Tensor, torch.Tensor, "float | None"], torch.Tensor]
 
 
 def _attention_op(name: str, body: AttentionBody, doc: str):
@@ -39,7 +45,7 @@ def _attention_op(name: str, body: AttentionBody, doc: str):
         site: int,
         scale: float | None = None,
     ) -> torch.Tensor:
-        s = runtime.session(session)
+        s = state.session(session)
         return body(s, site, s.layer_of(site, layer_key), q, k, v, scale).contiguous()
 
     op.__doc__ = doc
@@ -48,27 +54,28 @@ def _attention_op(name: str, body: AttentionBody, doc: str):
     return registered
 
 
-def _select(s: runtime.Session, site: int, layer: int, q, k, v, scale):
+def _select(s: state.Session, site: int, layer: int, q, k, v, scale):
     if not k.untyped_storage().nbytes():
         raise RuntimeError(
             f"fkv select_attention (site {site}, layer {layer}): the KV cache buffer was released by compact mode at "
             "another site of this layer, but this site could not be served compactly (see fkv_compile.report); "
             "compile with mode='select' for this model"
         )
-    out, kept = compressed_attention(q, k, v, s.plan, layer, scale, triton=s.triton(q.device))
+    out, kept = compressed_attention(q, k, v, s.config.plan, layer, scale, s.kernels(q.device))
     s.record(site, layer, kept.kept, kept.window, kept.layout_fits)
     return out
 
 
-def _oracle(s: runtime.Session, site: int, layer: int, q, k, v, scale):
-    mask = semantics.keep_mask(k, s.plan, layer, q.shape[-2])
+def _oracle(s: state.Session, site: int, layer: int, q, k, v, scale):
+    plan = s.config.plan
+    mask = semantics.keep_mask(k, plan, layer, q.shape[-2])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, None, :], scale=scale)
-    fits = semantics.window_layout(q.shape[-2], k.shape[-2], s.plan.frame_tokens, s.plan.chunk_frames) is not None
+    fits = semantics.window_layout(q.shape[-2], k.shape[-2], plan.frame_tokens, plan.chunk_frames) is not None
     s.record(site, layer, tuple(mask.sum(-1).float().mean(0).tolist()), k.shape[-2], fits)
     return out
 
 
-def _profile(s: runtime.Session, site: int, layer: int, q, k, v, scale):
+def _profile(s: state.Session, site: int, layer: int, q, k, v, scale):
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     record_call(s, layer, q, k, scale)
     s.record(site, layer, (float(k.shape[-2]),) * q.shape[1], k.shape[-2], True)
@@ -115,7 +122,7 @@ def store_attention(
     output is used, and ``after`` holds the tokens of the rolls that must run first.
     ``cache_k``/``cache_v`` are only released (storage resized to 0) on first use.
     """
-    s = runtime.session(session)
+    s = state.session(session)
     layer = s.layer_of(site, layer_key)
     store = s.store(layer, q.device)
     store.write(k_new, v_new, write_start, write_end, (window_start, window_end))
@@ -140,7 +147,7 @@ def store_roll(
 
     Returns an empty token that the site's ``store_attention`` takes, so the roll runs before it.
     """
-    s = runtime.session(session)
+    s = state.session(session)
     s.store(s.layer_of(site, layer_key), layer_key.device).roll(dst, src, src_end - src)
     return layer_key.new_empty(0)
 

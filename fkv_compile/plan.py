@@ -16,15 +16,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["ROLES", "PlanError", "RoleParams", "HeadPlan"]
+__all__ = ["Role", "ROLES", "COMPRESSED_ROLES", "DENSE", "STATIC", "DYNAMIC", "PlanError", "RoleParams", "HeadPlan"]
 
 Role = Literal["dense", "static", "dynamic"]
-ROLES: tuple[str, ...] = ("dense", "static", "dynamic")
+DENSE: Role = "dense"  # keeps the whole window
+STATIC: Role = "static"  # sink + recent frames + the current chunk
+DYNAMIC: Role = "dynamic"  # the same, plus the candidate segments least similar to the next frame
+ROLES: tuple[Role, ...] = (DENSE, STATIC, DYNAMIC)
+COMPRESSED_ROLES: tuple[Role, ...] = (STATIC, DYNAMIC)
 SELECTIONS: tuple[str, ...] = ("layer", "head")
 # how dynamic heads choose candidate segments: Forcing-KV, or a data-independent baseline at the same budget
 SEGMENT_CHOICES: tuple[str, ...] = ("similarity", "random", "even", "recent")
 
 PLAN_TYPE = "fkv_compile.HeadPlan"
+REFERENCE_FORMAT = "forcingkv_offline_head_custom2"
+REFERENCE_EMBEDDED = "fkv_compile"  # where a reference file written by us keeps the role parameters
 PLAN_VERSION = 2  # 2: segment_choice
 
 # Key names seen (or reasonably expected) in reference-format files, per meaning.
@@ -46,7 +52,7 @@ def _check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> N
 
 @dataclass(frozen=True)
 class RoleParams:
-    """What one compressed role keeps, in frames and segments (see DESIGN.md, "The contract").
+    """What one compressed role keeps, in frames and segments (see :mod:`fkv_compile.semantics`).
 
     ``candidate_frames``, ``segments_per_frame`` and ``retention`` only matter for ``dynamic``.
     """
@@ -77,18 +83,24 @@ _ROLE_PARAM_NAMES = tuple(f.name for f in dataclasses.fields(RoleParams))
 _PLAN_WIDE = ("selection", "segment_choice")
 
 
+def _role_prefixed(key: str) -> bool:
+    """``static_recent_frames``: a role parameter for one role only."""
+    role, _, name = key.partition("_")
+    return role in COMPRESSED_ROLES and name in _ROLE_PARAM_NAMES
+
+
 def _split_role_params(params: Mapping[str, Any]) -> tuple[RoleParams, RoleParams, dict[str, Any]]:
     """``sink_frames=1`` sets both roles, ``static_sink_frames=1`` only one; ``selection`` and
     ``segment_choice`` are global (returned as plan fields)."""
     shared: dict[str, Any] = {}
-    per_role: dict[str, dict[str, Any]] = {"static": {}, "dynamic": {}}
+    per_role: dict[str, dict[str, Any]] = {role: {} for role in COMPRESSED_ROLES}
     plan_fields: dict[str, Any] = {}
     for key, value in params.items():
         if key in _PLAN_WIDE:
             plan_fields[key] = value
         elif key in _ROLE_PARAM_NAMES:
             shared[key] = value
-        elif key.startswith(("static_", "dynamic_")) and key.split("_", 1)[1] in _ROLE_PARAM_NAMES:
+        elif _role_prefixed(key):
             role, name = key.split("_", 1)
             per_role[role][name] = value
         else:
@@ -97,8 +109,8 @@ def _split_role_params(params: Mapping[str, Any]) -> tuple[RoleParams, RoleParam
                 f"unknown plan parameter {key!r}; expected one of {allowed}, optionally prefixed with "
                 "'static_' or 'dynamic_'"
             )
-    static = RoleParams(**{**shared, **per_role["static"]})
-    dynamic = RoleParams(**{**shared, **per_role["dynamic"]})
+    static = RoleParams(**{**shared, **per_role[STATIC]})
+    dynamic = RoleParams(**{**shared, **per_role[DYNAMIC]})
     return static, dynamic, plan_fields
 
 
@@ -158,10 +170,10 @@ class HeadPlan:
             raise PlanError(f"selection expected one of {SELECTIONS}, got {self.selection!r}")
         if self.segment_choice not in SEGMENT_CHOICES:
             raise PlanError(f"segment_choice expected one of {SEGMENT_CHOICES}, got {self.segment_choice!r}")
-        for name, params in (("static", self.static), ("dynamic", self.dynamic)):
+        for name, params in zip(COMPRESSED_ROLES, (self.static, self.dynamic)):
             if not isinstance(params, RoleParams):
                 raise PlanError(f"{name} expected RoleParams, got {type(params).__name__}")
-        if self.count("dynamic") and self.dynamic.segments_per_frame > self.frame_tokens:
+        if self.count(DYNAMIC) and self.dynamic.segments_per_frame > self.frame_tokens:
             raise PlanError(
                 f"dynamic.segments_per_frame expected <= frame_tokens, got segments_per_frame="
                 f"{self.dynamic.segments_per_frame}, frame_tokens={self.frame_tokens}; every segment "
@@ -187,11 +199,11 @@ class HeadPlan:
 
     def params(self, role: str) -> RoleParams:
         """The parameters of ``role`` (``dense`` has none: it keeps everything)."""
-        if role == "static":
+        if role == STATIC:
             return self.static
-        if role == "dynamic":
+        if role == DYNAMIC:
             return self.dynamic
-        raise PlanError(f"role expected 'static' or 'dynamic', got {role!r}")
+        raise PlanError(f"role expected one of {COMPRESSED_ROLES}, got {role!r}")
 
     def heads(self, layer: int, role: str) -> tuple[int, ...]:
         """Indices of the heads of ``layer`` that play ``role``."""
@@ -202,11 +214,11 @@ class HeadPlan:
 
     def frames_kept(self, role: str) -> float:
         """Frames' worth of tokens a head of ``role`` attends to once the window is long enough."""
-        if role == "dense":
+        if role == DENSE:
             raise PlanError("a dense head keeps the whole window; it has no fixed frame count")
         p = self.params(role)
         kept = p.sink_frames + p.recent_frames + self.chunk_frames
-        if role == "dynamic":
+        if role == DYNAMIC:
             kept += p.selected_segments / p.segments_per_frame
         return kept
 
@@ -235,7 +247,7 @@ class HeadPlan:
                     f"window_frames: model window of {window_frames} frames is shorter than the "
                     f"plan's chunk of {self.chunk_frames} frames"
                 )
-            for role in ("static", "dynamic"):
+            for role in COMPRESSED_ROLES:
                 if self.count(role) and self.frames_kept(role) > window_frames:
                     problems.append(
                         f"{role} budget: keeps {self.frames_kept(role):g} frames, more than the "
@@ -286,12 +298,15 @@ class HeadPlan:
 
     @classmethod
     def from_reference_json(
-        cls, path: str | os.PathLike[str], *, frame_tokens: int, chunk_frames: int, **role_params: Any
+        cls, path: str | os.PathLike[str], *, frame_tokens: int | None = None, chunk_frames: int | None = None,
+        **role_params: Any,
     ) -> HeadPlan:
         """Import a head plan in the Forcing-KV reference format (static/dynamic head lists per layer).
 
         Accepts a top-level object with ``layers`` or a bare list of layers, the key aliases listed
-        in ``_REF_*_KEYS``, and layers in any order; every head must be in exactly one list.
+        in ``_REF_*_KEYS``, and layers in any order; every head must be in exactly one list. The
+        geometry and role parameters a file written by :meth:`to_reference_dict` embeds are the
+        defaults; the arguments override them.
         """
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
@@ -324,17 +339,36 @@ class HeadPlan:
         if num_layers is not None and num_layers != len(by_index):
             raise PlanError(f"{path}: num_layers says {num_layers}, the file lists {len(by_index)} layers")
         provenance = {"source": os.path.basename(os.fspath(path))}
+        embedded = doc.get(REFERENCE_EMBEDDED, {}) if isinstance(doc, dict) else {}
         if isinstance(doc, dict):
             provenance.update({k: doc[k] for k in ("format", "profile", "description") if k in doc})
+        provenance = embedded.get("provenance") or provenance  # a round trip keeps the original provenance
+        params = {**{f"{role}_{k}": v for role in COMPRESSED_ROLES for k, v in embedded.get(role, {}).items()},
+                  **{k: embedded[k] for k in _PLAN_WIDE if k in embedded}, **role_params}
         return cls.from_roles(
             [by_index[i] for i in expected],
-            frame_tokens=frame_tokens,
-            chunk_frames=chunk_frames,
+            frame_tokens=frame_tokens if frame_tokens is not None else embedded.get("frame_tokens"),
+            chunk_frames=chunk_frames if chunk_frames is not None else embedded.get("chunk_frames"),
             provenance=provenance,
-            **role_params,
+            **params,
         )
 
     # -- serialization -------------------------------------------------------------------------
+    def to_reference_dict(self) -> dict[str, Any]:
+        """The reference format (static/dynamic head lists per layer), with the rest of the plan embedded."""
+        if self.count(DENSE):
+            raise PlanError("the reference format has no 'dense' role; this plan has dense heads")
+        data = self.to_dict()["data"]
+        return {
+            "format": REFERENCE_FORMAT,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "description": f"converted from an fkv-compile plan; role parameters kept under {REFERENCE_EMBEDDED!r}",
+            REFERENCE_EMBEDDED: {k: v for k, v in data.items() if k != "roles"},
+            "layers": [{"layer_idx": i, "static_head": list(self.heads(i, STATIC)),
+                        "dynamic_head": list(self.heads(i, DYNAMIC))} for i in range(self.num_layers)],
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "type": PLAN_TYPE,
@@ -396,7 +430,7 @@ def _first_key(entry: Mapping[str, Any], keys: Sequence[str], *, default: Any, w
 
 def _reference_row(static: Sequence[int], dynamic: Sequence[int], num_heads: int, *, where: str) -> list[str]:
     row: list[str | None] = [None] * num_heads
-    for role, heads in (("static", static), ("dynamic", dynamic)):
+    for role, heads in zip(COMPRESSED_ROLES, (static, dynamic)):
         for h in heads:
             if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < num_heads:
                 raise PlanError(f"{where}: {role} head {h!r} expected an int in [0, {num_heads})")

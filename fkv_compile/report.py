@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from .runtime import FrameRecord, LayerStats, Session, SiteRecord, session_for_options
+import torch
 
-__all__ = ["Report", "LayerRow", "MemoryRow", "MemoryReport", "report", "memory_report", "is_released", "find_options"]
+from .modes.state import FrameRecord, LayerStats, Session, SiteRecord, session_for_options, sessions_reading
+from .plan import DENSE, DYNAMIC, STATIC
+
+__all__ = ["Report", "LayerRow", "MemoryRow", "MemoryReport", "report", "memory_report", "is_released", "session_of"]
 
 
 @dataclass(frozen=True)
@@ -127,28 +132,37 @@ def _memory(session: Session) -> MemoryReport:
         per_head = store.nbytes_per_head()
         dense = session.dense_bytes.get(layer, 0)
         rows.append(MemoryRow(layer=layer, dense_bytes=dense, compact_bytes=store.nbytes(),
-                              dense_bytes_per_head=dense / session.plan.num_heads,
+                              dense_bytes_per_head=dense / session.config.plan.num_heads,
                               compact_bytes_per_head=tuple(per_head[h] for h in sorted(per_head))))
     return MemoryReport(rows=tuple(rows))
 
 
-def _session_of(compiled: Any, what: str) -> Session:
-    options = find_options(compiled)
-    session = session_for_options(options) if options is not None else None
-    if session is None:
+def session_of(compiled: Any, what: str, options: Mapping[str, Any] | None = None) -> Session:
+    """The live session of a model compiled with ``backend="forcing_kv"``: the one of the ``torch.compile`` call
+    given exactly these ``options``, else the latest compile whose graphs read the module's parameters and
+    buffers (a module compiled several times, in several modes say, is reported for its latest compile unless
+    ``options`` names another)."""
+    found: Session | None = None
+    if options is not None:
+        found = session_for_options(options)
+    elif isinstance(getattr(compiled, "_orig_mod", None), torch.nn.Module):  # what torch.compile(module) returns
+        candidates = sessions_reading(itertools.chain(compiled.parameters(), compiled.buffers()))
+        found = candidates[-1] if candidates else None
+    if found is None:
         raise ValueError(
-            f"{what} expected a model compiled with torch.compile(..., backend='forcing_kv', options={{...}}) "
-            "that has run at least once; got one without a forcing_kv session"
+            f"{what} expected the module torch.compile(module, backend='forcing_kv', options=options) returned, after "
+            f"it ran; for a compiled function or a module without parameters, pass {what}(compiled, options=options); "
+            f"got {type(compiled).__name__} without a live forcing_kv compile"
         )
-    return session
+    return found
 
 
-def memory_report(compiled: Any) -> MemoryReport:
+def memory_report(compiled: Any, options: Mapping[str, Any] | None = None) -> MemoryReport:
     """KV bytes per layer and head, dense (the released pipeline buffers) vs compact (the store), as data.
 
     Meaningful for ``mode="compact"``; other modes hold no store and report no rows.
     """
-    return _memory(_session_of(compiled, "memory_report"))
+    return _memory(session_of(compiled, "memory_report", options))
 
 
 def is_released(t: Any) -> bool:
@@ -157,15 +171,15 @@ def is_released(t: Any) -> bool:
 
 
 def _layer_row(session: Session, stats: LayerStats) -> LayerRow:
-    roles = session.plan.roles[stats.layer]
+    roles = session.config.plan.roles[stats.layer]
     kept = sum(stats.kept) / len(stats.kept) if stats.kept else 0.0
     return LayerRow(
         layer=stats.layer,
         sites=tuple(sorted(stats.sites)),
-        mode=session.mode,
-        dense_heads=roles.count("dense"),
-        static_heads=roles.count("static"),
-        dynamic_heads=roles.count("dynamic"),
+        mode=session.config.mode,
+        dense_heads=roles.count(DENSE),
+        static_heads=roles.count(STATIC),
+        dynamic_heads=roles.count(DYNAMIC),
         kept_tokens=kept,
         dense_tokens=stats.window,
         calls=stats.calls,
@@ -173,30 +187,18 @@ def _layer_row(session: Session, stats: LayerStats) -> LayerRow:
     )
 
 
-def find_options(compiled: Any) -> Any:
-    """The ``options`` mapping torch.compile handed to the backend, found on the compiled callable."""
-    ctx = getattr(compiled, "dynamo_ctx", None) or getattr(compiled, "_torchdynamo_orig_callable", None)
-    obj = getattr(ctx, "callback", None)
-    seen = 0
-    while obj is not None and seen < 16:
-        kwargs = getattr(obj, "kwargs", None)
-        if isinstance(kwargs, dict) and "options" in kwargs:
-            return kwargs["options"]
-        obj = getattr(obj, "_torchdynamo_orig_backend", None)
-        seen += 1
-    return None
-
-
-def report(compiled: Any, *, print_table: bool = True, file: TextIO | None = None) -> Report:
+def report(compiled: Any, *, print_table: bool = True, file: TextIO | None = None,
+           options: Mapping[str, Any] | None = None) -> Report:
     """The report of a model compiled with ``backend="forcing_kv"``, printed as a table to ``file``
-    (standard output by default) unless ``print_table=False``.
+    (standard output by default) unless ``print_table=False``; ``options``: the mapping it was compiled
+    with, to name one of several compiles of one model (or a compiled function).
 
     Site rows appear once a graph is compiled; layer rows once the rewritten attention ran.
     """
-    session = _session_of(compiled, "report")
+    session = session_of(compiled, "report", options)
     rows = tuple(_layer_row(session, session.layers[i]) for i in sorted(session.layers))
     memory = _memory(session) if session.stores else None
-    result = Report(mode=session.mode, graphs=session.graphs, sites=tuple(session.sites), layers=rows, memory=memory,
+    result = Report(mode=session.config.mode, graphs=session.graphs, sites=tuple(session.sites), layers=rows, memory=memory,
                     frames=tuple(session.frames.values()))
     if print_table:
         print(result.table(), file=file or sys.stdout)

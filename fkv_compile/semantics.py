@@ -1,13 +1,16 @@
 """The specification: which KV tokens each head keeps in one attention call, and the masked-dense oracle.
 
-Everything else (the select path in :mod:`fkv_compile.select`, future kernels and stores) implements
-this rule independently and is tested against it. The code here favours being obviously right over
-being fast: loops over frames and segments, plain torch, runs on CPU in float64.
+This module owns the rule: the window's geometry (which frames are sink, recent, candidates and the
+current chunk, and when a call fits the plan at all), the segment bounds, the number ``k`` of
+selected segments and the lowest-``k`` choice. The run-time paths (:mod:`fkv_compile.modes`: the
+token ranges of ``select``, the compact store, the Triton kernels fed from them) take these pieces
+from here and are tested against :func:`keep_mask` / :func:`oracle_attention`, which favour being
+obviously right over being fast: loops over frames and segments, plain torch, float64 on CPU.
 
 Shape legend: ``B`` batch, ``H`` heads, ``Lq``/``Lk`` query/key tokens, ``D`` head dim,
 ``F`` tokens per frame, ``C`` frames per chunk, ``P`` segments per frame.
 
-The rule (DESIGN.md, "The contract"; Forcing-KV, arXiv 2605.09681), for a window of
+The rule (Forcing-KV, arXiv 2605.09681; docs/design.md), for a window of
 ``n = Lk / F`` frames whose last ``C`` frames are the current chunk, ``h = n - C`` history frames:
 
 - sink = frames ``[0, min(S, h))``; recent = ``[max(S, h - R), h)``;
@@ -31,17 +34,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .plan import HeadPlan, RoleParams
+from .plan import COMPRESSED_ROLES, DENSE, DYNAMIC, HeadPlan, RoleParams
 
 __all__ = [
     "COSINE_EPS",
     "WindowLayout",
     "window_layout",
     "segment_bounds",
-    "segment_similarity",
-    "select_segments",
+    "SegmentTable",
+    "segment_table",
+    "candidate_similarity",
+    "selected_count",
+    "lowest_segments",
     "baseline_scores",
     "fixed_scores",
+    "selection_keys",
     "keep_mask",
     "oracle_attention",
     "kept_token_count",
@@ -92,6 +99,25 @@ def segment_bounds(frame_tokens: int, segments: int) -> list[tuple[int, int]]:
     return [(j * frame_tokens // segments, (j + 1) * frame_tokens // segments) for j in range(segments)]
 
 
+@dataclass(frozen=True)
+class SegmentTable:
+    """:func:`segment_bounds` of ``nc`` consecutive candidate frames as tensors, positions relative to the
+    first candidate's first token, frame-major: what the vectorized paths index with."""
+
+    start: torch.Tensor  # [nc * P] int64
+    end: torch.Tensor  # [nc * P] int64
+    max_length: int
+
+
+@functools.lru_cache(maxsize=256)
+def segment_table(frame_tokens: int, segments: int, num_candidates: int, device: torch.device) -> SegmentTable:
+    bounds = torch.tensor(segment_bounds(frame_tokens, segments), dtype=torch.long).reshape(segments, 2)
+    offsets = torch.arange(num_candidates)[:, None] * frame_tokens
+    start, end = (offsets + bounds[:, 0]).flatten(), (offsets + bounds[:, 1]).flatten()
+    max_length = int((bounds[:, 1] - bounds[:, 0]).max())
+    return SegmentTable(start=start.to(device), end=end.to(device), max_length=max_length)
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine over the last dim, computed in at least float32."""
     dtype = torch.promote_types(a.dtype, torch.float32)
@@ -101,7 +127,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1) / (na * nb)
 
 
-def segment_similarity(keys: torch.Tensor, layout: WindowLayout, p: RoleParams) -> torch.Tensor:
+def candidate_similarity(keys: torch.Tensor, layout: WindowLayout, p: RoleParams) -> torch.Tensor:
     """Similarity of every candidate segment, frame-major.
 
     keys: ``[B, G, Lk, E]``: ``G`` independent selections (one per head, or 1 for heads
@@ -119,10 +145,16 @@ def segment_similarity(keys: torch.Tensor, layout: WindowLayout, p: RoleParams) 
     return torch.stack(sims, dim=-1)
 
 
-def select_segments(similarity: torch.Tensor, p: RoleParams) -> torch.Tensor:
-    """Indices of the ``k`` lowest similarities along the last dim, ties to the lower index, sorted."""
-    k = min(p.selected_segments, similarity.shape[-1])
-    order = torch.sort(similarity, dim=-1, stable=True).indices[..., :k]
+def selected_count(p: RoleParams, available: int) -> int:
+    """``k``: the segments a dynamic head selects among ``available`` candidate segments."""
+    return min(p.selected_segments, available)
+
+
+def lowest_segments(scores: torch.Tensor, p: RoleParams) -> torch.Tensor:
+    """The keep rule's choice: indices ``[..., k]`` of the ``k`` lowest ``scores`` along the last dim, ties to
+    the lower index, in increasing (window) order."""
+    k = selected_count(p, scores.shape[-1])
+    order = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
     return torch.sort(order, dim=-1).values
 
 
@@ -150,10 +182,10 @@ def fixed_scores(choice: str, p: RoleParams, num_candidates: int, batch: int, gr
     if choice == "similarity":
         return None
     n = num_candidates * p.segments_per_frame
-    return baseline_scores(choice, n, min(p.selected_segments, n), device).expand(batch, groups, n)
+    return baseline_scores(choice, n, selected_count(p, n), device).expand(batch, groups, n)
 
 
-def _selection_keys(k: torch.Tensor, heads: tuple[int, ...], selection: str) -> torch.Tensor:
+def selection_keys(k: torch.Tensor, heads: tuple[int, ...], selection: str) -> torch.Tensor:
     """``[B, G, Lk, E]`` keys the selection runs over: per head, or dynamic heads concatenated."""
     dyn = k[:, list(heads)]  # [B, Hd, Lk, D]
     if selection == "head":
@@ -170,7 +202,7 @@ def keep_mask(k: torch.Tensor, plan: HeadPlan, layer: int, lq: int) -> torch.Ten
     layout = window_layout(lq, lk, plan.frame_tokens, plan.chunk_frames)
     if layout is None:
         return mask
-    for role in ("static", "dynamic"):
+    for role in COMPRESSED_ROLES:
         heads = plan.heads(layer, role)
         if not heads:
             continue
@@ -180,12 +212,12 @@ def keep_mask(k: torch.Tensor, plan: HeadPlan, layer: int, lq: int) -> torch.Ten
             t = layout.tokens(frames)
             fixed[t.start : t.stop] = True
         role_mask = fixed.expand(b, len(heads), lk).clone()
-        if role == "dynamic":
-            keys = _selection_keys(k, heads, plan.selection)
+        if role == DYNAMIC:
+            keys = selection_keys(k, heads, plan.selection)
             scores = fixed_scores(plan.segment_choice, p, len(layout.candidates(p)), b, keys.shape[1], k.device)
             if scores is None:
-                scores = segment_similarity(keys, layout, p)
-            chosen = select_segments(scores, p)  # [B, G, k]
+                scores = candidate_similarity(keys, layout, p)
+            chosen = lowest_segments(scores, p)  # [B, G, k]
             bounds = segment_bounds(layout.frame_tokens, p.segments_per_frame)
             candidates = list(layout.candidates(p))
             for bi in range(b):
@@ -223,12 +255,12 @@ def kept_token_count(plan: HeadPlan, role: str, frames: int) -> float:
     Selected segments count at their mean length ``F / P``; windows shorter than a chunk are dense.
     """
     f = plan.frame_tokens
-    if role == "dense" or frames < plan.chunk_frames:
+    if role == DENSE or frames < plan.chunk_frames:
         return float(frames * f)
     layout = WindowLayout(frame_tokens=f, chunk_frames=plan.chunk_frames, frames=frames)
     p = plan.params(role)
     kept = sum(len(layout.tokens(r)) for r in (layout.sink(p), layout.recent(p), layout.current()))
-    if role == "dynamic":
+    if role == DYNAMIC:
         available = len(layout.candidates(p)) * p.segments_per_frame
-        kept += min(p.selected_segments, available) * f / p.segments_per_frame
+        kept += selected_count(p, available) * f / p.segments_per_frame
     return float(kept)

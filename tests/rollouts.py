@@ -6,7 +6,7 @@ import torch
 
 from fkv_compile import HeadPlan
 from fkv_compile.models import MiniConfig, build, make_inputs, new_caches, rollout
-from fkv_compile.testing import OracleAttentionMode
+from fkv_compile.tools.testing import OracleAttentionMode
 
 WINDOWED = MiniConfig(num_layers=2, window_frames=12, sink_frames=3)
 GLOBAL = MiniConfig(num_layers=2, window_frames=None, num_frames=21)

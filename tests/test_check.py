@@ -1,4 +1,4 @@
-"""Equivalence checking for users' CI: ``fkv check`` and ``fkv_compile.testing.assert_equivalent``."""
+"""Equivalence checking for users' CI: ``fkv check`` and ``fkv_compile.tools.testing.assert_equivalent``."""
 
 import json
 import textwrap
@@ -8,7 +8,7 @@ import torch
 
 from fkv_compile import HeadPlan, RecompileLimitWarning
 from fkv_compile.models import MiniConfig, build, make_inputs, rollout
-from fkv_compile.testing import assert_equivalent
+from fkv_compile.tools.testing import assert_equivalent
 
 from rollouts import mixed_plan
 from test_cli import fkv

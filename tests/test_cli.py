@@ -15,7 +15,7 @@ REFERENCE = Path(__file__).resolve().parent / "data" / "head_plans" / "forcingkv
 
 
 def fkv(*args, cwd=None, env=None, ok=True):
-    result = subprocess.run([sys.executable, "-m", "fkv_compile.cli", *map(str, args)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "fkv_compile.tools.cli", *map(str, args)], capture_output=True, text=True,
                             timeout=600, cwd=cwd, env=env)
     if ok:
         assert result.returncode == 0, result.stderr[-3000:]

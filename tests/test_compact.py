@@ -6,10 +6,9 @@ import torch
 import fkv_compile
 from fkv_compile import SiteError
 from fkv_compile.models import new_caches, rollout
-from fkv_compile.policies import policy_plan
-from fkv_compile.report import find_options
-from fkv_compile.runtime import session_for_options
-from fkv_compile.testing import assert_within_budget, error_budget, max_abs_error
+from fkv_compile.tools.policies import policy_plan
+from fkv_compile.report import session_of
+from fkv_compile.tools.testing import assert_within_budget, error_budget, max_abs_error
 
 from rollouts import GLOBAL, WINDOWED, cases, mixed_plan, run_compiled, run_eager_oracle, setup, to64
 
@@ -59,7 +58,7 @@ def test_dense_buffers_are_released_and_the_store_adds_up_to_the_report():
     assert all(c[name].untyped_storage().nbytes() == 0 for c in kv for name in ("k", "v"))
     mem = fkv_compile.memory_report(compiled)
     assert mem.dense_bytes == dense_bytes
-    session_stores = session_for_options(find_options(compiled)).stores
+    session_stores = session_of(compiled, "test").stores
     tensors = [t for s in session_stores.values() for g in s.groups
                for t in (g.held.k, g.held.v, g.held.pos) + ((g.held.valid,) if g.held.valid is not None else ())]
     assert mem.compact_bytes == sum(t.nbytes for t in tensors)

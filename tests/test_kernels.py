@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 from fkv_compile import HeadPlan, kernels  # noqa: E402
-from fkv_compile.kernels import KernelsError, use_triton  # noqa: E402
-from fkv_compile.semantics import WindowLayout, _selection_keys, keep_mask, oracle_attention  # noqa: E402
-from fkv_compile.testing import assert_within_budget, error_budget, selection_margin  # noqa: E402
+from fkv_compile.config import Config, OptionsError  # noqa: E402
+from fkv_compile.modes.dispatch import TORCH, KernelsError, kernels_for  # noqa: E402
+from fkv_compile.semantics import WindowLayout, keep_mask, oracle_attention, selection_keys  # noqa: E402
+from fkv_compile.tools.testing import assert_within_budget, error_budget, selection_margin  # noqa: E402
 
 from strategies import attention_inputs, plans  # noqa: E402
 
@@ -26,12 +27,14 @@ if not kernels.interpreting():
     pytest.skip("the kernel tests run the Triton interpreter: TRITON_INTERPRET=1 before Triton's import",
                 allow_module_level=True)
 
+TRITON = kernels_for("triton", "cpu")
+
 from fkv_compile.kernels.attention import range_attention  # noqa: E402
 from fkv_compile.kernels.gather import gather_tokens  # noqa: E402
-from fkv_compile.kernels.ranges import mask_runs, select_ranges  # noqa: E402
+from fkv_compile.modes.ranges import mask_runs, select_ranges  # noqa: E402
 from fkv_compile.kernels.similarity import segment_similarity  # noqa: E402
 from fkv_compile.kernels.tuning import TunedKernel, TuningCache  # noqa: E402
-from fkv_compile.select import compressed_attention  # noqa: E402
+from fkv_compile.modes.select import compressed_attention  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # the interpreter costs about a second per example here: at most 20 per property unless asked for more
@@ -131,9 +134,9 @@ def test_segment_similarity_matches_the_keep_rule(dtype, data):
     k = torch.randn(2, frames * plan.frame_tokens, plan.num_heads, d, generator=gen).to(dtype).transpose(1, 2)
     heads = plan.heads(0, "dynamic")
     groups = torch.tensor([list(heads)] if plan.selection == "layer" else [[h] for h in heads])
-    from fkv_compile.semantics import segment_similarity as reference
+    from fkv_compile.semantics import candidate_similarity as reference
 
-    expected = reference(_selection_keys(k.double(), heads, plan.selection), layout, plan.dynamic)
+    expected = reference(selection_keys(k.double(), heads, plan.selection), layout, plan.dynamic)
     got = segment_similarity(k, groups, cands.start, len(cands), plan.frame_tokens, plan.dynamic.segments_per_frame)
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
 
@@ -171,7 +174,7 @@ def test_select_ranges_are_the_keep_mask(data):
     from fkv_compile.semantics import window_layout
 
     layout = window_layout(q.shape[2], k.shape[2], plan.frame_tokens, plan.chunk_frames)
-    starts, ends = select_ranges(k, plan, 0, layout)
+    starts, ends = select_ranges(k, plan, 0, layout, TRITON)
     assert torch.equal(_ranges_mask(starts, ends, k.shape[2]), keep_mask(k, plan, 0, q.shape[2]))
     assert bool(((ends - starts).sum(-1) == keep_mask(k, plan, 0, q.shape[2]).sum(-1)).all()), "ranges overlap"
 
@@ -185,7 +188,7 @@ def test_select_through_triton_equals_the_torch_path_and_the_oracle(dtype, data)
     assume(selection_margin(k, plan, 0, q.shape[2]) > 1e-5)
     ref = oracle_attention(q.double(), k.double(), v.double(), plan, 0)
     torch_out, torch_kept = compressed_attention(q, k, v, plan, 0)
-    out, kept = compressed_attention(q, k, v, plan, 0, triton=True)
+    out, kept = compressed_attention(q, k, v, plan, 0, kernels=TRITON)
     budget = error_budget(torch_out, ref, floor=4 * torch.finfo(dtype).eps)
     assert_within_budget(out, ref, budget, f"triton select {dtype}")
     assert kept.kept == pytest.approx(torch_kept.kept)
@@ -193,7 +196,7 @@ def test_select_through_triton_equals_the_torch_path_and_the_oracle(dtype, data)
 
 def test_the_custom_ops_give_the_same_result_through_triton_and_torch():
     from fkv_compile import ops  # noqa: F401
-    from fkv_compile.runtime import open_session
+    from fkv_compile.modes.state import open_session
 
     plan = HeadPlan.from_roles([["static", "dynamic", "dense", "dynamic"]], frame_tokens=6, chunk_frames=2,
                                segments_per_frame=3, candidate_frames=2)
@@ -202,40 +205,43 @@ def test_the_custom_ops_give_the_same_result_through_triton_and_torch():
     key = torch.randn(3)
     outs = {}
     for choice in ("torch", "triton"):
-        s = open_session({"plan": plan, "kernels": choice}, plan, "select", "eager", False, choice)
+        options = {"plan": plan, "kernels": choice, "lowering": "eager"}
+        s = open_session(options, Config.from_options(options))
         s.new_site(graph=0, node="sdpa", pattern="cache-window", action="rewritten", layer_key="param")
         outs[choice] = torch.ops.fkv.select_attention(q, k, v, key, s.id, 0, None)
-        assert s.triton(q.device) == (choice == "triton")
+        assert s.kernels(q.device).triton == (choice == "triton")
     torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-5, atol=1e-5)
 
 
 def test_dispatch_rules():
-    cpu = torch.device("cpu")
-    assert not use_triton("auto", cpu) and not use_triton("torch", cpu) and use_triton("triton", cpu)
-    assert not use_triton("torch", torch.device("cuda"))
+    assert kernels_for("auto", "cpu") is TORCH and kernels_for("torch", "cpu") is TORCH
+    assert kernels_for("triton", "cpu").triton and kernels_for("triton", "cpu") is kernels_for("triton", "cpu")
+    assert kernels_for("torch", "cuda") is TORCH
     with pytest.raises(KernelsError, match="expected one of"):
-        use_triton("cuda", cpu)
+        kernels_for("cuda", "cpu")
 
 
 def test_forcing_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(KernelsError, match="TRITON_INTERPRET=1"):
-        use_triton("triton", torch.device("cpu"))
+    kernels_for.cache_clear()
+    try:
+        with pytest.raises(KernelsError, match="TRITON_INTERPRET=1"):
+            kernels_for("triton", "cpu")
+    finally:
+        kernels_for.cache_clear()
 
 
 def test_the_kernels_option_and_environment_are_validated(monkeypatch):
-    from fkv_compile.backend import OptionsError, _parse_options
-
     plan = HeadPlan.uniform("static", num_layers=1, num_heads=1, frame_tokens=2, chunk_frames=1)
-    assert _parse_options({"plan": plan})[4] == "auto"
-    assert _parse_options({"plan": plan, "kernels": "triton"})[4] == "triton"
+    assert Config.from_options({"plan": plan}).kernels == "auto"
+    assert Config.from_options({"plan": plan, "kernels": "triton"}).kernels == "triton"
     with pytest.raises(OptionsError, match="option kernels expected"):
-        _parse_options({"plan": plan, "kernels": "cuda"})
+        Config.from_options({"plan": plan, "kernels": "cuda"})
     monkeypatch.setenv("FKV_KERNELS", "triton")
-    assert _parse_options({"plan": plan})[4] == "triton"
+    assert Config.from_options({"plan": plan}).kernels == "triton"
     monkeypatch.setenv("FKV_KERNELS", "fast")
     with pytest.raises(OptionsError, match="FKV_KERNELS"):
-        _parse_options({"plan": plan})
+        Config.from_options({"plan": plan})
 
 
 # -- the persisted autotune cache ------------------------------------------------------------------------

@@ -5,12 +5,14 @@ import torch
 
 from fkv_compile import HeadPlan
 from fkv_compile import ops  # noqa: F401  registers torch.ops.fkv
-from fkv_compile.runtime import open_session
+from fkv_compile.config import Config
+from fkv_compile.modes.state import open_session
 from fkv_compile.semantics import oracle_attention
 
 
 def _session(plan):
-    return open_session({"plan": plan}, plan, "select", "eager", False)
+    options = {"plan": plan, "lowering": "eager"}
+    return open_session(options, Config.from_options(options))
 
 
 @pytest.mark.parametrize("op", ["select_attention", "oracle_attention"])

@@ -11,9 +11,9 @@ import fkv_compile
 from fkv_compile import HeadPlan
 from fkv_compile.models import MiniConfig, build, make_inputs, new_caches, rollout
 from fkv_compile.models.rollout import DENOISING_STEPS, recache
-from fkv_compile.store import StoreError
+from fkv_compile.modes.store import StoreError
 from fkv_compile.semantics import oracle_attention
-from fkv_compile.testing import assert_within_budget, error_budget
+from fkv_compile.tools.testing import assert_within_budget, error_budget
 
 from rollouts import cases, mixed_plan, run_eager_oracle, to64
 

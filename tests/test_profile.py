@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from fkv_compile import HeadPlan, PlanError
 from fkv_compile.models import rollout
 from fkv_compile.models.planted import PlantedAttentionStack, PlantedConfig, planted_rollout
-from fkv_compile.profile import MassRecord, Profile, ProfileSettings, collect, frame_mass, tag
+from fkv_compile.modes.profile import MassRecord, frame_mass, tag
+from fkv_compile.tools.profiling import Profile, ProfileSettings, collect
 
 from rollouts import WINDOWED, run_compiled, setup
 

@@ -7,9 +7,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fkv_compile import HeadPlan
-from fkv_compile.select import compressed_attention
+from fkv_compile.modes.select import compressed_attention
 from fkv_compile.semantics import keep_mask, oracle_attention
-from fkv_compile.testing import assert_within_budget, error_budget, selection_margin
+from fkv_compile.tools.testing import assert_within_budget, error_budget, selection_margin
 
 from strategies import attention_inputs, plans
 

@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 from fkv_compile import HeadPlan
 from fkv_compile.plan import SEGMENT_CHOICES
 from fkv_compile.semantics import keep_mask, oracle_attention
-from fkv_compile.store import LayerStore
-from fkv_compile.testing import selection_margin
+from fkv_compile.modes.dispatch import kernels_for
+from fkv_compile.modes.store import LayerStore
+from fkv_compile.tools.testing import selection_margin
 
 
 class DenseCache:
@@ -73,7 +74,7 @@ def test_store_keeps_what_the_rule_keeps_on_the_dense_window(triton, dtype, tol,
     gen = torch.Generator().manual_seed(seed)
     h, d, f = plan.num_heads, 4, plan.frame_tokens
     cache = DenseCache(b, h, d, f, frames, model_sink, dtype)
-    store = LayerStore(plan, 0, triton=triton)
+    store = LayerStore(plan, 0, kernels_for("triton" if triton else "torch", "cpu"))
     for repeats in writes:
         for step in range(repeats):
             k = torch.randn(b, plan.chunk_tokens, h, d, generator=gen, dtype=dtype)
@@ -104,7 +105,7 @@ def test_memory_is_bounded_by_the_plan_not_the_video():
 
 
 def test_plans_the_store_cannot_serve_exactly_are_refused():
-    from fkv_compile.store import StoreError, compact_unsupported
+    from fkv_compile.modes.store import StoreError, compact_unsupported
 
     base = dict(frame_tokens=4, chunk_frames=2, segments_per_frame=2)
     assert compact_unsupported(HeadPlan.from_roles([["static", "dynamic"]], **base, candidate_frames=2)) is None

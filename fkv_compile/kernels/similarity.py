@@ -4,7 +4,8 @@ Similarity of a segment = mean over its tokens of the cosine between the token's
 of the same token one frame later, the key being the concatenation of a selection group's heads
 (one group of all dynamic heads for ``selection="layer"``, one group per head for ``"head"``).
 One program per (segment, batch item, group) streams the segment's tokens in blocks and the
-group's heads one by one, accumulating dot products and squared norms in fp32.
+group's heads one by one, accumulating dot products and squared norms in fp32. The segments'
+bounds come from :func:`fkv_compile.semantics.segment_table` (the keep rule's own).
 
 Shape legend: ``B`` batch, ``H`` heads of the keys, ``L`` tokens, ``D`` head dim, ``F`` frame tokens,
 ``P`` segments per frame, ``G`` groups of ``Hg`` heads each.
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..semantics import COSINE_EPS
+from ..semantics import COSINE_EPS, segment_table
 from . import interpreting
 from .tuning import TunedKernel
 
@@ -25,8 +26,8 @@ __all__ = ["segment_similarity", "SIMILARITY"]
 
 @triton.jit
 def _segment_similarity_kernel(
-    K, SIM, HEADS,
-    first_token, F, P, S, G, HG,
+    K, SIM, HEADS, SEG_START, SEG_END,
+    first_token, F, S, G, HG,
     s_kb, s_kh, s_kl, s_kd,
     eps,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -35,11 +36,9 @@ def _segment_similarity_kernel(
     pid_bg = tl.program_id(1)
     b = pid_bg // G
     g = pid_bg % G
-    frame = seg // P
-    j = seg % P
-    seg_start = j * F // P
-    seg_end = (j + 1) * F // P
-    here_base = K + b * s_kb + (first_token + frame * F) * s_kl
+    seg_start = tl.load(SEG_START + seg)  # tokens after first_token, frame-major
+    seg_end = tl.load(SEG_END + seg)
+    here_base = K + b * s_kb + first_token * s_kl
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -98,10 +97,11 @@ def segment_similarity(
     sim = torch.empty((b, g, count), device=keys.device, dtype=torch.float32)
     if count == 0:
         return sim
+    table = segment_table(frame_tokens, segments, num_candidates, keys.device)
     SIMILARITY.launch(
         lambda meta: (count, b * g), keys.device,
-        keys, sim, groups,
-        first_frame * frame_tokens, frame_tokens, segments, count, g, hg,
+        keys, sim, groups, table.start.to(torch.int32), table.end.to(torch.int32),
+        first_frame * frame_tokens, frame_tokens, count, g, hg,
         *keys.stride(), COSINE_EPS,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
     )

@@ -98,7 +98,7 @@ def planted_rollout(
     on_chunk: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
     """``num_frames / chunk_frames`` chunks of ``steps`` forwards each on random inputs, tagged for profiling."""
-    from ..profile import tag
+    from ..modes.profile import tag
 
     gen = torch.Generator().manual_seed(seed)
     caches = planted_caches(cfg, batch)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..profile import tag
+from ..modes.profile import tag
 from .self_forcing import CausalVideoDiT, CrossCache, KVCache, MiniConfig, write_index
 
 __all__ = ["RolloutInputs", "make_inputs", "new_caches", "rollout", "recache", "build"]
@@ -91,7 +91,7 @@ def rollout(
     Flow matching: ``x_t = (1 - t) x0 + t noise``, the model predicts ``noise - x0``. The clean
     pass at ``t = 0`` writes the chunk's keys and values into the caches for the next chunk.
     ``caches`` (fresh, from :func:`new_caches`) lets the caller watch them; by default they are new.
-    Every forward is tagged with its chunk and step for the profiler (:func:`fkv_compile.profile.tag`).
+    Every forward is tagged with its chunk and step for the profiler (:func:`fkv_compile.tag`).
     """
     batch, dtype, device = inputs.context.shape[0], inputs.context.dtype, inputs.context.device
     kv_cache, cross_cache = caches if caches is not None else new_caches(cfg, batch=batch, dtype=dtype, device=device)

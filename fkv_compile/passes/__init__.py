@@ -10,8 +10,12 @@ Invariants every pass keeps:
   cache storage of sites whose every cache access they replaced (see :mod:`.compact`);
 - no dead-code elimination: ``eliminate_dead_code`` on a dynamo graph deletes in-place cache
   writes (``setitem``, ``fill_``), so the passes erase only the nodes they replace;
-- no buffers owned by the backend inside the graph: run-time state lives in
-  :mod:`fkv_compile.runtime`, reached through integer ids baked into the op calls.
+- no buffers owned by the backend inside the graph: run-time state lives in the session
+  (:mod:`fkv_compile.modes.state`), reached through integer ids baked into the op calls.
+
+:func:`run_passes` runs, in order: count the compile for its frame (recompile limit), find the
+attention sites, check the plan against their traced shapes, record the declined calls, rewrite the
+sites for the mode.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ import warnings
 
 import torch.fx as fx
 
+from ..modes.state import FrameRecord, Session, SiteAction
+from ..modes.store import compact_unsupported
 from ..plan import PlanError
-from ..runtime import FrameRecord, Session
-from .attention import AttentionSite, Declined, find_attention_sites
-from ..store import compact_unsupported
+from .attention import AttentionSite, CachePattern, Declined, find_attention_sites
 from .compact import CacheAccesses, match_compact
 from .frames import current_frame, recompile_limit
 from .rewrite import lint_and_recompile, rewrite_compact, rewrite_site
@@ -51,7 +55,7 @@ def _count_compile(gm: fx.GraphModule, session: Session, graph_id: int) -> None:
     record = session.frames.setdefault(ident.frame, FrameRecord(ident.frame, ident.function))
     record.compiles += 1
     limit = recompile_limit()
-    if record.at_limit or record.compiles < limit or session.mode == "off":
+    if record.at_limit or record.compiles < limit or session.config.mode == "off":
         return
     record.at_limit = True
     message = (
@@ -62,19 +66,19 @@ def _count_compile(gm: fx.GraphModule, session: Session, graph_id: int) -> None:
         "with the default dynamic=None, or raise torch._dynamo.config.recompile_limit (every new position then "
         "compiles)"
     )
-    if session.strict:
+    if session.config.strict:
         raise SiteError(f"strict: {message}")
     warnings.warn(message, RecompileLimitWarning, stacklevel=2)
 
 
 def _check_plan_fits(site: AttentionSite, session: Session) -> None:
     """Heads and frame geometry of the plan against the shapes traced at this site (static sizes only)."""
-    plan = session.plan
+    plan = session.config.plan
     heads = site.q.meta["example_value"].shape[1 if site.layout == "bhld" else 2]
     where = f"the attention at {site.node.name} (keys from {site.k_window.source})"
     if isinstance(heads, int) and heads != plan.num_heads:
         raise PlanError(f"plan does not match the model: num_heads: plan has {plan.num_heads}, {where} has {heads}")
-    grown = site.k_window.pattern in ("cat-growth", "window-input")
+    grown = site.k_window.grown
     # a preallocated cache's size is the longest window; a grown one's (or a window's from an earlier graph)
     # is only known per call
     read = site.k_window.read if grown else site.k_window.cache
@@ -90,50 +94,62 @@ def _check_plan_fits(site: AttentionSite, session: Session) -> None:
         plan.validate_geometry(window_frames=cache_tokens // plan.frame_tokens)
 
 
+_NOT_OWNED = {
+    CachePattern.CAT_GROWTH: "the pipeline keeps the grown tensors",
+    CachePattern.CAT_WINDOW: "the pipeline copies its per-layer clone back into the cache after all layers",
+    CachePattern.WINDOW_INPUT: "the window is read in an earlier graph, where its cache stays dense",
+}
+
+
 def _compact_pattern(site: AttentionSite) -> str | None:
     """Why ``compact`` cannot own this site's cache by its pattern alone, or ``None``."""
-    owner = {"cat-growth": "the pipeline keeps the grown tensors",
-             "cat-window": "the pipeline copies its per-layer clone back into the cache after all layers",
-             "window-input": "the window is read in an earlier graph, where its cache stays dense"}
-    if site.k_window.pattern in owner:
-        return f"NYI: compact for {site.k_window.pattern} caches ({owner[site.k_window.pattern]})"
-    return None
+    pattern = site.k_window.pattern
+    return f"NYI: compact for {pattern} caches ({_NOT_OWNED[pattern]})" if pattern in _NOT_OWNED else None
+
+
+def _record_declined(declined: list[Declined], session: Session, graph_id: int) -> None:
+    for no in declined:
+        if no.candidate and session.config.strict:
+            raise SiteError(f"strict: attention {no.node.name} in graph {graph_id} left dense: {no.reason}")
+        session.new_site(graph=graph_id, node=no.node.name, pattern="-", action=SiteAction.LEFT_ALONE, reason=no.reason)
+        log.info("graph %d: %s left alone: %s", graph_id, no.node.name, no.reason)
+
+
+def _rewrite(gm: fx.GraphModule, site: AttentionSite, session: Session, graph_id: int) -> None:
+    config = session.config
+    record = session.new_site(
+        graph=graph_id,
+        node=site.node.name,
+        pattern=site.pattern + (" (+writes)" if site.writes_in_graph else ""),
+        action=SiteAction.FOUND if config.mode == "off" else SiteAction.REWRITTEN,
+        cache=site.k_window.source,
+        layer_key=site.layer_key_kind,
+    )
+    if config.mode == "compact":
+        accesses = compact_unsupported(config.plan) or _compact_pattern(site) or match_compact(site)
+        if isinstance(accesses, CacheAccesses):
+            rewrite_compact(gm, site, accesses, session=session.id, site_id=record.site)
+            record.action = SiteAction.COMPACT
+        else:
+            if config.strict:
+                raise SiteError(f"strict: attention {site.node.name} in graph {graph_id} not compact: {accesses}")
+            rewrite_site(gm, site, mode="select", session=session.id, site_id=record.site)
+            record.action, record.reason = SiteAction.SELECT, f"compact fell back to select: {accesses}"
+    elif config.mode != "off":
+        rewrite_site(gm, site, mode=config.mode, session=session.id, site_id=record.site)
+    log.info("graph %d: %s over %s: %s %s", graph_id, site.node.name, record.cache, record.action, record.reason)
 
 
 def run_passes(gm: fx.GraphModule, session: Session) -> None:
     """Find the attention sites of ``gm``, record them in ``session``, and rewrite them per its mode."""
     graph_id = session.graphs
     session.graphs += 1
-    sites, declined = find_attention_sites(gm.graph)
     _count_compile(gm, session, graph_id)
+    sites, declined = find_attention_sites(gm.graph)
     for site in sites:
         _check_plan_fits(site, session)
-    for no in declined:
-        if no.candidate and session.strict:
-            raise SiteError(f"strict: attention {no.node.name} in graph {graph_id} left dense: {no.reason}")
-        session.new_site(graph=graph_id, node=no.node.name, pattern="-", action="left alone", reason=no.reason)
-        log.info("graph %d: %s left alone: %s", graph_id, no.node.name, no.reason)
+    _record_declined(declined, session, graph_id)
     for site in sites:
-        record = session.new_site(
-            graph=graph_id,
-            node=site.node.name,
-            pattern=site.pattern + (" (+writes)" if site.writes_in_graph else ""),
-            action="found" if session.mode == "off" else "rewritten",
-            cache=site.k_window.source,
-            layer_key=site.layer_key_kind,
-        )
-        if session.mode == "compact":
-            accesses = compact_unsupported(session.plan) or _compact_pattern(site) or match_compact(site)
-            if isinstance(accesses, CacheAccesses):
-                rewrite_compact(gm, site, accesses, session=session.id, site_id=record.site)
-                record.action = "compact"
-            else:
-                if session.strict:
-                    raise SiteError(f"strict: attention {site.node.name} in graph {graph_id} not compact: {accesses}")
-                rewrite_site(gm, site, mode="select", session=session.id, site_id=record.site)
-                record.action, record.reason = "select", f"compact fell back to select: {accesses}"
-        elif session.mode != "off":
-            rewrite_site(gm, site, mode=session.mode, session=session.id, site_id=record.site)
-        log.info("graph %d: %s over %s: %s %s", graph_id, site.node.name, record.cache, record.action, record.reason)
-    if sites and session.mode != "off":
+        _rewrite(gm, site, session, graph_id)
+    if sites and session.config.mode != "off":
         lint_and_recompile(gm)

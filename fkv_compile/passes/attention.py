@@ -13,11 +13,12 @@ A site is an attention call (SDPA, or hand-written ``softmax(q @ k^T * s) @ v``,
   between the window read and the attention): its example value is a view of a larger buffer along
   one dim, which dynamo records for inputs that alias (a fresh tensor, e.g. cross-attention's K, is not).
 
-Matchers return a dataclass or a reason string; they never raise.
+Matchers return a dataclass or a :class:`NotAWindow` / reason string; they never raise.
 """
 
 from __future__ import annotations
 
+import enum
 import operator
 from collections import deque
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ import torch.nn.functional as F
 from .manual_attention import ManualAttention, match_manual_attention
 from .varlen_attention import VarlenAttention, arguments, is_flatten, match_varlen_attention
 
-__all__ = ["AttentionSite", "Declined", "find_attention_sites", "is_attention"]
+__all__ = ["AttentionSite", "CachePattern", "CacheWindow", "Declined", "NotAWindow", "Miss", "find_attention_sites",
+           "is_attention"]
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 # methods and functions that neither move tokens between positions nor change values (bar casts)
@@ -42,15 +44,52 @@ _VIEW_FUNCTIONS = frozenset(
 )
 
 
+class CachePattern(str, enum.Enum):
+    """How an attention's keys and values are read from a KV cache (module docstring)."""
+
+    CACHE_WINDOW = "cache-window"
+    CAT_GROWTH = "cat-growth"
+    CAT_WINDOW = "cat-window"
+    WINDOW_INPUT = "window-input"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
 @dataclass(frozen=True)
 class CacheWindow:
-    """``cache[..., start:stop, ...]``: a slice of a graph input along one dim."""
+    """``cache[..., start:stop, ...]``: a slice of a graph input along one dim (or a concatenation, see
+    :class:`CachePattern`)."""
 
     cache: fx.Node
     read: fx.Node
     source: str
     dim: int  # the sliced (token) dim of the cache
-    pattern: str = "cache-window"  # or "cat-growth"
+    pattern: CachePattern = CachePattern.CACHE_WINDOW
+
+    @property
+    def grown(self) -> bool:
+        """The cache's length is only known per call (a grown tensor, or a window taken in an earlier graph)."""
+        return self.pattern in (CachePattern.CAT_GROWTH, CachePattern.WINDOW_INPUT)
+
+
+class Miss(enum.Enum):
+    """Why an attention operand is not a cache window, where the caller's decision depends on it."""
+
+    OTHER = enum.auto()
+    WHOLE_INPUT = enum.auto()  # a whole graph input: cross-attention, or computed outside this graph
+    ORDER_DEPENDENT = enum.auto()  # recomputed from a cache at every call: which tokens are kept depends on the call
+
+
+@dataclass(frozen=True)
+class NotAWindow:
+    """An operand that is not a window of a KV cache, and why."""
+
+    kind: Miss
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -118,25 +157,27 @@ def _through_views(node: object) -> object:
     return node
 
 
-def _trace_cat(cat: fx.Node) -> CacheWindow | str:
+def _trace_cat(cat: fx.Node) -> CacheWindow | NotAWindow:
     """``torch.cat([history, new], dim)`` with ``history`` a cache input (or a slice of it along ``dim``)."""
     parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
     dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
     if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not isinstance(dim, int):
-        return "keys/values are a concatenation the pass does not support (expected [history, new] along one dim)"
+        return NotAWindow(Miss.OTHER, "keys/values are a concatenation the pass does not support (expected [history, "
+                          "new] along one dim)")
     history, new = (_through_views(p) for p in parts)
     if not isinstance(history, fx.Node) or not isinstance(new, fx.Node):
-        return "attention operand is not a tensor"
+        return NotAWindow(Miss.OTHER, "attention operand is not a tensor")
     adjacent = _cat_of_slices(cat, history, new, dim)
     if adjacent is not None:
         return adjacent
     base = history if history.op == "placeholder" else _slice_base(history, dim)
     if base is None:
-        return ("keys/values are a concatenation whose first part is not a cache input or a slice of one along "
-                "the concatenated dim")
+        return NotAWindow(Miss.OTHER, "keys/values are a concatenation whose first part is not a cache input or a "
+                          "slice of one along the concatenated dim")
     if base in _inputs_under(new):
-        return f"the new tokens of the concatenation with cache {_source_name(base)} are read from the cache too"
-    return CacheWindow(cache=base, read=cat, source=_source_name(base), dim=dim, pattern="cat-growth")
+        return NotAWindow(Miss.OTHER, f"the new tokens of the concatenation with cache {_source_name(base)} are read "
+                          "from the cache too")
+    return CacheWindow(cache=base, read=cat, source=_source_name(base), dim=dim, pattern=CachePattern.CAT_GROWTH)
 
 
 def _window_of_base(example: object) -> int | None:
@@ -174,37 +215,41 @@ def _cat_of_slices(cat: fx.Node, first: fx.Node, second: fx.Node, dim: int) -> C
     base = _slice_base(first, dim)
     if base is None or _slice_base(second, dim) is not base:
         return None
-    return CacheWindow(cache=base, read=cat, source=_source_name(base), dim=dim, pattern="cat-window")
+    return CacheWindow(cache=base, read=cat, source=_source_name(base), dim=dim, pattern=CachePattern.CAT_WINDOW)
 
 
-def _trace_window(node: fx.Node) -> CacheWindow | str:
+def _trace_window(node: fx.Node) -> CacheWindow | NotAWindow:
     """Follow ``node`` up through view-like ops to ``input[..., a:b]`` or a concatenation onto an input;
-    a reason string if it is neither."""
+    why not if it is neither."""
     current = _through_views(node)
     if not isinstance(current, fx.Node):
-        return "attention operand is not a tensor"
+        return NotAWindow(Miss.OTHER, "attention operand is not a tensor")
     if current.op == "call_function" and current.target is torch.cat:
         return _trace_cat(current)
     if current.op == "placeholder":
         dim = _window_of_base(current.meta.get("example_value"))
         if dim is not None:
-            return CacheWindow(cache=current, read=current, source=_source_name(current), dim=dim, pattern="window-input")
-        return "keys/values are a whole graph input, not a window of a cache (e.g. cross-attention)"
+            return CacheWindow(cache=current, read=current, source=_source_name(current), dim=dim,
+                               pattern=CachePattern.WINDOW_INPUT)
+        return NotAWindow(Miss.WHOLE_INPUT, "keys/values are a whole graph input, not a window of a cache (e.g. "
+                          "cross-attention)")
     if current.op == "call_function" and current.target is operator.getitem:
         base, index = current.args
         if isinstance(base, fx.Node) and base.op == "placeholder":
             dim = sliced_dim(index)
             if dim is not None:
                 return CacheWindow(cache=base, read=current, source=_source_name(base), dim=dim)
-            return f"cache {_source_name(base)} is read with an index the pass does not support: {index!r}"
+            return NotAWindow(Miss.OTHER, f"cache {_source_name(base)} is read with an index the pass does not "
+                              f"support: {index!r}")
     written = [p for p in _inputs_under(current) if _writes_into(p)]
     if written:
-        return (f"{ORDER_DEPENDENT}: keys/values are recomputed from cache {_source_name(written[0])} at every call "
-                "(e.g. re-rotated to window-relative positions), so which tokens a head keeps depends on the call")
-    return "keys/values are not read from a cache input"
+        return NotAWindow(Miss.ORDER_DEPENDENT, f"{ORDER_DEPENDENT}: keys/values are recomputed from cache "
+                          f"{_source_name(written[0])} at every call (e.g. re-rotated to window-relative positions), "
+                          "so which tokens a head keeps depends on the call")
+    return NotAWindow(Miss.OTHER, "keys/values are not read from a cache input")
 
 
-ORDER_DEPENDENT = "order-dependent"
+ORDER_DEPENDENT = "order-dependent"  # how the report's reasons for such calls start
 
 
 def _inputs_under(node: fx.Node) -> list[fx.Node]:
@@ -258,16 +303,16 @@ def _windows(node: fx.Node, k: object, v: object) -> list[CacheWindow] | Decline
     call's order: declined as order-dependent (``strict`` raises).
     """
     windows = [_trace_window(k), _trace_window(v)]
-    reasons = [w for w in windows if isinstance(w, str)]
-    if not reasons:
+    misses = [w for w in windows if isinstance(w, NotAWindow)]
+    if not misses:
         return windows
     found = [w for w in windows if isinstance(w, CacheWindow)]
-    if found and any(r.startswith("keys/values are a whole graph input") for r in reasons):
+    if found and any(m.kind is Miss.WHOLE_INPUT for m in misses):
         name = "keys" if isinstance(windows[1], CacheWindow) else "values"
         return Declined(node, f"{ORDER_DEPENDENT}: the {name} arrive computed outside this graph while the other "
                         f"operand is a window of cache {found[0].source}: they are transformed from the cache at "
                         "every call (e.g. re-rotated anchors); left dense", candidate=True)
-    return Declined(node, reasons[0], candidate=reasons[0].startswith(ORDER_DEPENDENT))
+    return Declined(node, misses[0].reason, candidate=misses[0].kind is Miss.ORDER_DEPENDENT)
 
 
 def _match_sdpa(node: fx.Node) -> tuple[AttentionSite | None, Declined | None]:
@@ -359,9 +404,9 @@ def find_attention_sites(graph: fx.Graph) -> tuple[list[AttentionSite], list[Dec
         # except grown ones (a new tensor every call)
         declined += [Declined(s.node, "a cat-grown cache needs a per-layer parameter to identify its layer, and "
                               "the nearest one is shared", candidate=True)
-                     for s in sites if s.k_window.pattern == "cat-growth"]
+                     for s in sites if s.k_window.pattern is CachePattern.CAT_GROWTH]
         sites = [
             AttentionSite(**{**s.__dict__, "layer_key": s.k_window.cache, "layer_key_kind": "cache"})
-            for s in sites if s.k_window.pattern != "cat-growth"
+            for s in sites if s.k_window.pattern is not CachePattern.CAT_GROWTH
         ]
     return sites, declined

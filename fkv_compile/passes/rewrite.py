@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
@@ -16,6 +19,17 @@ def _example(node: fx.Node) -> object:
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+def _with_example(node: fx.Node, source: fx.Node, compute: Callable[[Any], Any]) -> fx.Node:
+    """``node`` with ``meta["example_value"] = compute(<source's example>)``, computed in that example's fake mode
+    (the graph's own, not the backend context's), so later passes and Inductor see the right shape and strides."""
+    example = _example(source)
+    fake_mode = getattr(example, "fake_mode", None)
+    if fake_mode is not None:
+        with fake_mode:
+            node.meta["example_value"] = compute(example)
+    return node
+
+
 def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, mode: str, session: int, site_id: int) -> fx.Node:
     """Replace ``site.node`` by ``fkv::<mode>_attention(q, k, v, layer_key, session, site_id, scale)``.
 
@@ -28,11 +42,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, mode: str, session:
     with gm.graph.inserting_before(site.node):
         new = gm.graph.call_function(op, args=args)
     # the fake impl never reads layer_key; k stands in (a parameter's example may live in another fake mode)
-    examples = [_example(n) for n in (q, k, v, k)]
-    fake_mode = getattr(examples[0], "fake_mode", None)  # the graph's own mode, not the backend context's
-    if fake_mode is not None:
-        with fake_mode:
-            new.meta["example_value"] = op(*examples, session, site_id, site.scale)
+    _with_example(new, q, lambda qx: op(qx, _example(k), _example(v), _example(k), session, site_id, site.scale))
     _replace_site(gm, site, new)
     counters["fkv_compile"][f"{mode}_attention"] += 1
     return new
@@ -66,11 +76,7 @@ def _method(gm: fx.GraphModule, before: fx.Node, name: str, args: tuple) -> fx.N
     """``args[0].<name>(*args[1:])`` inserted before ``before``, with its example value."""
     with gm.graph.inserting_before(before):
         node = gm.graph.call_method(name, args=args)
-    example = _example(args[0])
-    if example is not None and getattr(example, "fake_mode", None) is not None:
-        with example.fake_mode:
-            node.meta["example_value"] = getattr(example, name)(*args[1:])
-    return node
+    return _with_example(node, args[0], lambda x: getattr(x, name)(*args[1:]))
 
 
 def _cast_like(gm: fx.GraphModule, new: fx.Node, old: fx.Node) -> fx.Node:
@@ -81,9 +87,7 @@ def _cast_like(gm: fx.GraphModule, new: fx.Node, old: fx.Node) -> fx.Node:
         return new
     with gm.graph.inserting_after(new):
         cast = gm.graph.call_method("to", args=(new, before.dtype))
-    with after.fake_mode:
-        cast.meta["example_value"] = after.to(before.dtype)
-    return cast
+    return _with_example(cast, new, lambda x: x.to(before.dtype))
 
 
 def _erase_dead_chain(gm: fx.GraphModule, node: object) -> None:
@@ -101,11 +105,7 @@ def rewrite_compact(gm: fx.GraphModule, site: AttentionSite, acc: CacheAccesses,
     for roll in acc.rolls:
         with gm.graph.inserting_before(roll.setitems[0]):
             token = gm.graph.call_function(ROLL_OP, args=(site.layer_key, roll.dst, roll.src, roll.src_end, session, site_id))
-        example = _example(site.layer_key)
-        if getattr(example, "fake_mode", None) is not None:
-            with example.fake_mode:
-                token.meta["example_value"] = example.new_empty(0)
-        tokens.append(token)
+        tokens.append(_with_example(token, site.layer_key, lambda key: key.new_empty(0)))
         for setitem in roll.setitems:
             source = setitem.args[2]
             gm.graph.erase_node(setitem)
@@ -115,11 +115,7 @@ def rewrite_compact(gm: fx.GraphModule, site: AttentionSite, acc: CacheAccesses,
             session, site_id, site.scale)
     with gm.graph.inserting_before(site.node):
         new = gm.graph.call_function(OPS["compact"], args=args)
-    q_example, v_example = _example(q), _example(acc.v_new)
-    fake_mode = getattr(q_example, "fake_mode", None)
-    if fake_mode is not None:
-        with fake_mode:
-            new.meta["example_value"] = q_example.new_empty((*q_example.shape[:-1], v_example.shape[-1]))
+    _with_example(new, q, lambda qx: qx.new_empty((*qx.shape[:-1], _example(acc.v_new).shape[-1])))
     old_k, old_v = site.k, site.v
     _replace_site(gm, site, new)
     for read in (old_k, old_v):

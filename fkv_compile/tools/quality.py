@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .plan import HeadPlan
+from ..plan import HeadPlan
 from .policies import POLICIES, masked_attention, policy_mask
 
 __all__ = ["CONTENTS", "QualityConfig", "QualityResult", "make_video", "video_qkv", "evaluate"]

@@ -24,8 +24,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from .plan import HeadPlan
-from .semantics import keep_mask, window_layout
+from ..plan import HeadPlan
+from ..semantics import keep_mask, window_layout
 
 __all__ = ["POLICIES", "EQUAL_BUDGET", "policy_plan", "policy_mask", "masked_attention", "gathered_attention"]
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .plan import HeadPlan
+from ..plan import HeadPlan
 
 __all__ = ["BenchGeometry", "GEOMETRIES", "BenchSettings", "run_bench", "median_seconds"]
 
@@ -76,7 +76,7 @@ class BenchSettings:
     plan: str | None = None
 
     def config(self):
-        from .models import MiniConfig
+        from ..models import MiniConfig
 
         g = GEOMETRIES[self.geometry]
         h, w = (x // self.side for x in g.latent)
@@ -138,8 +138,8 @@ def _attention_seconds(prof: torch.profiler.profile) -> float:
 
 def rollout_one_mode(s: BenchSettings, mode: str) -> dict[str, Any]:
     """One mode's rollout numbers, in this process (run it in a fresh one for its own peak RSS)."""
-    import fkv_compile
-    from .models import build, make_inputs, new_caches, rollout
+    from ..models import build, make_inputs, new_caches, rollout
+    from ..report import memory_report
 
     cfg = s.config()
     device, dtype = torch.device(s.device), getattr(torch, s.dtype)
@@ -167,7 +167,7 @@ def rollout_one_mode(s: BenchSettings, mode: str) -> dict[str, Any]:
 
         def on_chunk(chunk: int) -> None:
             marks.append(clock.mark())
-            kv_now.append(fkv_compile.memory_report(compiled).compact_bytes if mode == "compact" else dense_kv)
+            kv_now.append(memory_report(compiled).compact_bytes if mode == "compact" else dense_kv)
             rss_now.append(_rss())
 
         rollout(compiled, cfg, inputs, caches=new_caches(cfg, batch=1, dtype=dtype, device=device), on_chunk=on_chunk)
@@ -196,9 +196,9 @@ def rollout_one_mode(s: BenchSettings, mode: str) -> dict[str, Any]:
 
 def call_level(s: BenchSettings) -> list[dict[str, Any]]:
     """One attention call of the last chunk of a full window: dense vs select vs compact, side by side."""
-    from .kernels import use_triton
-    from .select import compressed_attention
-    from .store import LayerStore
+    from ..modes.dispatch import kernels_for
+    from ..modes.select import compressed_attention
+    from ..modes.store import LayerStore
 
     cfg, device, dtype = s.config(), torch.device(s.device), getattr(torch, s.dtype)
     plan = s.head_plan(cfg)
@@ -208,23 +208,23 @@ def call_level(s: BenchSettings) -> list[dict[str, Any]]:
                     for _ in range(2))
     q = torch.randn(1, c * f, cfg.num_heads, cfg.head_dim, generator=gen).to(device, dtype).transpose(1, 2)
     k, v = k_all.transpose(1, 2), v_all.transpose(1, 2)
-    triton = use_triton("auto", device)
+    kernels = kernels_for("auto", device.type)
     rows = []
     for layer in range(min(plan.num_layers, 2)):
-        store = LayerStore(plan, layer, triton=triton)
+        store = LayerStore(plan, layer, kernels)
         for start in range(0, frames * f, c * f):
             end = start + c * f
             store.write(k_all[:, start:end], v_all[:, start:end], start, end, (0, end))
         repeats = max(3, s.repeats)
         dense_s = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v), repeats=repeats, device=device)
-        select_s = median_seconds(lambda: compressed_attention(q, k, v, plan, layer, triton=triton), repeats=repeats,
+        select_s = median_seconds(lambda: compressed_attention(q, k, v, plan, layer, kernels=kernels), repeats=repeats,
                                   device=device)
         compact_s = median_seconds(lambda: store.attention(q, (0, frames * f), None), repeats=repeats, device=device)
-        kept = compressed_attention(q, k, v, plan, layer, triton=triton)[1]
+        kept = compressed_attention(q, k, v, plan, layer, kernels=kernels)[1]
         ratio = sum(kept.kept) / (len(kept.kept) * kept.window)
         rows.append({"layer": layer, "kept_ratio": ratio, "dense_ms": 1e3 * dense_s, "select_ms": 1e3 * select_s,
                      "compact_ms": 1e3 * compact_s, "select_ratio": select_s / dense_s,
-                     "compact_ratio": compact_s / dense_s, "kernels": "triton" if triton else "torch"})
+                     "compact_ratio": compact_s / dense_s, "kernels": kernels.name})
     return rows
 
 
@@ -243,7 +243,7 @@ def median_seconds(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1,
 
 
 def _child(s: BenchSettings, mode: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "fkv_compile.bench", json.dumps(asdict(s)), mode]
+    cmd = [sys.executable, "-m", "fkv_compile.tools.bench", json.dumps(asdict(s)), mode]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"fkv bench: the {mode} rollout failed:\n{done.stderr[-3000:]}")

@@ -27,13 +27,14 @@ from typing import Any
 
 import torch
 
-from .plan import HeadPlan
-from .runtime import MODES
+from ..plan import HeadPlan
+from ..config import MODES
 
-__all__ = ["ModeCheck", "EquivalenceReport", "check_equivalence", "DEFAULT_MODES"]
+__all__ = ["ModeCheck", "EquivalenceReport", "check_equivalence", "DEFAULT_MODES", "CHECKED_MODES"]
 
+CHECKED_MODES: tuple[str, ...] = tuple(m for m in MODES if m != "profile")  # profile makes plans: nothing to compare
 DEFAULT_MODES: tuple[str, ...] = ("off", "oracle", "select", "compact")
-BUDGET_FACTOR = 4.0
+NOISE_FACTOR = 4.0  # the budget in multiples of the eager vs plainly compiled difference
 ULPS = 16
 REPRODUCIBLE = 0.05
 
@@ -123,15 +124,15 @@ def check_equivalence(
     plan: HeadPlan,
     modes: Sequence[str] = DEFAULT_MODES,
     lowering: str = "inductor",
-    factor: float = BUDGET_FACTOR,
+    factor: float = NOISE_FACTOR,
 ) -> EquivalenceReport:
     """Run ``rollout(model)`` (a list of per-chunk outputs) eagerly, plainly compiled and under each of
     ``modes``; compare every chunk (see the module docstring for what against what)."""
-    from .report import report
+    from ..report import report
 
-    unknown = [m for m in modes if m not in MODES or m == "profile"]
+    unknown = [m for m in modes if m not in CHECKED_MODES]
     if unknown:
-        raise ValueError(f"modes expected some of {tuple(m for m in MODES if m != 'profile')}, got {unknown}")
+        raise ValueError(f"modes expected some of {CHECKED_MODES}, got {unknown}")
     plain = {"inductor": "inductor", "aot_eager": "aot_eager", "eager": "eager"}[lowering]
     eager = _run(model_factory, rollout, "none", None)[0]
     compiled_plain = _run(model_factory, rollout, plain, None)[0]
@@ -166,7 +167,7 @@ def check_equivalence(
                 err = max(err, math.ulp(0.0))  # bit-identical means equal bits, not a zero rounded difference
             limited = [f.function for f in rep.frames if f.at_limit]
             checks.append(ModeCheck(mode, ref_name, err, rel, worst, mode_budget, rep.graphs, breaks,
-                                    sum(s.pattern != "-" for s in rep.sites),
+                                    sum(s.action.is_site for s in rep.sites),
                                     error=f"{', '.join(limited)} hit torch._dynamo.config.recompile_limit: later "
                                     "chunks ran eagerly, uncompressed (the oracle too, so outputs can still agree)"
                                     if limited else ""))

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import semantics
+from .. import semantics
 from .check import DEFAULT_MODES, EquivalenceReport, check_equivalence
-from .plan import HeadPlan
+from ..plan import HeadPlan
 
 __all__ = [
     "assert_equivalent",
@@ -27,7 +27,7 @@ __all__ = [
     "OracleAttentionMode",
 ]
 
-BUDGET_FACTOR = 2.0
+BUDGET_FACTOR = 2.0  # the budget in multiples of an independent low-precision implementation's error vs fp64
 
 
 def max_abs_error(actual: torch.Tensor | Sequence[torch.Tensor], reference: torch.Tensor | Sequence[torch.Tensor]) -> float:
@@ -61,10 +61,9 @@ def selection_margin(k: torch.Tensor, plan: HeadPlan, layer: int, lq: int) -> fl
     if layout is None or not heads:
         return float("inf")
     p = plan.dynamic
-    dyn = k.double()[:, list(heads)]
-    keys = dyn if plan.selection == "head" else dyn.transpose(1, 2).flatten(2).unsqueeze(1)
-    sims = semantics.segment_similarity(keys, layout, p).sort(dim=-1).values
-    count = min(p.selected_segments, sims.shape[-1])
+    keys = semantics.selection_keys(k.double(), heads, plan.selection)
+    sims = semantics.candidate_similarity(keys, layout, p).sort(dim=-1).values
+    count = semantics.selected_count(p, sims.shape[-1])
     if count == 0 or count == sims.shape[-1]:
         return float("inf")
     return float((sims[..., count] - sims[..., count - 1]).min())

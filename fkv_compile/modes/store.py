@@ -29,11 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .plan import HeadPlan, RoleParams
-from .semantics import WindowLayout, fixed_scores, window_layout
-from .select import lowest_segments, region_similarity, segment_tokens
+from ..plan import DENSE, DYNAMIC, ROLES, HeadPlan, RoleParams
+from ..semantics import WindowLayout, fixed_scores, lowest_segments, segment_table, window_layout
+from .dispatch import TORCH, Kernels
+from .ranges import mask_runs
 
 __all__ = ["StoreError", "LayerStore", "compact_unsupported"]
 
@@ -88,18 +88,11 @@ def _frame_index(src: _Held, frames: list[int], f: int) -> torch.Tensor:
     return torch.tensor([where[p] for p in want], device=src.pos.device)
 
 
-def _gather(src: _Held, index: torch.Tensor, triton: bool) -> _Held:
+def _gather(src: _Held, index: torch.Tensor, kernels: Kernels) -> _Held:
     """The tokens ``index`` ``[B, T]`` of ``src`` (``-1``: a padding slot, marked invalid)."""
     pad = index < 0
     pos = torch.where(pad, -1, torch.gather(src.pos, 1, index.clamp_min(0)))
-    if triton:
-        from .kernels.gather import gather_tokens
-
-        k, v = gather_tokens(src.k, src.v, index)
-    else:
-        b, g, _, d = src.k.shape
-        at = index.clamp_min(0)[:, None, :, None].expand(b, g, -1, d)
-        k, v = torch.gather(src.k, 2, at), torch.gather(src.v, 2, at)
+    k, v = kernels.gather_tokens(src.k, src.v, index)
     return _Held(k, v, pos, ~pad if bool(pad.any()) else None)
 
 
@@ -150,7 +143,7 @@ def compact_unsupported(plan: HeadPlan) -> str | None:
     the last candidate is history, not the chunk still being denoised) and
     ``candidate_frames <= chunk_frames``.
     """
-    if not plan.count("dynamic"):
+    if not plan.count(DYNAMIC):
         return None
     p = plan.dynamic
     if p.candidate_frames and p.selected_segments:
@@ -166,15 +159,15 @@ def compact_unsupported(plan: HeadPlan) -> str | None:
 class LayerStore:
     """The compact KV of one layer (all head groups), driven by ``write``/``roll``/``attention``."""
 
-    def __init__(self, plan: HeadPlan, layer: int, triton: bool = False):
+    def __init__(self, plan: HeadPlan, layer: int, kernels: Kernels = TORCH):
         reason = compact_unsupported(plan)
         if reason:
             raise StoreError(reason)
         self.plan = plan
-        self.triton = triton  # the Triton kernels (fkv_compile.kernels) instead of torch for commit and attention
+        self.kernels = kernels  # the implementation of the commit's gathers, the similarity and the attention
         self.groups = [
-            _GroupStore(role, list(plan.heads(layer, role)), plan.params(role) if role != "dense" else None)
-            for role in ("dense", "static", "dynamic")
+            _GroupStore(role, list(plan.heads(layer, role)), plan.params(role) if role != DENSE else None)
+            for role in ROLES
             if plan.heads(layer, role)
         ]
         self.chunk: tuple[int, int] | None = None  # cache token range of the current chunk
@@ -230,16 +223,16 @@ class LayerStore:
         first = a // f
         for g in self.groups:
             old = g.held
-            if g.role == "dense":
+            if g.role == DENSE:
                 keep = old.pos[0] >= a
                 g.set_history(_Held(old.k[:, :, keep], old.v[:, :, keep], old.pos[:, keep]))
                 continue
             p = g.params
             fixed = _frame_index(old, [first + j for j in (*layout.sink(p), *layout.recent(p))], f)
             index = fixed.expand(old.pos.shape[0], -1)
-            if g.role == "dynamic":
+            if g.role == DYNAMIC:
                 index = torch.cat([index, self._select(old, layout, first, p)], 1)
-            g.set_history(_gather(old, index, self.triton))
+            g.set_history(_gather(old, index, self.kernels))
 
     def _select(self, old: _Held, layout: WindowLayout, first: int, p: RoleParams) -> torch.Tensor:
         """Indices ``[B, T]`` into ``old`` of the selected segments' tokens (``-1``: padding of short
@@ -252,17 +245,14 @@ class LayerStore:
         region_index = _frame_index(old, [first + j for j in cands] + [first + cands[-1] + 1], f)
         sim = fixed_scores(self.plan.segment_choice, p, len(cands), b, 1, old.k.device)
         if sim is None:
-            region = _gather(old, region_index.expand(b, -1), self.triton).k
-            if self.triton:
-                from .kernels.similarity import segment_similarity
-
-                everyone = torch.arange(num_heads, device=old.k.device)[None]
-                sim = segment_similarity(region, everyone, 0, len(cands), f, p.segments_per_frame)
-            else:
-                sim = region_similarity(region, f, p.segments_per_frame, len(cands), per_head=False)
-        tokens, valid = segment_tokens(lowest_segments(sim, p), p, f, len(cands))
-        index = region_index[tokens[:, 0]]
-        return index if valid is None else torch.where(valid[:, 0], index, -1)
+            region = _gather(old, region_index.expand(b, -1), self.kernels).k
+            everyone = torch.arange(num_heads, device=old.k.device)[None]
+            sim = self.kernels.segment_similarity(region, everyone, 0, len(cands), f, p.segments_per_frame)
+        chosen = lowest_segments(sim, p)[:, 0]  # [B, k]
+        table = segment_table(f, p.segments_per_frame, len(cands), old.k.device)
+        tokens = table.start[chosen][..., None] + torch.arange(table.max_length, device=old.k.device)  # [B, k, Lseg]
+        valid = tokens < table.end[chosen][..., None]
+        return torch.where(valid, region_index[torch.where(valid, tokens, 0)], -1).flatten(1)
 
     # -- reading ---------------------------------------------------------------------------------
     def attention(self, q: torch.Tensor, window: tuple[int, int], scale: float | None) -> torch.Tensor:
@@ -272,22 +262,11 @@ class LayerStore:
         out = q.new_empty(q.shape[:3] + (self.groups[0].held.v.shape[-1],))
         for g in self.groups:
             held = g.held
-            if g.role == "dense":
-                keep = held.pos[0] >= window[0]
-                if not bool(keep.all()):
-                    held = _Held(held.k[:, :, keep], held.v[:, :, keep], held.pos[:, keep])
-            heads = torch.tensor(g.heads, device=q.device)
-            if self.triton:
-                from .kernels.attention import range_attention
-                from .kernels.ranges import mask_runs
-
-                starts, ends = mask_runs((held.pos >= window[0]) & (held.pos < window[1]))  # padding: pos -1
-                group = (-1, len(g.heads), -1)
-                range_attention(q, held.k, held.v, starts[:, None].expand(group), ends[:, None].expand(group), scale,
-                                q_heads=heads, out=out)
-                continue
-            mask = None if held.valid is None else held.valid[:, None, None, :]
-            out[:, heads] = F.scaled_dot_product_attention(q[:, heads], held.k, held.v, attn_mask=mask, scale=scale)
+            attendable = (held.pos >= window[0]) & (held.pos < window[1])  # padding: pos -1, evicted: -2
+            starts, ends = mask_runs(attendable)
+            group = (-1, len(g.heads), -1)
+            self.kernels.range_attention(q, held.k, held.v, starts[:, None].expand(group), ends[:, None].expand(group),
+                                         scale, q_heads=torch.tensor(g.heads, device=q.device), out=out)
         return out
 
     def kept_mask(self, num_heads: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .plan import HeadPlan
+from ..plan import HeadPlan
 
 __all__ = ["plot_plan"]
 

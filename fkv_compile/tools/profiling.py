@@ -1,96 +1,29 @@
-"""Head profiling: frame-level attention mass of the current chunk's queries, and plans made from it.
+"""Plans from profiles: classify heads by where the chunk's attention mass goes, and measure stability.
 
 Forcing-KV (arXiv 2605.09681) classifies a head by where its attention mass goes: with ``C``
 frames per chunk and ``S_p`` frames excluded as sink,
 
     score = mass(last C + 1 key frames) / (total mass - mass(first S_p key frames))
 
-and the head is ``static`` when ``score >= alpha`` (0.8), else ``dynamic``. The ``profile`` mode of
-the backend computes attention exactly as dense and records, per layer and call, the softmax mass
-per key frame (streamed over query blocks: the attention matrix is never materialized whole).
-Calls are labelled with :func:`tag` (sample, step, chunk), so role stability can be measured.
-
-Shape legend: ``B`` batch, ``H`` heads, ``Lq``/``Lk`` query/key tokens, ``n`` key frames.
+and the head is ``static`` when ``score >= alpha`` (0.8), else ``dynamic``. The records come from a
+model compiled with ``mode="profile"`` (:mod:`fkv_compile.modes.profile`); :func:`collect` gathers them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .plan import HeadPlan, PlanError
-from .runtime import Session, session_for_options
+from ..modes.profile import MassRecord
+from ..plan import DYNAMIC, ROLES, STATIC, HeadPlan, PlanError
+from ..report import session_of
 
-__all__ = [
-    "ProfileSettings",
-    "MassRecord",
-    "Profile",
-    "StabilityReport",
-    "frame_mass",
-    "tag",
-    "collect",
-]
-
-_LABELS: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("fkv_profile_labels", default={})
-MAX_BLOCK_ELEMENTS = 1 << 24  # scores of one query block: 64 MiB in float32
-
-
-@contextlib.contextmanager
-def tag(**labels: Any) -> Iterator[None]:
-    """Label the attention calls recorded inside (e.g. ``tag(sample=0, chunk=3, step=1)``); nests."""
-    token = _LABELS.set({**_LABELS.get(), **labels})
-    try:
-        yield
-    finally:
-        _LABELS.reset(token)
-
-
-def current_labels() -> dict[str, Any]:
-    return dict(_LABELS.get())
-
-
-def frame_mass(
-    q: torch.Tensor, k: torch.Tensor, frame_tokens: int, scale: float | None = None,
-    max_block_elements: int = MAX_BLOCK_ELEMENTS,
-) -> torch.Tensor:
-    """Softmax attention mass per key frame, summed over queries: ``[B, H, n]`` (float32 or float64).
-
-    q: ``[B, H, Lq, D]``, k: ``[B, H, Lk, D]`` with ``Lk = n * frame_tokens``. Query blocks are
-    sized so that one block's scores hold at most ``max_block_elements`` numbers.
-    """
-    b, h, lq, d = q.shape
-    lk = k.shape[2]
-    if lk % frame_tokens:
-        raise ValueError(f"keys expected a whole number of frames of {frame_tokens} tokens, got Lk={lk}")
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    kt = k.to(dtype).transpose(-1, -2)
-    block = max(1, max_block_elements // (b * h * lk))
-    total = torch.zeros(b, h, lk, dtype=dtype, device=q.device)
-    for start in range(0, lq, block):
-        scores = (q[:, :, start : start + block].to(dtype) @ kt) * scale
-        total += scores.softmax(dim=-1).sum(dim=2)
-    return total.view(b, h, lk // frame_tokens, frame_tokens).sum(-1)
-
-
-@dataclass(frozen=True)
-class MassRecord:
-    """One attention call: mass per head and key frame, averaged over the batch's queries."""
-
-    layer: int
-    labels: Mapping[str, Any]
-    mass: torch.Tensor  # [H, n] float64, every row sums to 1
-
-    @property
-    def frames(self) -> int:
-        return self.mass.shape[1]
+__all__ = ["ProfileSettings", "Profile", "StabilityReport", "collect"]
 
 
 @dataclass(frozen=True)
@@ -113,8 +46,8 @@ class ProfileSettings:
             if value is not None and value < 0:
                 raise PlanError(f"{name} expected an int >= 0 or None, got {value!r}")
         for layer, role in self.forced.items():
-            if role not in ("dense", "static", "dynamic"):
-                raise PlanError(f"forced[{layer}] expected 'dense', 'static' or 'dynamic', got {role!r}")
+            if role not in ROLES:
+                raise PlanError(f"forced[{layer}] expected one of {ROLES}, got {role!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -195,7 +128,7 @@ class Profile:
             static &= _top_mask(scores.masked_fill(~static, -math.inf), settings.layer_static_budget, per_row=True)
         if settings.static_budget is not None:
             static &= _top_mask(scores.masked_fill(~static, -math.inf), settings.static_budget, per_row=False)
-        roles = [["static" if s else "dynamic" for s in row] for row in static.tolist()]
+        roles = [[STATIC if s else DYNAMIC for s in row] for row in static.tolist()]
         for layer, role in settings.forced.items():
             if not 0 <= layer < self.num_layers:
                 raise PlanError(f"forced layer {layer} expected in [0, {self.num_layers})")
@@ -269,31 +202,19 @@ def _compare(a: list[list[str]], b: list[list[str]]) -> tuple[float, tuple[float
     total = sum(len(r) for r in a)
     jaccard = []
     for ra, rb in zip(a, b):
-        sa = {h for h, r in enumerate(ra) if r == "static"}
-        sb = {h for h, r in enumerate(rb) if r == "static"}
+        sa = {h for h, r in enumerate(ra) if r == STATIC}
+        sb = {h for h, r in enumerate(rb) if r == STATIC}
         jaccard.append(len(sa & sb) / len(sa | sb) if sa | sb else 1.0)
     return same / total, tuple(jaccard)
 
 
-def record_call(session: Session, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float | None) -> None:
-    """Record one profiled call's frame mass (calls that do not fit the geometry are skipped)."""
-    plan = session.plan
-    if q.shape[2] != plan.chunk_tokens or k.shape[2] % plan.frame_tokens:
-        return
-    mass = frame_mass(q, k, plan.frame_tokens, scale).sum(0).double() / (q.shape[0] * q.shape[2])
-    session.profile_records.append(MassRecord(layer=layer, labels=current_labels(), mass=mass.cpu()))
-
-
-def collect(compiled: Any) -> Profile:
+def collect(compiled: Any, options: Mapping[str, Any] | None = None) -> Profile:
     """The :class:`Profile` recorded by a model compiled with ``options={"mode": "profile", ...}``."""
-    from .report import find_options
-
-    options = find_options(compiled)
-    session = session_for_options(options) if options is not None else None
-    if session is None or session.mode != "profile":
+    session = session_of(compiled, "collect", options)
+    if session.config.mode != "profile":
         raise ValueError("collect expected a model compiled with backend='forcing_kv' and mode='profile'")
     if not session.profile_records:
         raise ValueError("the profiled model recorded no attention call that fits the plan's geometry; run it first")
-    plan = session.plan
+    plan = session.config.plan
     return Profile(session.profile_records, frame_tokens=plan.frame_tokens, chunk_frames=plan.chunk_frames,
                    num_layers=plan.num_layers, num_heads=plan.num_heads)

@@ -1,0 +1,133 @@
+"""The backend's configuration: one frozen, validated type built once from ``torch.compile``'s ``options``.
+
+``torch.compile(model, backend="forcing_kv", options={...})`` hands the mapping to the backend;
+:meth:`Config.from_options` turns it into a :class:`Config` (every value checked, with an error that
+names the option, what it expected and what to do) and everything downstream takes the ``Config``.
+The valid values of each option are defined here once; the CLI offers the same choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .plan import HeadPlan, PlanError
+
+__all__ = ["Config", "OptionsError", "MODES", "LOWERINGS", "KERNELS", "KERNELS_ENV", "CONFIG_TYPE", "default_kernels"]
+
+MODES: tuple[str, ...] = ("off", "oracle", "select", "compact", "profile")
+"""What the pass does with the attention it finds (README, "Modes")."""
+LOWERINGS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
+"""What compiles the rewritten graph."""
+KERNELS: tuple[str, ...] = ("auto", "torch", "triton")
+"""Which implementation the compressed ops run: ``auto`` is Triton on CUDA and torch on CPU."""
+KERNELS_ENV = "FKV_KERNELS"
+"""Environment variable giving the default of the option ``kernels``."""
+CONFIG_TYPE = "fkv_compile.Config"
+
+
+class OptionsError(ValueError):
+    """The backend options are malformed."""
+
+
+def default_kernels() -> str:
+    """The ``kernels`` option's default: ``$FKV_KERNELS`` or ``auto``."""
+    value = os.environ.get(KERNELS_ENV, "auto")
+    if value not in KERNELS:
+        raise OptionsError(f"{KERNELS_ENV} expected one of {KERNELS}, got {value!r}; unset it or pick one of those")
+    return value
+
+
+def _choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise OptionsError(f"option {option} expected one of {choices}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the pass and the ops of one ``torch.compile`` call are told.
+
+    plan:
+        The :class:`~fkv_compile.HeadPlan`: a role per layer and head, and the geometry.
+    mode:
+        ``off``, ``oracle``, ``select`` (default), ``compact`` or ``profile`` (see :data:`MODES`).
+    lowering:
+        ``inductor`` (default), ``aot_eager`` (fast tests) or ``eager`` (debugging).
+    strict:
+        Raise on an attention over a KV cache the pass cannot rewrite, and when a compiled frame
+        reaches dynamo's recompile limit, instead of leaving attention dense.
+    kernels:
+        ``auto`` (Triton on CUDA, torch on CPU), ``torch``, or ``triton`` (on CPU through the
+        interpreter); the default is ``$FKV_KERNELS`` or ``auto``.
+    """
+
+    plan: HeadPlan
+    mode: str = "select"
+    lowering: str = "inductor"
+    strict: bool = False
+    kernels: str = dataclasses.field(default_factory=default_kernels)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.plan, HeadPlan):
+            raise OptionsError(f"option plan expected a HeadPlan or a path, got "
+                               f"{type(self.plan).__name__}; pass a HeadPlan or the path of one saved with HeadPlan.save")
+        _choice("mode", self.mode, MODES)
+        _choice("lowering", self.lowering, LOWERINGS)
+        if not isinstance(self.strict, bool):
+            raise OptionsError(f"option strict expected a bool, got {self.strict!r}")
+        _choice("kernels", self.kernels, KERNELS)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> Config:
+        """The config of ``torch.compile``'s ``options`` mapping (a plan path is loaded here)."""
+        if options is not None and not isinstance(options, Mapping):
+            raise OptionsError(f"options expected a mapping, got {type(options).__name__}")
+        if options is None or "plan" not in options:
+            raise OptionsError(
+                "backend 'forcing_kv' expected options={'plan': HeadPlan or path, ...}, got no plan; "
+                "pass torch.compile(model, backend='forcing_kv', options={'plan': plan})"
+            )
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise OptionsError(f"backend 'forcing_kv' got unknown options {unknown}; expected some of {names}")
+        values = dict(options)
+        if isinstance(values["plan"], (str, os.PathLike)):
+            try:
+                values["plan"] = HeadPlan.load(values["plan"])
+            except (OSError, PlanError) as exc:
+                raise OptionsError(f"option plan: cannot load {os.fspath(options['plan'])!r}: {exc}") from None
+        if values.get("kernels") is None:
+            values.pop("kernels", None)
+        return cls(**values)
+
+    # -- serialization -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": CONFIG_TYPE, "plan": self.plan.to_dict(), "mode": self.mode, "lowering": self.lowering,
+                "strict": self.strict, "kernels": self.kernels}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Config:
+        if not isinstance(doc, Mapping) or doc.get("type") != CONFIG_TYPE:
+            found = doc.get("type") if isinstance(doc, Mapping) else type(doc).__name__
+            raise OptionsError(f"expected a document of type {CONFIG_TYPE!r}, got {found!r}")
+        values = {k: v for k, v in doc.items() if k != "type"}
+        if "plan" not in values:
+            raise OptionsError("a config document expected a 'plan', got none")
+        values["plan"] = HeadPlan.from_dict(values["plan"])
+        return cls.from_options(values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise OptionsError(f"config: not valid JSON ({exc})") from None
+        return cls.from_dict(doc)

@@ -1,0 +1,56 @@
+"""``select`` mode: attention over only the kept tokens of the model's own dense window.
+
+The keep rule (:mod:`fkv_compile.semantics`) becomes per-head token ranges (:mod:`.ranges`), and one
+``range_attention`` op (:mod:`.dispatch`: Triton on GPUs, torch on CPU) attends over them, so time
+scales with kept tokens, not window length. A call that does not fit the plan's geometry runs dense.
+
+Shape legend: ``B`` batch, ``H`` heads, ``Lq``/``Lk`` query/key tokens, ``D`` head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..plan import DENSE, HeadPlan
+from ..semantics import window_layout
+from .dispatch import TORCH, Kernels
+from .ranges import select_ranges
+
+__all__ = ["KeptTokens", "compressed_attention"]
+
+
+@dataclass(frozen=True)
+class KeptTokens:
+    """Key tokens visited per head in one call, for the report (``kept`` averaged over the batch)."""
+
+    kept: tuple[float, ...]
+    window: int
+    layout_fits: bool
+
+
+def compressed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: HeadPlan,
+    layer: int,
+    scale: float | None = None,
+    kernels: Kernels = TORCH,
+) -> tuple[torch.Tensor, KeptTokens]:
+    """Attention of every head over the tokens its role keeps in the dense window.
+
+    q: ``[B, H, Lq, D]``, k and v: ``[B, H, Lk, D]`` (any strides); returns ``[B, H, Lq, D]`` and
+    the kept-token counts.
+    """
+    num_heads, lq, lk = q.shape[1], q.shape[2], k.shape[2]
+    layout = window_layout(lq, lk, plan.frame_tokens, plan.chunk_frames)
+    if layout is None or all(r == DENSE for r in plan.roles[layer]):
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return out, KeptTokens(kept=(float(lk),) * num_heads, window=lk, layout_fits=layout is not None)
+    starts, ends = select_ranges(k, plan, layer, layout, kernels)
+    kept_per_head = (ends - starts).sum(-1).double().mean(0)
+    out = kernels.range_attention(q, k, v, starts, ends, scale)
+    return out, KeptTokens(kept=tuple(kept_per_head.tolist()), window=lk, layout_fits=True)

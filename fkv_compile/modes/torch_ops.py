@@ -1,0 +1,118 @@
+"""The compressed ops in plain torch: the implementation on CPU (and wherever Triton is not chosen).
+
+Same signatures and contracts as the Triton kernels of :mod:`fkv_compile.kernels`; which of the two
+runs is decided once per device and configuration in :mod:`.dispatch`.
+
+- :func:`range_attention`: heads whose ranges hold the same number of tokens are one group; each
+  group's tokens are gathered (or sliced, for one range shared by the whole group) and attended
+  with one SDPA call, so the time follows the kept tokens, not the window;
+- :func:`segment_similarity`: cosine of every token's key with the same token one frame later,
+  averaged per segment (:func:`fkv_compile.semantics.segment_table`), vectorized;
+- :func:`gather_tokens`: the tokens of an index, zeros for padding slots.
+
+Shape legend: ``B`` batch, ``H`` heads of q, ``G`` heads of k/v, ``Lq``/``Lk`` tokens, ``D`` head dim,
+``R`` ranges per head, ``T`` tokens gathered, ``F`` frame tokens, ``P`` segments per frame.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..semantics import COSINE_EPS, segment_table
+
+__all__ = ["range_attention", "segment_similarity", "gather_tokens"]
+
+
+def _range_tokens(starts: torch.Tensor, ends: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token positions ``[B, G, count]`` of the ranges ``[B, G, R]`` laid end to end, and which are real
+    (a head with fewer tokens than ``count`` is padded with position 0)."""
+    lengths = (ends - starts).clamp_min(0)
+    before = lengths.cumsum(-1)  # tokens in the ranges up to and including each
+    t = torch.arange(count, device=starts.device).expand(*starts.shape[:2], count).contiguous()
+    r = torch.searchsorted(before.contiguous(), t, right=True).clamp_max(starts.shape[-1] - 1)
+    position = starts.gather(-1, r) + t - (before - lengths).gather(-1, r)
+    valid = t < before[..., -1:]
+    return torch.where(valid, position, 0), valid
+
+
+def range_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    scale: float | None = None,
+    q_heads: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax attention of every head of ``k``/``v`` over the key tokens of its ranges (see
+    :func:`fkv_compile.kernels.attention.range_attention` for the contract)."""
+    b, num_heads, lq, _ = q.shape
+    g = k.shape[1]
+    if q_heads is None and g != num_heads:
+        raise ValueError(f"range_attention: k has {g} heads, q {num_heads}; pass q_heads to map them")
+    if out is None:
+        out = q.new_empty((b, num_heads, lq, v.shape[-1]))
+    q_index = q_heads.tolist() if q_heads is not None else list(range(g))
+    lengths = (ends - starts).clamp_min(0).sum(-1)  # [B, G]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for head, per_item in enumerate(lengths.t().tolist()):
+        groups.setdefault(tuple(per_item), []).append(head)
+    for per_item, heads in groups.items():
+        qg = q[:, [q_index[h] for h in heads]]
+        s, e = starts[:, heads], ends[:, heads]
+        single = (e - s > 0).sum(-1) <= 1
+        first = torch.argmax((e - s).clamp_min(0), dim=-1, keepdim=True)
+        a, z = s.gather(-1, first), e.gather(-1, first)
+        if bool(single.all()) and bool((a == a[0, 0]).all()) and bool((z == z[0, 0]).all()):
+            whole = slice(None) if heads == list(range(g)) else heads
+            lo, hi = int(a[0, 0]), int(z[0, 0])
+            kg, vg, mask = k[:, whole, lo:hi], v[:, whole, lo:hi], None
+        else:
+            tokens, valid = _range_tokens(s, e, max(per_item))
+            index = torch.tensor(heads, device=k.device)[None, :, None]
+            items = torch.arange(b, device=k.device)[:, None, None]
+            kg, vg = k[items, index, tokens], v[items, index, tokens]
+            mask = None if len(set(per_item)) == 1 else valid[:, :, None, :]
+        out[:, [q_index[h] for h in heads]] = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+    return out
+
+
+def segment_similarity(
+    keys: torch.Tensor,
+    groups: torch.Tensor,
+    first_frame: int,
+    num_candidates: int,
+    frame_tokens: int,
+    segments: int,
+) -> torch.Tensor:
+    """Similarity ``[B, G, num_candidates * P]`` (fp32, frame-major) of the candidate frames
+    ``[first_frame, first_frame + num_candidates)`` of ``keys`` ``[B, H, L, D]``, each against the next
+    frame; ``groups`` ``[G, Hg]``: the heads whose keys each selection concatenates."""
+    b, _, length, d = keys.shape
+    f, nc = frame_tokens, num_candidates
+    if (first_frame + nc + 1) * f > length:
+        raise ValueError(f"segment_similarity: frames {first_frame}..{first_frame + nc} and the next need "
+                         f"{(first_frame + nc + 1) * f} tokens, keys hold {length}")
+    g, hg = groups.shape
+    if nc == 0:
+        return keys.new_empty((b, g, 0), dtype=torch.float32)
+    region = keys[:, groups.flatten().to(keys.device), first_frame * f : (first_frame + nc + 1) * f].float()
+    x = region.unflatten(1, (g, hg)).unflatten(3, (nc + 1, f))  # [B, G, Hg, nc + 1, F, D]
+    x = x.permute(0, 1, 3, 4, 2, 5).flatten(4)  # [B, G, nc + 1, F, Hg * D]
+    norms = x.norm(dim=-1).clamp_min(COSINE_EPS)
+    cos = (x[:, :, :-1] * x[:, :, 1:]).sum(-1) / (norms[:, :, :-1] * norms[:, :, 1:])  # [B, G, nc, F]
+    table = segment_table(f, segments, nc, keys.device)
+    cum = F.pad(cos.flatten(2).cumsum(-1, dtype=torch.float64), (1, 0))  # prefix sums over the candidates' tokens
+    sums = cum[..., table.end] - cum[..., table.start]
+    return (sums / (table.end - table.start)).float()
+
+
+def gather_tokens(k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k[b, :, index[b]]`` and the same of ``v``, ``[B, G, T, D]``; ``index`` ``[B, T]`` (``-1``: a padding
+    slot, which comes out as zeros)."""
+    b, g, _, d = k.shape
+    pad = (index < 0)[:, None, :, None]
+    at = index.clamp_min(0)[:, None, :, None].expand(b, g, -1, d)
+    return (torch.gather(k, 2, at).masked_fill(pad, 0), torch.gather(v, 2, at).masked_fill(pad, 0))

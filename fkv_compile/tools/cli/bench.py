@@ -1,0 +1,48 @@
+"""``fkv bench``: time and memory, dense vs ``select`` vs ``compact``, at named geometries."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..bench import GEOMETRIES, BenchSettings, run_bench
+from ..progress import Progress
+from .common import CliError, emit
+
+__all__ = ["cmd_bench"]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    side = args.side if args.side is not None else (1 if device == "cuda" else 2)
+    results, lines = {}, []
+    with Progress(len(args.geometry) * (1 + len(args.modes)), "benchmarking",
+                  enabled=not (args.quiet or args.json)) as bar:
+        for name in args.geometry:
+            settings = BenchSettings(geometry=name, side=1 if name == "tiny" else side, layers=args.layers,
+                                     heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
+                                     repeats=args.repeats, device=device, plan=args.plan)
+            try:
+                result = run_bench(settings, Path(args.out), tuple(args.modes), bar.advance, png=not args.no_png)
+            except (ValueError, RuntimeError) as exc:
+                raise CliError(str(exc)) from None
+            results[name] = result
+            g = result["geometry"]
+            lines.append(f"{name}: {GEOMETRIES[name].note}; {g['frame_tokens']} tokens per frame here "
+                         f"({g['real_frame_tokens']} at real size), {args.layers} layers x {args.heads} heads, {device}")
+            for row in result["call"]:
+                lines.append(f"  call, layer {row['layer']}: kept/dense tokens {row['kept_ratio']:.3f}; time vs dense: "
+                             f"select {row['select_ratio']:.3f}, compact {row['compact_ratio']:.3f} "
+                             f"(dense {row['dense_ms']:.1f} ms, {row['kernels']} kernels)")
+            for mode, r in result["rollout"].items():
+                ratio = result.get("ratios_vs_dense", {}).get(mode, {})
+                lines.append(f"  rollout {mode:<8} video {r['video_s']:8.3f} s"
+                             + (f" (x{ratio['video_time']:.3f})" if ratio else "")
+                             + f"  attention {100 * r['attention_share']:4.1f}%  KV {r['kv_bytes'] / 2**20:8.1f} MiB"
+                             + f"  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB  compile {r['compile_s']:6.1f} s"
+                             + f"  recompiles {r['graphs_after_warmup']}  FPS {r['fps']:.2f}")
+    lines.append(f"wrote {args.out}/bench_<geometry>.json, .csv" + ("" if args.no_png else ", .png"))
+    emit(args, results, "\n".join(lines))
+    return 0

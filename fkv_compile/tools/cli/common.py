@@ -1,0 +1,45 @@
+"""What every ``fkv`` verb shares: the user-facing error, output, and loading plans and callables."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+from ...plan import HeadPlan
+
+__all__ = ["CliError", "emit", "load_plan", "load_callable"]
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback, exit status 1."""
+
+
+def emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    """``data`` as JSON with ``--json``, else ``text``."""
+    print(json.dumps(data, indent=1) if args.json else text)
+
+
+def load_plan(path: str) -> HeadPlan:
+    try:
+        return HeadPlan.load(path)
+    except FileNotFoundError:
+        raise CliError(f"plan file not found: {path}") from None
+
+
+def load_callable(spec: str, option: str, expected: str) -> Callable[..., Any]:
+    """The callable ``module:attr`` names (``expected`` says what else ``option`` accepts, for the error)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise CliError(f"{option} expected {expected} or 'module:callable', got {spec!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise CliError(f"{option} {spec!r}: cannot load it ({exc})") from None
+    if not callable(obj):
+        raise CliError(f"{option} {spec!r} is not callable")
+    return obj

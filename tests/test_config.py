@@ -1,0 +1,91 @@
+"""The backend's one config type: every bad value is a clear error naming the option; exact JSON round trip."""
+
+import copy
+import json
+
+import pytest
+
+from fkv_compile import Config, HeadPlan, OptionsError
+from fkv_compile.config import KERNELS, LOWERINGS, MODES
+
+PLAN = HeadPlan.from_roles([["static", "dynamic", "dense"]], frame_tokens=6, chunk_frames=2, segments_per_frame=3,
+                           dynamic_recent_frames=2, provenance={"source": "test"})
+
+BAD = [
+    ("mode", "fast", "option mode expected one of"),
+    ("mode", None, "option mode expected one of"),
+    ("lowering", "cudagraphs", "option lowering expected one of"),
+    ("strict", 1, "option strict expected a bool"),
+    ("strict", "yes", "option strict expected a bool"),
+    ("kernels", "cuda", "option kernels expected one of"),
+    ("plan", 3, "option plan expected a HeadPlan or a path, got int"),
+    ("plan", "/nonexistent/plan.json", "option plan: cannot load"),
+    ("plans", PLAN, "unknown options \\['plans'\\]"),
+]
+
+
+@pytest.mark.parametrize("option,value,message", BAD, ids=[f"{o}={v!r}" for o, v, _ in BAD])
+def test_a_bad_option_is_a_clear_error_and_changes_nothing(option, value, message):
+    options = {"plan": PLAN, "mode": "select", option: value}
+    before = copy.copy(options)
+    with pytest.raises(OptionsError, match=message):
+        Config.from_options(options)
+    assert options == before
+
+
+@pytest.mark.parametrize("options,message", [
+    (None, "got no plan"), ({"mode": "select"}, "got no plan"), ([("plan", PLAN)], "options expected a mapping"),
+])
+def test_no_plan_or_no_mapping(options, message):
+    with pytest.raises(OptionsError, match=message):
+        Config.from_options(options)
+
+
+def test_every_valid_value_is_accepted_and_defaults_are_documented():
+    for mode in MODES:
+        assert Config(PLAN, mode=mode).mode == mode
+    for lowering in LOWERINGS:
+        assert Config(PLAN, lowering=lowering).lowering == lowering
+    for kernels in KERNELS:
+        assert Config(PLAN, kernels=kernels).kernels == kernels
+    config = Config.from_options({"plan": PLAN})
+    assert (config.mode, config.lowering, config.strict) == ("select", "inductor", False)
+
+
+def test_the_config_is_frozen():
+    with pytest.raises(AttributeError):
+        Config(PLAN).mode = "off"
+
+
+@pytest.mark.parametrize("fields", [{}, {"mode": "compact", "lowering": "aot_eager", "strict": True, "kernels": "torch"},
+                                    {"mode": "profile", "kernels": "triton"}])
+def test_json_round_trip_is_exact(fields):
+    config = Config(PLAN, **fields)
+    text = config.to_json()
+    again = Config.from_json(text)
+    assert again == config and again.plan == PLAN and again.to_json() == text
+    assert json.loads(text)["type"] == "fkv_compile.Config"
+
+
+def test_a_plan_path_is_loaded(tmp_path):
+    path = tmp_path / "plan.json"
+    PLAN.save(path)
+    assert Config.from_options({"plan": str(path)}).plan == PLAN
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{", "not valid JSON"), ('{"type": "other"}', "expected a document of type"),
+    ('{"type": "fkv_compile.Config"}', "expected a 'plan'"),
+])
+def test_bad_json_is_a_clear_error(text, message):
+    with pytest.raises(OptionsError, match=message):
+        Config.from_json(text)
+
+
+def test_the_cli_offers_the_configs_choices():
+    from fkv_compile.tools.cli import build_parser
+
+    parser = build_parser()
+    check = parser._subparsers._group_actions[0].choices["check"]
+    lowering = next(a for a in check._actions if a.dest == "lowering")
+    assert tuple(lowering.choices) == LOWERINGS
