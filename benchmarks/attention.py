@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import median_seconds, write_results
 
 from fkv_compile import HeadPlan
 from fkv_compile.modes.select import compressed_attention
-
-from common import median_seconds, write_results
 
 REFERENCE_PLAN = Path(__file__).resolve().parents[1] / "tests" / "data" / "head_plans" / "forcingkv_heads_selfforcing.json"
 

@@ -22,11 +22,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from attention import plans  # the same plans as the CPU attention benchmark
 from common import write_results
 
-GEOMETRIES = {"sf480": 1560, "sf1080": 8160}
+from fkv_compile.tools.bench import GEOMETRIES as ALL_GEOMETRIES
+
+# tokens per frame at real size: Self Forcing 480p (1560) and 1080p-like (8160)
+GEOMETRIES = {"sf480": ALL_GEOMETRIES["self-forcing-5s"].frame_tokens, "sf1080": ALL_GEOMETRIES["1080p"].frame_tokens}
 
 
 def ceilings(dtype: torch.dtype) -> dict[str, float]:
@@ -46,8 +48,9 @@ def bench_geometry(name: str, frame_tokens: int, dtype: torch.dtype, limits: dic
 
     from fkv_compile.kernels.attention import range_attention
     from fkv_compile.kernels.gather import gather_tokens
-    from fkv_compile.modes.ranges import select_ranges
     from fkv_compile.kernels.similarity import segment_similarity
+    from fkv_compile.modes.dispatch import kernels_for
+    from fkv_compile.modes.ranges import select_ranges
     from fkv_compile.semantics import window_layout
 
     h, d, n, c = 12, 128, 21, 3
@@ -59,7 +62,7 @@ def bench_geometry(name: str, frame_tokens: int, dtype: torch.dtype, limits: dic
     dense_ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v))
     rows = []
     for plan_name, plan in plans(f, h).items():
-        starts, ends = select_ranges(k, plan, 0, layout)
+        starts, ends = select_ranges(k, plan, 0, layout, kernels_for("triton", "cuda"))
         kept = int((ends - starts).sum())
         ms = do_bench(lambda: range_attention(q, k, v, starts, ends))
         # SDPA (FlashAttention on the GPU) over the same kept tokens, already gathered: one call per

@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 from pathlib import Path
 
 from common import write_results
 
+from fkv_compile.tools.bench import GEOMETRIES as ALL_GEOMETRIES
+from fkv_compile.tools.bench import in_fresh_process
+
 REFERENCE_PLAN = Path(__file__).resolve().parents[1] / "tests" / "data" / "head_plans" / "forcingkv_heads_selfforcing.json"
-GEOMETRIES = {
-    # name: (window_frames or None for global, sink frames, chunks)
-    "self_forcing_5s": (None, 0, 7),
-    "longlive_window": (12, 3, 8),
-}
+GEOMETRIES = {name: ALL_GEOMETRIES[name] for name in ("self-forcing-5s", "longlive-window")}
 
 
 def run_one(geometry: str, mode: str, layers: int, latent: tuple[int, int]) -> dict:
@@ -36,11 +33,11 @@ def run_one(geometry: str, mode: str, layers: int, latent: tuple[int, int]) -> d
     from fkv_compile import HeadPlan
     from fkv_compile.models import MiniConfig, build, make_inputs, new_caches, rollout
 
-    window, sink, chunks = GEOMETRIES[geometry]
+    g = GEOMETRIES[geometry]
     cfg = MiniConfig(dim=1536, num_heads=12, num_layers=layers, ffn_dim=1536, latent_height=latent[0],
-                     latent_width=latent[1], num_frames=21, window_frames=window, sink_frames=sink or 3)
+                     latent_width=latent[1], num_frames=21, window_frames=g.window_frames, sink_frames=g.sink_frames)
     model = build(cfg)
-    inputs = make_inputs(cfg, chunks=chunks)
+    inputs = make_inputs(cfg, chunks=g.chunks)
     reference = HeadPlan.from_reference_json(REFERENCE_PLAN, frame_tokens=cfg.frame_tokens, chunk_frames=3)
     plan = HeadPlan.from_roles(reference.roles[:layers], frame_tokens=cfg.frame_tokens, chunk_frames=3)
     kv, cross = new_caches(cfg, batch=1, dtype=torch.float32)
@@ -101,9 +98,8 @@ def main() -> None:
     rows = []
     for geometry in GEOMETRIES:
         for mode in ("dense", "compact"):
-            cmd = [sys.executable, __file__, "--layers", str(args.layers), "--latent", *map(str, args.latent), "--child", geometry, mode]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            rows.append(json.loads(out))
+            argv = [__file__, "--layers", str(args.layers), "--latent", *map(str, args.latent), "--child", geometry, mode]
+            rows.append(in_fresh_process(argv, f"the {geometry} {mode} rollout"))
             r = rows[-1]
             print(f"{geometry:<16} {mode:<8} KV {r['kv_bytes'] / 2**20:8.1f} MiB   peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB",
                   flush=True)
@@ -119,11 +115,7 @@ def main() -> None:
               f"{real_dense / 2**30:.2f} GiB -> {real_dense * (1 - kv_cut) / 2**30:.2f} GiB of KV")
     payload = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows, "summary": summary}
     if args.long:
-        cmd = [sys.executable, __file__, "--child", "long", str(args.long)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"the long rollout failed:\n{done.stderr[-3000:]}")
-        long = json.loads(done.stdout.strip().splitlines()[-1])
+        long = in_fresh_process([__file__, "--child", "long", str(args.long)], "the long rollout")
         payload["long_rollout"] = long
         for s in long["samples"]:
             print(f"chunk {s['chunk']:>5}: store {s['kv_bytes']:,} bytes, RSS {s['rss_bytes'] / 2**20:.1f} MiB")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from common import write_results
+
 from fkv_compile.tools.policies import POLICIES
 from fkv_compile.tools.quality import CONTENTS, QualityConfig, evaluate
-
-from common import write_results
 
 
 def main() -> None:

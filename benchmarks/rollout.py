@@ -13,12 +13,11 @@ import argparse
 import time
 
 import torch
+from common import median_seconds, write_results
 
 import fkv_compile
 from fkv_compile import HeadPlan
 from fkv_compile.models import MiniConfig, build, make_inputs, rollout
-
-from common import median_seconds, write_results
 
 
 def main() -> None:

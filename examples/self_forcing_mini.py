@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 import fkv_compile
 from fkv_compile import HeadPlan
-from fkv_compile.tools.bench import median_seconds
 from fkv_compile.models import MiniConfig, build, make_inputs, new_caches, rollout
 from fkv_compile.modes.select import compressed_attention
+from fkv_compile.tools.bench import median_seconds
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from .config import Config, OptionsError
-from .modes.state import Session, open_session
+from .modes.state import Session, compiling_module, open_session
 from .passes import run_passes
 
 __all__ = ["forcing_kv", "OptionsError"]
@@ -33,17 +33,6 @@ def _lower(gm: fx.GraphModule, example_inputs: list[Any], lowering: str, inducto
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-def _real_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
-    """The real tensors this graph reads: its inputs (a module's parameters and buffers among them; their
-    ``grapharg`` holds the tensor) and the attributes of the graph module itself."""
-    found = [*gm.parameters(), *gm.buffers()]
-    for node in gm.graph.find_nodes(op="placeholder"):
-        example = getattr(node.meta.get("grapharg"), "example", None)
-        if isinstance(example, torch.Tensor):
-            found.append(example)
-    return found
-
-
 def forcing_kv(
     gm: fx.GraphModule,
     example_inputs: list[Any],
@@ -58,6 +47,6 @@ def forcing_kv(
     session: Session = open_session(options, config)
     if session.config != config:
         raise OptionsError("the options of a compiled model were changed after its first compile; compile it anew")
-    session.read(_real_tensors(gm))
+    session.belong_to(compiling_module())
     run_passes(gm, session)
     return session.owns(_lower(gm, example_inputs, config.lowering, mode))

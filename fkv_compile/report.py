@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-import torch
-
-from .modes.state import FrameRecord, LayerStats, Session, SiteRecord, session_for_options, sessions_reading
+from .modes.state import FrameRecord, LayerStats, Session, SiteRecord, session_for_options, session_of_compiled
 from .plan import DENSE, DYNAMIC, STATIC
 
 __all__ = ["Report", "LayerRow", "MemoryRow", "MemoryReport", "report", "memory_report", "is_released", "session_of"]
@@ -139,20 +136,13 @@ def _memory(session: Session) -> MemoryReport:
 
 def session_of(compiled: Any, what: str, options: Mapping[str, Any] | None = None) -> Session:
     """The live session of a model compiled with ``backend="forcing_kv"``: the one of the ``torch.compile`` call
-    given exactly these ``options``, else the latest compile whose graphs read the module's parameters and
-    buffers (a module compiled several times, in several modes say, is reported for its latest compile unless
-    ``options`` names another)."""
-    found: Session | None = None
-    if options is not None:
-        found = session_for_options(options)
-    elif isinstance(getattr(compiled, "_orig_mod", None), torch.nn.Module):  # what torch.compile(module) returns
-        candidates = sessions_reading(itertools.chain(compiled.parameters(), compiled.buffers()))
-        found = candidates[-1] if candidates else None
+    given exactly these ``options``, else the one the compiled module owns."""
+    found = session_for_options(options) if options is not None else session_of_compiled(compiled)
     if found is None:
         raise ValueError(
-            f"{what} expected the module torch.compile(module, backend='forcing_kv', options=options) returned, after "
-            f"it ran; for a compiled function or a module without parameters, pass {what}(compiled, options=options); "
-            f"got {type(compiled).__name__} without a live forcing_kv compile"
+            f"{what} expected the module torch.compile(module, backend='forcing_kv', options=...) returned, after it "
+            f"ran (for a compiled function: {what}(compiled, options=<its options mapping>)); got "
+            f"{type(compiled).__name__} without a live forcing_kv compile"
         )
     return found
 

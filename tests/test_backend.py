@@ -2,14 +2,12 @@
 
 import pytest
 import torch
+from rollouts import GLOBAL, WINDOWED, cases, mixed_plan, run_compiled, run_eager_oracle, setup, to64
 
 import fkv_compile
 from fkv_compile import HeadPlan, PlanError, SiteError
 from fkv_compile.models import rollout
 from fkv_compile.tools.testing import assert_within_budget, error_budget, max_abs_error
-
-from rollouts import GLOBAL, WINDOWED, cases, mixed_plan, run_compiled, run_eager_oracle, setup, to64
-
 
 
 def test_off_is_bit_identical_to_inductor():
@@ -186,10 +184,9 @@ def test_unsupported_attention_is_left_alone_and_reported_or_raises_in_strict_mo
     q, ck, cv = torch.randn(1, 2, 4, 8), torch.randn(1, 16, 2, 8), torch.randn(1, 16, 2, 8)
     module = MaskedCacheAttention()
     expected = module(q, ck, cv, 12)
-    options = {"plan": plan, "lowering": "eager"}
-    compiled = torch.compile(module, backend="forcing_kv", options=options)
+    compiled = torch.compile(module, backend="forcing_kv", options={"plan": plan, "lowering": "eager"})
     assert torch.equal(compiled(q, ck, cv, 12), expected)
-    (site,) = fkv_compile.report(compiled, print_table=False, options=options).sites  # no parameters to find it by
+    (site,) = fkv_compile.report(compiled, print_table=False).sites
     assert site.action == "left alone" and "attn_mask" in site.reason
     torch._dynamo.reset()
     strict = torch.compile(module, backend="forcing_kv", options={"plan": plan, "lowering": "eager", "strict": True})

@@ -5,13 +5,12 @@ import textwrap
 
 import pytest
 import torch
+from rollouts import mixed_plan
+from test_cli import fkv
 
 from fkv_compile import HeadPlan, RecompileLimitWarning
 from fkv_compile.models import MiniConfig, build, make_inputs, rollout
 from fkv_compile.tools.testing import assert_equivalent
-
-from rollouts import mixed_plan
-from test_cli import fkv
 
 WINDOWED = MiniConfig(window_frames=12, sink_frames=3)  # what `fkv check mini-windowed` runs
 

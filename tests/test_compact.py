@@ -2,15 +2,14 @@
 
 import pytest
 import torch
+from rollouts import GLOBAL, WINDOWED, cases, mixed_plan, run_compiled, run_eager_oracle, setup, to64
 
 import fkv_compile
 from fkv_compile import SiteError
 from fkv_compile.models import new_caches, rollout
-from fkv_compile.tools.policies import policy_plan
 from fkv_compile.report import session_of
+from fkv_compile.tools.policies import policy_plan
 from fkv_compile.tools.testing import assert_within_budget, error_budget, max_abs_error
-
-from rollouts import GLOBAL, WINDOWED, cases, mixed_plan, run_compiled, run_eager_oracle, setup, to64
 
 
 def run_compact(model, cfg, inputs, plan, lowering="aot_eager", videos=1):

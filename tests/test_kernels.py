@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
+from strategies import attention_inputs, plans  # noqa: E402
+
 from fkv_compile import HeadPlan, kernels  # noqa: E402
 from fkv_compile.config import Config, OptionsError  # noqa: E402
 from fkv_compile.modes.dispatch import TORCH, KernelsError, kernels_for  # noqa: E402
 from fkv_compile.semantics import WindowLayout, keep_mask, oracle_attention, selection_keys  # noqa: E402
 from fkv_compile.tools.testing import assert_within_budget, error_budget, selection_margin  # noqa: E402
-
-from strategies import attention_inputs, plans  # noqa: E402
 
 if not kernels.interpreting():
     pytest.skip("the kernel tests run the Triton interpreter: TRITON_INTERPRET=1 before Triton's import",
@@ -31,9 +31,9 @@ TRITON = kernels_for("triton", "cpu")
 
 from fkv_compile.kernels.attention import range_attention  # noqa: E402
 from fkv_compile.kernels.gather import gather_tokens  # noqa: E402
-from fkv_compile.modes.ranges import mask_runs, select_ranges  # noqa: E402
 from fkv_compile.kernels.similarity import segment_similarity  # noqa: E402
 from fkv_compile.kernels.tuning import TunedKernel, TuningCache  # noqa: E402
+from fkv_compile.modes.ranges import mask_runs, select_ranges  # noqa: E402
 from fkv_compile.modes.select import compressed_attention  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -305,10 +305,10 @@ def test_autotune_can_be_disabled(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("mode", ["select", "compact"])
 def test_a_compiled_rollout_through_the_kernels_matches_the_oracle(mode, monkeypatch):
+    from rollouts import mixed_plan, run_eager_oracle, to64
+
     from fkv_compile.kernels import attention
     from fkv_compile.models import MiniConfig, build, make_inputs, rollout
-
-    from rollouts import mixed_plan, run_eager_oracle, to64
 
     cfg = MiniConfig(dim=64, num_heads=2, num_layers=2, ffn_dim=128, latent_height=4, latent_width=6,
                      window_frames=12, sink_frames=3)

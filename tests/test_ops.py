@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from fkv_compile import HeadPlan
-from fkv_compile import ops  # noqa: F401  registers torch.ops.fkv
+from fkv_compile import (
+    HeadPlan,
+    ops,  # noqa: F401  registers torch.ops.fkv
+)
 from fkv_compile.config import Config
 from fkv_compile.modes.state import open_session
 from fkv_compile.semantics import oracle_attention

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from rollouts import cases, mixed_plan, run_eager_oracle, to64
 
 import fkv_compile
 from fkv_compile import HeadPlan
@@ -14,8 +15,6 @@ from fkv_compile.models.rollout import DENOISING_STEPS, recache
 from fkv_compile.modes.store import StoreError
 from fkv_compile.semantics import oracle_attention
 from fkv_compile.tools.testing import assert_within_budget, error_budget
-
-from rollouts import cases, mixed_plan, run_eager_oracle, to64
 
 BASE = MiniConfig(num_layers=2)
 VARIANTS = [pytest.param("slots", "manual", id="slots-manual"), pytest.param("cat", "sdpa", id="cat-sdpa"),

@@ -6,14 +6,13 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from rollouts import WINDOWED, run_compiled, setup
 
 from fkv_compile import HeadPlan, PlanError
 from fkv_compile.models import rollout
 from fkv_compile.models.planted import PlantedAttentionStack, PlantedConfig, planted_rollout
 from fkv_compile.modes.profile import MassRecord, frame_mass, tag
 from fkv_compile.tools.profiling import Profile, ProfileSettings, collect
-
-from rollouts import WINDOWED, run_compiled, setup
 
 
 @given(b=st.integers(1, 2), h=st.integers(1, 3), f=st.integers(1, 6), n=st.integers(1, 6), lq=st.integers(1, 9),

@@ -6,9 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fkv_compile import HeadPlan
+from fkv_compile.semantics import keep_mask, kept_token_count
 from fkv_compile.tools.policies import EQUAL_BUDGET, POLICIES, gathered_attention, masked_attention, policy_mask
 from fkv_compile.tools.quality import QualityConfig, evaluate, make_video
-from fkv_compile.semantics import keep_mask, kept_token_count
 from fkv_compile.tools.testing import assert_within_budget, error_budget
 
 

@@ -5,13 +5,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from strategies import attention_inputs, plans
 
 from fkv_compile import HeadPlan
 from fkv_compile.modes.select import compressed_attention
 from fkv_compile.semantics import keep_mask, oracle_attention
 from fkv_compile.tools.testing import assert_within_budget, error_budget, selection_margin
-
-from strategies import attention_inputs, plans
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

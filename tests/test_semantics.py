@@ -1,4 +1,4 @@
-"""The keep rule's invariants, checked against a brute-force reading of DESIGN.md's contract."""
+"""The keep rule's invariants, checked against a brute-force reading of the rule in fkv_compile.semantics."""
 
 import dataclasses
 import math
@@ -7,11 +7,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import attention_inputs, plans
 
 from fkv_compile import HeadPlan
 from fkv_compile.semantics import keep_mask, oracle_attention, segment_bounds, window_layout
-
-from strategies import attention_inputs, plans
 
 
 def _frames_of(mask_row, frame_tokens):

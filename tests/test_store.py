@@ -6,10 +6,10 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fkv_compile import HeadPlan
-from fkv_compile.plan import SEGMENT_CHOICES
-from fkv_compile.semantics import keep_mask, oracle_attention
 from fkv_compile.modes.dispatch import kernels_for
 from fkv_compile.modes.store import LayerStore
+from fkv_compile.plan import SEGMENT_CHOICES
+from fkv_compile.semantics import keep_mask, oracle_attention
 from fkv_compile.tools.testing import selection_margin
 
 

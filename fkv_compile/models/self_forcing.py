@@ -1,7 +1,7 @@
 """A miniature Self Forcing-style causal video DiT, written from scratch.
 
-It reproduces the code path a compiler pass meets in Self Forcing (Wan2.1-based, see
-shared/reference/MODELS.md) at any size: dict KV caches allocated by the caller with int64 index
+It reproduces the code path a compiler pass meets in Self Forcing (Wan2.1-based; docs/patterns.md)
+at any size: dict KV caches allocated by the caller with int64 index
 tensors read by ``.item()``, RMSNorm on q/k over the model dim, 3-axis complex RoPE at absolute
 positions with a ``.tolist()`` loop, in-place slice writes, a rolling window with a protected sink,
 ``fill_`` index updates, per-frame adaLN modulation, a cross-attention cache filled on first use,

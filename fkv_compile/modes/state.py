@@ -1,12 +1,14 @@
-"""Run-time state of one ``torch.compile(..., backend="forcing_kv")`` call, owned by its compiled graphs.
+"""Run-time state of one ``torch.compile(..., backend="forcing_kv")`` call, owned by the compiled model.
 
 A :class:`Session` holds the config, what the pass found (sites, frames), per-layer statistics,
-profile records and compact stores. Every callable the backend returns keeps its session alive, so a
-session lives exactly as long as some compiled graph of it does: dropping the model and resetting
-dynamo frees it, stores and all. Compiled graphs carry only the integer session and site ids (baked
-into the custom-op calls, so the FX graph cache key covers them); the ops look the session up in a
-weak registry. ``report`` finds a model's session through the tensors its graphs read (the model's
-parameters and buffers), or exactly through the ``options`` mapping the model was compiled with.
+profile records and compact stores. It belongs to the module ``torch.compile`` returned (dynamo's
+``OptimizedModule``): the backend finds that module on the call stack of the compile and the session
+lives exactly as long as it does, stores and all. Dynamo itself keeps every compiled function in the
+globals of the model's code, even after ``torch._dynamo.reset()``, so the compiled graphs must not
+hold the session: they carry only the integer session and site ids (baked into the custom-op calls,
+so the FX graph cache key covers them) and the ops look the session up here. A compiled *function*
+(no module) keeps its session through its compiled functions instead. ``report`` finds a compiled
+module's session by the module, anything else's by the ``options`` mapping it was compiled with.
 
 A compiled graph may serve every layer, so the layer is resolved at run time from a per-layer tensor
 the graph receives (a parameter of the attention's module, else the cache tensor), bound to layer
@@ -17,9 +19,10 @@ from __future__ import annotations
 
 import enum
 import itertools
+import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +34,7 @@ from .dispatch import Kernels, kernels_for
 from .store import LayerStore
 
 __all__ = ["Session", "SiteAction", "SiteRecord", "FrameRecord", "LayerStats", "session", "open_session",
-           "session_for_options", "sessions_reading"]
+           "session_for_options", "session_of_compiled", "compiling_module"]
 
 
 class SiteAction(str, enum.Enum):
@@ -105,27 +108,27 @@ class Session:
         self.profile_records: list = []  # fkv_compile.modes.profile.MassRecord, in call order (mode "profile")
         self.stores: dict[int, LayerStore] = {}  # mode "compact"
         self.dense_bytes: dict[int, int] = {}  # per layer: K + V bytes of the dense buffers released
-        # the real tensors the graphs read (the model's parameters and buffers among them), weakly, by id: tensors
-        # compare elementwise, so they cannot be set members
-        self.reads: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self.owned = False  # by a compiled module (else by the compiled functions)
         self._bindings: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
 
-    def owns(self, compiled_fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``compiled_fn`` (what the backend returns to dynamo) wrapped so that it keeps this session alive.
+    def belong_to(self, compiled: torch.nn.Module | None) -> None:
+        """Make ``compiled`` (the module torch.compile returned) own this session: it lives as long as the module."""
+        if compiled is not None:
+            _BY_COMPILED[compiled] = self
+            self.owned = True
 
-        A closure, not an attribute: dynamo does not keep the very object a backend returns (it re-wraps
-        the lowering's function), but it keeps what it is given to call."""
+    def owns(self, compiled_fn: Callable[..., Any]) -> Callable[..., Any]:
+        """What the backend returns to dynamo: ``compiled_fn`` itself when a compiled module owns this session,
+        else ``compiled_fn`` wrapped so that the compiled function keeps the session alive."""
+        if self.owned:
+            return compiled_fn
 
         def run(*args: Any, _owner: Session = self) -> Any:
             return compiled_fn(*args)
 
         run._boxed_call = getattr(compiled_fn, "_boxed_call", False)  # type: ignore[attr-defined]
         return run
-
-    def read(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Remember (weakly) the real tensors a compiled graph reads, to find this session from its model."""
-        self.reads.update((id(t), t) for t in tensors)
 
     def new_site(self, **fields: Any) -> SiteRecord:
         record = SiteRecord(site=len(self.sites), **fields)
@@ -189,8 +192,9 @@ class Session:
             stats.dense_calls += 1
 
 
-_LIVE: weakref.WeakValueDictionary[int, Session] = weakref.WeakValueDictionary()  # id -> session
+_LIVE: weakref.WeakValueDictionary[int, Session] = weakref.WeakValueDictionary()  # id -> session, for the ops
 _BY_OPTIONS: weakref.WeakValueDictionary[int, Session] = weakref.WeakValueDictionary()  # id(options) -> session
+_BY_COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, Session] = weakref.WeakKeyDictionary()  # the owners
 _IDS = itertools.count()
 
 
@@ -200,13 +204,22 @@ def session(sid: int) -> Session:
     except KeyError:
         raise RuntimeError(
             f"fkv_compile session {sid} is unknown in this process; a compiled graph was reused from a cache "
-            "without its backend, or its model was dropped (compile the model again with backend='forcing_kv')"
+            "without its backend, or its compiled model was dropped (compile the model again with "
+            "backend='forcing_kv')"
         ) from None
 
 
 def session_for_options(options: Mapping[str, Any]) -> Session | None:
     """The live session of a ``torch.compile`` call, by the very ``options`` mapping it was given."""
     return _BY_OPTIONS.get(id(options))
+
+
+def session_of_compiled(compiled: torch.nn.Module) -> Session | None:
+    """The session a compiled module (what ``torch.compile(module, ...)`` returned) owns, if any."""
+    try:
+        return _BY_COMPILED.get(compiled)
+    except TypeError:  # not weakly referenceable: never an owner
+        return None
 
 
 def open_session(options: Mapping[str, Any], config: Config) -> Session:
@@ -220,7 +233,20 @@ def open_session(options: Mapping[str, Any], config: Config) -> Session:
     return s
 
 
-def sessions_reading(tensors: Iterable[torch.Tensor]) -> list[Session]:
-    """The live sessions whose compiled graphs read any of ``tensors``, oldest first."""
-    wanted = [id(t) for t in tensors]
-    return [s for _, s in sorted(_LIVE.items()) if any(i in s.reads for i in wanted)]
+def _is_compiled_module(obj: object) -> bool:
+    """What ``torch.compile(module)`` returns: a module wrapping the original as ``_orig_mod``."""
+    return isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "_orig_mod", None), torch.nn.Module)
+
+
+def compiling_module() -> torch.nn.Module | None:
+    """The compiled module whose call dynamo is compiling now: the nearest caller frame running a method of
+    one (its ``__call__``), or ``None`` for a compiled function. Dynamo compiles in the calling thread, before
+    the frame runs, so that frame is on the stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if "self" in frame.f_code.co_varnames[: frame.f_code.co_argcount]:
+            candidate = frame.f_locals.get("self")
+            if _is_compiled_module(candidate):
+                return candidate
+        frame = frame.f_back
+    return None

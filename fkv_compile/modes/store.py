@@ -263,6 +263,9 @@ class LayerStore:
         for g in self.groups:
             held = g.held
             attendable = (held.pos >= window[0]) & (held.pos < window[1])  # padding: pos -1, evicted: -2
+            if not bool(attendable.any(1).all()):
+                raise StoreError(f"compact store: attention over window {window}, but the {g.role} heads hold none "
+                                 f"of its tokens{RECOMPUTE_HINT}")
             starts, ends = mask_runs(attendable)
             group = (-1, len(g.heads), -1)
             self.kernels.range_attention(q, held.k, held.v, starts[:, None].expand(group), ends[:, None].expand(group),

@@ -90,7 +90,7 @@ def segment_similarity(
     """Similarity ``[B, G, num_candidates * P]`` (fp32, frame-major) of the candidate frames
     ``[first_frame, first_frame + num_candidates)`` of ``keys`` ``[B, H, L, D]``, each against the next
     frame; ``groups`` ``[G, Hg]``: the heads whose keys each selection concatenates."""
-    b, _, length, d = keys.shape
+    b, _, length, _ = keys.shape
     f, nc = frame_tokens, num_candidates
     if (first_frame + nc + 1) * f > length:
         raise ValueError(f"segment_similarity: frames {first_frame}..{first_frame + nc} and the next need "

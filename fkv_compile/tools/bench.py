@@ -36,9 +36,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..plan import HeadPlan
+from ..plan import DYNAMIC, STATIC, HeadPlan
 
-__all__ = ["BenchGeometry", "GEOMETRIES", "BenchSettings", "run_bench", "median_seconds"]
+__all__ = ["BenchGeometry", "GEOMETRIES", "BenchSettings", "run_bench", "median_seconds", "in_fresh_process"]
 
 MODES = ("dense", "select", "compact")
 ATTENTION_OPS = ("fkv::select_attention", "fkv::store_attention", "fkv::oracle_attention")
@@ -53,6 +53,11 @@ class BenchGeometry:
     sink_frames: int
     chunks: int
     note: str
+
+    @property
+    def frame_tokens(self) -> int:
+        """Tokens per frame at real size (the latent frame in 2 x 2 patches)."""
+        return self.latent[0] * self.latent[1] // 4
 
 
 GEOMETRIES = {
@@ -92,7 +97,7 @@ class BenchSettings:
             plan = HeadPlan.load(self.plan)
             return HeadPlan.from_roles(plan.roles[: cfg.num_layers], frame_tokens=cfg.frame_tokens, chunk_frames=3)
         return HeadPlan.from_roles(
-            [["static" if (h + layer) % 8 in (0, 3, 5) else "dynamic" for h in range(cfg.num_heads)]
+            [[STATIC if (h + layer) % 8 in (0, 3, 5) else DYNAMIC for h in range(cfg.num_heads)]
              for layer in range(cfg.num_layers)], frame_tokens=cfg.frame_tokens, chunk_frames=3)
 
 
@@ -190,7 +195,7 @@ def rollout_one_mode(s: BenchSettings, mode: str) -> dict[str, Any]:
         "kv_bytes": kv_per_chunk[-1], "kv_bytes_per_chunk": kv_per_chunk, "rss_bytes_per_chunk": rss_per_chunk,
         "dense_kv_bytes": dense_kv, "peak_rss_bytes": peak_rss,
         "graphs_after_warmup": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_after_warmup,
-        "static_heads": plan.count("static"), "heads": plan.num_layers * plan.num_heads,
+        "static_heads": plan.count(STATIC), "heads": plan.num_layers * plan.num_heads,
     }
 
 
@@ -242,12 +247,16 @@ def median_seconds(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1,
     return statistics.median(times)
 
 
-def _child(s: BenchSettings, mode: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "fkv_compile.tools.bench", json.dumps(asdict(s)), mode]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+def in_fresh_process(argv: list[str], what: str) -> dict[str, Any]:
+    """Run ``python <argv>`` in a new process (its peak RSS its own) and return the JSON its last output line holds."""
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(f"fkv bench: the {mode} rollout failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _child(s: BenchSettings, mode: str) -> dict[str, Any]:
+    return in_fresh_process(["-m", "fkv_compile.tools.bench", json.dumps(asdict(s)), mode], f"fkv bench: the {mode} rollout")
 
 
 def run_bench(s: BenchSettings, out_dir: Path, modes: tuple[str, ...] = MODES, advance: Callable[[], None] = lambda: None,
@@ -262,7 +271,7 @@ def run_bench(s: BenchSettings, out_dir: Path, modes: tuple[str, ...] = MODES, a
         advance()
     g = GEOMETRIES[s.geometry]
     result = {"settings": asdict(s), "geometry": {**asdict(g), "frame_tokens": rollouts[modes[0]]["frame_tokens"],
-                                                    "real_frame_tokens": g.latent[0] * g.latent[1] // 4},
+                                                    "real_frame_tokens": g.frame_tokens},
               "machine": {"device": torch.cuda.get_device_name() if s.device == "cuda" else "cpu",
                           "threads": torch.get_num_threads(), "torch": torch.__version__},
               "call": calls, "rollout": rollouts}

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from ..plan import HeadPlan
 from ..config import MODES
+from ..plan import HeadPlan
 
 __all__ = ["ModeCheck", "EquivalenceReport", "check_equivalence", "DEFAULT_MODES", "CHECKED_MODES"]
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from ..plan import HeadPlan
+from ..plan import DENSE, DYNAMIC, STATIC, HeadPlan
 
 __all__ = ["plot_plan"]
 
-_ROLE_VALUE = {"static": 1.0, "dynamic": 0.0, "dense": 0.5}
+_ROLE_VALUE = {STATIC: 1.0, DYNAMIC: 0.0, DENSE: 0.5}
 
 
 def _pyplot():
@@ -59,7 +59,7 @@ def plot_plan(plan: HeadPlan, path: str | os.PathLike[str], *, curves: int = 3) 
     ax.set_yticks(range(0, plan.num_layers, max(1, plan.num_layers // 15)))
     for layer, row in enumerate(plan.roles):
         for head, role in enumerate(row):
-            if role == "static":
+            if role == STATIC:
                 ax.text(head, layer, "s", ha="center", va="center", color="black", fontsize=7)
     if panels == 2:
         ax = axes[0][1]

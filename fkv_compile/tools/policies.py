@@ -24,7 +24,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ..plan import HeadPlan
+from ..plan import DYNAMIC, HeadPlan
 from ..semantics import keep_mask, window_layout
 
 __all__ = ["POLICIES", "EQUAL_BUDGET", "policy_plan", "policy_mask", "masked_attention", "gathered_attention"]
@@ -39,7 +39,7 @@ def policy_plan(policy: str, plan: HeadPlan) -> HeadPlan:
     it to compare a baseline with Forcing-KV through the pass (select, compact, oracle modes alike)."""
     if policy not in SEGMENT_CHOICE:
         raise ValueError(f"policy expected one of {EQUAL_BUDGET} (dummy-forcing is a mask only), got {policy!r}")
-    roles = [["dynamic"] * plan.num_heads for _ in range(plan.num_layers)]
+    roles = [[DYNAMIC] * plan.num_heads for _ in range(plan.num_layers)]
     return dataclasses.replace(plan, roles=roles, segment_choice=SEGMENT_CHOICE[policy])
 
 
@@ -54,7 +54,7 @@ def policy_mask(policy: str, k: torch.Tensor, plan: HeadPlan, lq: int) -> torch.
     if layout is None:
         raise ValueError(f"a window of {lk} keys for {lq} queries does not fit the plan's geometry")
     if policy in EQUAL_BUDGET:
-        every = dataclasses.replace(plan, roles=[["dynamic"] * h], segment_choice=SEGMENT_CHOICE[policy])
+        every = dataclasses.replace(plan, roles=[[DYNAMIC] * h], segment_choice=SEGMENT_CHOICE[policy])
         return keep_mask(k, every, 0, lq)
     if policy == "dummy-forcing":
         f, current = layout.frame_tokens, layout.tokens(layout.current())

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..plan import HeadPlan
+from ..plan import DYNAMIC, HeadPlan
 from .policies import POLICIES, masked_attention, policy_mask
 
 __all__ = ["CONTENTS", "QualityConfig", "QualityResult", "make_video", "video_qkv", "evaluate"]
@@ -52,7 +52,7 @@ class QualityConfig:
 
     def plan(self) -> HeadPlan:
         """The geometry and Forcing-KV's default dynamic role (sink 1, recent 1, 3 candidates, 6 segments)."""
-        return HeadPlan.uniform("dynamic", num_layers=1, num_heads=self.heads, frame_tokens=self.frame_tokens,
+        return HeadPlan.uniform(DYNAMIC, num_layers=1, num_heads=self.heads, frame_tokens=self.frame_tokens,
                                 chunk_frames=self.chunk_frames)
 
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .. import semantics
+from ..plan import DYNAMIC, HeadPlan
 from .check import DEFAULT_MODES, EquivalenceReport, check_equivalence
-from ..plan import HeadPlan
 
 __all__ = [
     "assert_equivalent",
@@ -57,7 +57,7 @@ def selection_margin(k: torch.Tensor, plan: HeadPlan, layer: int, lq: int) -> fl
     implementations may keep different segments (a near tie); tests skip or widen such cases.
     """
     layout = semantics.window_layout(lq, k.shape[2], plan.frame_tokens, plan.chunk_frames)
-    heads = plan.heads(layer, "dynamic")
+    heads = plan.heads(layer, DYNAMIC)
     if layout is None or not heads:
         return float("inf")
     p = plan.dynamic

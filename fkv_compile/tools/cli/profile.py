@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ...modes.profile import tag
 from ...plan import DENSE, DYNAMIC, STATIC, HeadPlan
 from ..profiling import ProfileSettings, collect
-from ...modes.profile import tag
 from ..progress import Progress
 from .common import CliError, emit
 from .targets import profile_target
