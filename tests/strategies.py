@@ -12,10 +12,21 @@ ROLE = st.sampled_from(["dense", "static", "dynamic"])
 
 
 @st.composite
-def plans(draw, *, num_layers: int = 1, max_heads: int = 4):
-    frame_tokens = draw(st.integers(1, 13))
+def plans(draw, *, num_layers: int = 1, max_heads: int = 4, compressing: bool = False):
+    """Random plans; ``compressing``: ones where the dynamic role really chooses (a dynamic head, candidates,
+    similarity selection, ``0 < k <`` the candidate segments), the case the choice-ordering checks need."""
+    frame_tokens = draw(st.integers(2 if compressing else 1, 13))
     heads = draw(st.integers(1, max_heads))
     roles = [[draw(ROLE) for _ in range(heads)] for _ in range(num_layers)]
+    if compressing:
+        roles = [row[:-1] + ["dynamic"] for row in roles]
+    segments = draw(st.integers(2 if compressing else 1, frame_tokens))
+    candidates = draw(st.integers(1 if compressing else 0, 4))
+    if compressing:  # k = floor(N_c P r + 0.5) strictly between 0 and N_c P
+        k = draw(st.integers(1, candidates * segments - 1))
+        retention = k / (candidates * segments)
+    else:
+        retention = draw(st.floats(0.0, 1.0))
     return HeadPlan.from_roles(
         roles,
         frame_tokens=frame_tokens,
@@ -23,20 +34,28 @@ def plans(draw, *, num_layers: int = 1, max_heads: int = 4):
         sink_frames=draw(st.integers(0, 3)),
         static_recent_frames=draw(st.integers(0, 3)),
         dynamic_recent_frames=draw(st.integers(0, 3)),
-        candidate_frames=draw(st.integers(0, 4)),
-        segments_per_frame=draw(st.integers(1, frame_tokens)),
-        retention=draw(st.floats(0.0, 1.0)),
+        candidate_frames=candidates,
+        segments_per_frame=segments,
+        retention=retention,
         selection=draw(st.sampled_from(["layer", "head"])),
-        segment_choice=draw(st.sampled_from(SEGMENT_CHOICES)),
+        segment_choice="similarity" if compressing else draw(st.sampled_from(SEGMENT_CHOICES)),
     )
 
 
+def full_window(plan: HeadPlan) -> int:
+    """Frames of the shortest window in which every compressed role drops something (all its parts present)."""
+    reach = max(p.sink_frames + p.recent_frames for p in (plan.static, plan.dynamic)) + plan.dynamic.candidate_frames
+    return plan.chunk_frames + reach + 1
+
+
 @st.composite
-def attention_inputs(draw, plan: HeadPlan, *, batch: int | None = None, fits: bool = True):
-    """q [B, H, Lq, D], k, v [B, H, Lk, D] in float64, fresh random normal (never zeros)."""
+def attention_inputs(draw, plan: HeadPlan, *, batch: int | None = None, fits: bool = True, long: bool = False):
+    """q [B, H, Lq, D], k, v [B, H, Lk, D] in float64, fresh random normal (never zeros); ``long``: windows in
+    which every role compresses (:func:`full_window`)."""
     b = batch or draw(st.integers(1, 2))
     d = draw(st.sampled_from([4, 8]))
-    frames = draw(st.integers(plan.chunk_frames, plan.chunk_frames + 9))
+    shortest = full_window(plan) if long else plan.chunk_frames
+    frames = draw(st.integers(shortest, shortest + (4 if long else 9)))
     lq = plan.chunk_tokens
     lk = frames * plan.frame_tokens
     if not fits:

@@ -10,6 +10,8 @@ from test_cli import fkv
 
 from fkv_compile import HeadPlan, RecompileLimitWarning
 from fkv_compile.models import MiniConfig, build, make_inputs, rollout
+from fkv_compile.tools.check import CONCLUSIVE, check_equivalence
+from fkv_compile.tools.cli.targets import bundled_check_target
 from fkv_compile.tools.testing import assert_equivalent
 
 WINDOWED = MiniConfig(window_frames=12, sink_frames=3)  # what `fkv check mini-windowed` runs
@@ -20,12 +22,15 @@ def test_fkv_check_passes_on_the_bundled_miniature(tmp_path):
     mixed_plan(WINDOWED).save(plan)
     out = json.loads(fkv("check", "mini-windowed", "--plan", plan, "--lowering", "aot_eager", "--chunks", 4,
                          "--json").stdout)
-    assert out["passed"] and out["chunks"] == 4  # one output per chunk
+    assert out["passed"] and out["chunks"] == 8  # one output per chunk, two videos of 4
     checks = {c["mode"]: c for c in out["checks"]}
     assert set(checks) == {"aot_eager", "off", "oracle", "select", "compact"}  # the plain run: reproducibility
     assert checks["off"]["max_abs_error"] == 0.0 and checks["off"]["budget"] == 0.0
     assert checks["oracle"]["max_abs_error"] > 0 and checks["oracle"]["budget"] is None  # compression: information
     assert 0 < checks["select"]["budget"] < checks["oracle"]["max_abs_error"]
+    assert set(out["effects"]) == {"compression", "one recent frame off", "one segment fewer"}
+    assert min(out["effects"].values()) >= CONCLUSIVE * checks["select"]["budget"] == CONCLUSIVE * checks["select"][
+        "effect"] / (checks["select"]["effect"] / checks["select"]["budget"])
     assert all(c["cache_sites"] > 0 and c["graphs"] > 0 for c in out["checks"] if c["mode"] != "aot_eager")
 
 
@@ -106,3 +111,64 @@ def test_fkv_bench_runs_end_to_end_and_writes_its_files(tmp_path):
     assert out["call"][0]["kept_ratio"] < 1 and out["call"][0]["select_ms"] > 0
     assert (tmp_path / "bench_tiny.csv").read_text().count("\n") == 1 + 3 * 5
     assert (tmp_path / "bench_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- the check can fail: a dense or wrong result, in every dtype ---------------------------------------------------
+
+def _dense_select(q, k, v, plan, layer, scale=None, kernels=None):
+    from fkv_compile.modes.select import KeptTokens
+
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out, KeptTokens(kept=(float(k.shape[2]),) * q.shape[1], window=k.shape[2], layout_fits=True)
+
+
+def _store_one_frame_more(monkeypatch):
+    """compact keeps one recent frame more than the plan says (a kept set off by one frame)."""
+    import dataclasses
+
+    from fkv_compile.modes import state
+
+    class OneFrameMore(state.LayerStore):
+        def __init__(self, plan, layer, kernels):
+            more = {role: dataclasses.replace(p, recent_frames=p.recent_frames + 1)
+                    for role, p in (("static", plan.static), ("dynamic", plan.dynamic))}
+            super().__init__(dataclasses.replace(plan, **more), layer, kernels)
+
+    monkeypatch.setattr(state, "LayerStore", OneFrameMore)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_check_fails_a_dense_select_and_a_compact_off_by_one_frame(dtype, monkeypatch):
+    import fkv_compile.ops
+
+    target = bundled_check_target("mini-windowed", 3, dtype)
+    twin = bundled_check_target("mini-windowed", 3) if dtype != torch.float32 else None
+    monkeypatch.setattr(fkv_compile.ops, "compressed_attention", _dense_select)
+    _store_one_frame_more(monkeypatch)
+    result = check_equivalence(target.model_factory, target.rollout, mixed_plan(WINDOWED), ("select", "compact"),
+                               "aot_eager", reference=twin)
+    failures = result.failures()
+    assert [f.split(":")[0] for f in failures] == ["select", "compact"], result.table()
+    assert all("exceeds the budget" in f for f in failures), failures
+    assert result.compared_in == "float32"
+
+
+def test_a_bf16_check_without_a_float32_twin_is_inconclusive_and_fails():
+    target = bundled_check_target("mini-windowed", 2, torch.bfloat16)
+    result = check_equivalence(target.model_factory, target.rollout, mixed_plan(WINDOWED), ("select",), "aot_eager")
+    (failure,) = result.failures()
+    assert failure.startswith("select: inconclusive in bfloat16") and "float32 twin" in failure
+
+
+def test_the_check_fails_a_store_that_serves_the_previous_videos_tokens(monkeypatch):
+    from fkv_compile.modes.store import LayerStore
+
+    monkeypatch.setattr(LayerStore, "reset", lambda self: None)  # a new video keeps the last one's tokens
+    target = bundled_check_target("mini-windowed", 3)
+    # dense heads beside compressed ones in every layer: a commit drops a compressed group's stale history, but
+    # a dense group keeps every token from the window's start on
+    plan = HeadPlan.from_roles([["dense", "dynamic"], ["static", "dense"]], frame_tokens=WINDOWED.frame_tokens,
+                               chunk_frames=WINDOWED.chunk_frames)
+    result = check_equivalence(target.model_factory, target.rollout, plan, ("compact",), "aot_eager")
+    (failure,) = result.failures()
+    assert failure.startswith("compact:"), result.table()

@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
@@ -63,13 +64,11 @@ def _brute_similarity(keys, f, frame, start, end):
 
 @given(st.data())
 def test_dynamic_keeps_the_lowest_similarity_segments(data):
-    plan = data.draw(plans())
-    q, k, v = data.draw(attention_inputs(plan, batch=1))
+    plan = data.draw(plans(compressing=True))  # every example chooses: a dynamic head, 0 < k < candidate segments
+    q, k, v = data.draw(attention_inputs(plan, batch=1, long=True))
     mask = keep_mask(k, plan, 0, q.shape[2])
     heads = plan.heads(0, "dynamic")
     layout = window_layout(q.shape[2], k.shape[2], plan.frame_tokens, plan.chunk_frames)
-    if not heads or plan.segment_choice != "similarity":
-        return
     p = plan.dynamic
     f = plan.frame_tokens
     groups = [[h] for h in heads] if plan.selection == "head" else [list(heads)]
@@ -82,8 +81,9 @@ def test_dynamic_keeps_the_lowest_similarity_segments(data):
         kept = [bool(mask[0, group[0], fr * f + s]) for _, fr, s, e in scored]
         dropped_sims = [sim for (sim, *_), kk in zip(scored, kept) if not kk]
         kept_sims = [sim for (sim, *_), kk in zip(scored, kept) if kk]
-        if kept_sims and dropped_sims:
-            assert max(kept_sims) <= min(dropped_sims) + 1e-12
+        assert kept_sims and dropped_sims, "a compressing example must keep some candidates and drop others"
+        assert len(kept_sims) == p.selected_segments
+        assert max(kept_sims) <= min(dropped_sims) + 1e-12
         for h in group:  # one selection is shared by every head of the group
             assert torch.equal(mask[0, h], mask[0, group[0]])
 
@@ -140,3 +140,33 @@ def test_short_windows_keep_what_exists():
     for frames in (2, 3, 4):  # no history, only sink, sink + recent
         k = torch.randn(1, 2, frames * 3, 4)
         assert keep_mask(k, plan, 0, 6).all()
+
+
+@pytest.mark.parametrize("candidates,segments,retention,k", [
+    (1, 1, 0.5, 1),  # N_c P r = 0.5 rounds half up (Python's round() gives 0)
+    (5, 1, 0.5, 3),  # 2.5 -> 3 (round() gives 2)
+    (3, 1, 0.5, 2),  # 1.5 -> 2 (a floor gives 1)
+    (3, 6, 0.33, 6),  # Forcing-KV's defaults: 5.94 -> 6
+    (2, 3, 0.25, 2),  # 1.5 -> 2
+])
+def test_k_rounds_half_up_at_the_boundary(candidates, segments, retention, k):
+    plan = HeadPlan.from_roles([["dynamic"]], frame_tokens=segments * 2, chunk_frames=1, sink_frames=1,
+                               recent_frames=1, candidate_frames=candidates, segments_per_frame=segments,
+                               retention=retention)
+    assert plan.dynamic.selected_segments == k
+    frames = 1 + candidates + 1 + 1  # sink, the candidates, recent, the chunk: every candidate present
+    f = plan.frame_tokens
+    keys = torch.randn(1, 1, frames * f, 4, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    mask = keep_mask(keys, plan, 0, f)
+    assert int(mask[0, 0, f : (1 + candidates) * f].sum()) == k * f // segments  # k segments of F / P tokens
+
+
+def test_ties_go_to_the_earlier_segment():
+    # identical keys in every frame: every candidate segment has similarity 1, so the first k are kept
+    plan = HeadPlan.from_roles([["dynamic"]], frame_tokens=4, chunk_frames=1, sink_frames=1, recent_frames=1,
+                               candidate_frames=3, segments_per_frame=2, retention=0.5)
+    frame = torch.randn(1, 1, 4, 4, dtype=torch.float64)
+    keys = frame.repeat(1, 1, 6, 1)  # sink, 3 candidates, recent, chunk
+    mask = keep_mask(keys, plan, 0, 4)
+    k = plan.dynamic.selected_segments  # 3 of the 6 candidate segments
+    assert mask[0, 0, 4:16].tolist() == [True] * (2 * k) + [False] * (12 - 2 * k)

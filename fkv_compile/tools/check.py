@@ -7,11 +7,22 @@
   plainly compiled one (the numeric noise of two correct implementations in the model's dtype), at
   least a few ulps of the outputs' scale. Rollouts are autoregressive, so both differences grow
   alike over chunks.
+- a budget must be able to see a wrong result: beside it the check measures the *effects* it must
+  detect (what compression changes, oracle vs dense; and the oracles of the kept sets one recent
+  frame off and one selected segment fewer, :func:`wrong_kept_sets`). A comparison is conclusive
+  when every effect is at least ``CONCLUSIVE`` budgets. One that is not (bf16 and fp16 models
+  usually: their rounding is as large as what compression changes) is made conclusive by a higher
+  precision twin of the model (``reference``: the same weights and inputs in float32), in which
+  ``select`` and ``compact`` are compared while the user's dtype still runs every mode (crashes,
+  recompiles); without a twin the check fails as inconclusive, saying so.
 - ``oracle`` itself is compared with the eager dense model for information only: that difference is
   what the plan's compression changes, not an error.
 - the budget's base must itself be small: a plainly compiled run further than
   ``REPRODUCIBLE`` (relative to the outputs' scale) from the eager run means the rollout is not
   reproducible (unseeded weights or inputs), and the check fails rather than derive a huge budget.
+
+A rollout should generate two videos or more (the bundled miniatures' do): state carried from one
+video into the next (a compact store that did not reset) only shows in the second.
 
 Each mode runs on a fresh model from ``model_factory`` after ``torch._dynamo.reset()``, under
 ``torch.no_grad()`` (the ops are inference-only); a mode that raises (a plan that does not fit the
@@ -20,26 +31,38 @@ model, say) fails with the exception's message.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from ..config import MODES
-from ..plan import HeadPlan
+from ..plan import DYNAMIC, HeadPlan, RoleParams
 
-__all__ = ["ModeCheck", "EquivalenceReport", "check_equivalence", "DEFAULT_MODES", "CHECKED_MODES"]
+__all__ = ["ModeCheck", "EquivalenceReport", "Target", "check_equivalence", "wrong_kept_sets", "DEFAULT_MODES",
+           "CHECKED_MODES", "CONCLUSIVE"]
 
 CHECKED_MODES: tuple[str, ...] = tuple(m for m in MODES if m != "profile")  # profile makes plans: nothing to compare
 DEFAULT_MODES: tuple[str, ...] = ("off", "oracle", "select", "compact")
 NOISE_FACTOR = 4.0  # the budget in multiples of the eager vs plainly compiled difference
 ULPS = 16
 REPRODUCIBLE = 0.05
+CONCLUSIVE = 4.0  # every effect the check must see is at least this many budgets
+COMPRESSED_MODES = ("select", "compact")
 
 ModelFactory = Callable[[], torch.nn.Module]
 Rollout = Callable[[torch.nn.Module], Sequence[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What is checked: a fresh model per call of ``model_factory``, and the rollout giving its per-chunk outputs."""
+
+    model_factory: ModelFactory
+    rollout: Rollout
 
 
 @dataclass(frozen=True)
@@ -56,6 +79,7 @@ class ModeCheck:
     graph_breaks: int
     cache_sites: int  # attention sites over a KV cache the pass found
     error: str = ""
+    effect: float = math.inf  # the smallest effect the comparison must see (compressed modes)
 
     @property
     def passed(self) -> bool:
@@ -67,6 +91,8 @@ class EquivalenceReport:
     checks: tuple[ModeCheck, ...]
     chunks: int
     noise: float  # eager vs plainly compiled: the budget's base
+    effects: Mapping[str, float] = dataclasses.field(default_factory=dict)  # in the precision compared
+    compared_in: str = ""  # the dtype select and compact were compared in
 
     @property
     def passed(self) -> bool:
@@ -78,21 +104,44 @@ class EquivalenceReport:
                 f"budget {c.budget:.3e}" for c in self.checks if not c.passed]
 
     def table(self) -> str:
-        lines = [f"fkv check: {self.chunks} chunks compared; budget base (eager vs compiled) {self.noise:.3e}",
-                 f"{'mode':<8} {'vs':<14} {'max abs err':>11} {'rel err':>9} {'chunk':>5} {'budget':>10} "
-                 f"{'graphs':>6} {'breaks':>6} {'sites':>5}  result"]
+        effects = ", ".join(f"{name} {value:.3e}" for name, value in self.effects.items())
+        lines = [f"fkv check: {self.chunks} chunks compared; budget base (eager vs compiled) {self.noise:.3e}; "
+                 f"select/compact compared in {self.compared_in}, effects to see: {effects}",
+                 f"{'mode':<8} {'vs':<22} {'max abs err':>11} {'rel err':>9} {'chunk':>5} {'budget':>10} "
+                 f"{'effect/budget':>13} {'graphs':>6} {'breaks':>6} {'sites':>5}  result"]
         for c in self.checks:
             budget = "info" if math.isinf(c.budget) else "bit-exact" if c.budget == 0 else f"{c.budget:.3e}"
+            ratio = f"{c.effect / c.budget:.1f}" if math.isfinite(c.effect) and c.budget else "-"
             result = "ok" if c.passed else f"FAIL {c.error}" if c.error else "FAIL"
-            lines.append(f"{c.mode:<8} {c.reference:<14} {c.max_abs_error:>11.3e} {c.max_rel_error:>9.2e} "
-                         f"{c.worst_chunk:>5} {budget:>10} {c.graphs:>6} {c.graph_breaks:>6} {c.cache_sites:>5}  "
-                         f"{result}")
+            lines.append(f"{c.mode:<8} {c.reference:<22} {c.max_abs_error:>11.3e} {c.max_rel_error:>9.2e} "
+                         f"{c.worst_chunk:>5} {budget:>10} {ratio:>13} {c.graphs:>6} {c.graph_breaks:>6} "
+                         f"{c.cache_sites:>5}  {result}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "chunks": self.chunks, "noise": self.noise,
-                "checks": [{**asdict(c), "budget": None if math.isinf(c.budget) else c.budget, "passed": c.passed}
+        def finite(x: float) -> float | None:
+            return None if math.isinf(x) else x
+
+        return {"passed": self.passed, "chunks": self.chunks, "noise": self.noise, "effects": dict(self.effects),
+                "compared_in": self.compared_in,
+                "checks": [{**asdict(c), "budget": finite(c.budget), "effect": finite(c.effect), "passed": c.passed}
                            for c in self.checks]}
+
+
+def wrong_kept_sets(plan: HeadPlan) -> dict[str, HeadPlan]:
+    """Plans whose kept sets differ from ``plan``'s by the least a check must see: every compressed role one recent
+    frame off (one fewer, or one more where there are none), and dynamic heads one selected segment fewer."""
+
+    def frame_off(p: RoleParams) -> RoleParams:
+        return dataclasses.replace(p, recent_frames=p.recent_frames - 1 if p.recent_frames else 1)
+
+    wrong = {"one recent frame off": dataclasses.replace(plan, static=frame_off(plan.static),
+                                                         dynamic=frame_off(plan.dynamic))}
+    p = plan.dynamic
+    if plan.count(DYNAMIC) and p.selected_segments and p.candidate_frames:
+        fewer = (p.selected_segments - 1) / (p.candidate_frames * p.segments_per_frame)  # k - 1 after rounding
+        wrong["one segment fewer"] = dataclasses.replace(plan, dynamic=dataclasses.replace(p, retention=fewer))
+    return wrong
 
 
 def _errors(actual: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> tuple[float, float, int]:
@@ -118,6 +167,73 @@ def _run(model_factory: ModelFactory, rollout: Rollout, backend: str, options: d
     return outs, compiled, breaks
 
 
+@dataclass(frozen=True)
+class _Baseline:
+    """One precision's references: the dense runs, the budget, the oracle, and the effects the budget must see."""
+
+    dtype: torch.dtype
+    eager: list[torch.Tensor]
+    plain: list[torch.Tensor]
+    noise: float
+    scale: float
+    budget: float
+    oracle: list[torch.Tensor] | None  # None: the oracle failed, ``error`` says why
+    effects: dict[str, float]
+    error: str = ""
+
+    @property
+    def effect(self) -> float:
+        return min(self.effects.values(), default=math.nan)
+
+    @property
+    def conclusive(self) -> bool:
+        return self.effect >= CONCLUSIVE * self.budget
+
+
+def _baseline(target: Target, plan: HeadPlan, lowering: str, factor: float) -> _Baseline:
+    eager = _run(target.model_factory, target.rollout, "none", None)[0]
+    plain = _run(target.model_factory, target.rollout, lowering, None)[0]
+    noise = _errors(plain, eager)[0]
+    dtype = eager[0].dtype if eager[0].is_floating_point() else torch.float32
+    scale = max(float(o.double().abs().max()) for o in eager)
+    budget = max(factor * noise, ULPS * torch.finfo(dtype).eps * scale)
+
+    def oracle(p: HeadPlan, lowering: str) -> list[torch.Tensor]:
+        return _run(target.model_factory, target.rollout, "forcing_kv", {"plan": p, "mode": "oracle",
+                                                                           "lowering": lowering})[0]
+
+    try:
+        reference = oracle(plan, lowering)
+        effects = {"compression": _errors(reference, eager)[0]}
+        if effects["compression"] >= CONCLUSIVE * budget:  # else inconclusive already: spare the runs
+            # the wrong kept sets' effects are sizes, not comparisons: eager lowering (the quickest compile) will do
+            effects.update({name: _errors(oracle(wrong, "eager"), reference)[0]
+                            for name, wrong in wrong_kept_sets(plan).items()})
+    except Exception as exc:  # the modes' own runs report it, or this message does
+        return _Baseline(dtype, eager, plain, noise, scale, budget, None, {}, f"the oracle failed: {exc}")
+    return _Baseline(dtype, eager, plain, noise, scale, budget, reference, effects)
+
+
+def _reproducible(base: _Baseline, lowering: str) -> ModeCheck:
+    err, rel, worst = _errors(base.plain, base.eager)
+    limit = REPRODUCIBLE * base.scale
+    return ModeCheck(lowering, f"eager (dense, {_name(base.dtype)})", err, rel, worst, limit, 0, 0, 0,
+                     error="" if err <= limit else
+                     f"the plainly compiled rollout differs from the eager one by {rel:.1%} of the outputs' scale: the "
+                     "rollout is not reproducible (seed the model's weights and the inputs), no budget can be derived")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _inconclusive(base: _Baseline) -> str:
+    effects = ", ".join(f"{name} {value:.3e}" for name, value in base.effects.items())
+    return (f"inconclusive in {_name(base.dtype)}: the budget {base.budget:.3e} is not {CONCLUSIVE:g}x below every "
+            f"effect it must see ({effects}), so a dense or wrong result could pass; give a float32 twin of the model "
+            "(check_equivalence(..., reference=Target(...)), fkv check's third target element) to compare in")
+
+
 def check_equivalence(
     model_factory: ModelFactory,
     rollout: Rollout,
@@ -125,53 +241,56 @@ def check_equivalence(
     modes: Sequence[str] = DEFAULT_MODES,
     lowering: str = "inductor",
     factor: float = NOISE_FACTOR,
+    reference: Target | None = None,
 ) -> EquivalenceReport:
     """Run ``rollout(model)`` (a list of per-chunk outputs) eagerly, plainly compiled and under each of
-    ``modes``; compare every chunk (see the module docstring for what against what)."""
+    ``modes``; compare every chunk (see the module docstring for what against what). ``reference``: the same
+    model and rollout in a higher precision, where ``select`` and ``compact`` are compared when the model's own
+    dtype cannot see the effects of a wrong result."""
     from ..report import report
 
     unknown = [m for m in modes if m not in CHECKED_MODES]
     if unknown:
         raise ValueError(f"modes expected some of {CHECKED_MODES}, got {unknown}")
-    plain = {"inductor": "inductor", "aot_eager": "aot_eager", "eager": "eager"}[lowering]
-    eager = _run(model_factory, rollout, "none", None)[0]
-    compiled_plain = _run(model_factory, rollout, plain, None)[0]
-    noise = _errors(compiled_plain, eager)[0]
-    dtype = eager[0].dtype if eager[0].is_floating_point() else torch.float32
-    scale = max(float(o.double().abs().max()) for o in eager)
-    budget = max(factor * noise, ULPS * torch.finfo(dtype).eps * scale)
-    results: dict[str, list[torch.Tensor]] = {}
-    err, rel, worst = _errors(compiled_plain, eager)
-    checks = [ModeCheck(plain, "eager (dense)", err, rel, worst, REPRODUCIBLE * scale, 0, 0, 0,
-                        error="" if err <= REPRODUCIBLE * scale else
-                        f"the plainly compiled rollout differs from the eager one by {rel:.1%} of the outputs' scale: "
-                        "the rollout is not reproducible (seed the model's weights and the inputs), no budget can be "
-                        "derived")]
+    if lowering not in ("inductor", "aot_eager", "eager"):
+        raise ValueError(f"lowering expected 'inductor', 'aot_eager' or 'eager', got {lowering!r}")
+    user = Target(model_factory, rollout)
+    base = _baseline(user, plan, lowering, factor)
+    compare = base
+    checks = [_reproducible(base, lowering)]
+    if not base.conclusive and reference is not None and any(m in COMPRESSED_MODES for m in modes):
+        compare = _baseline(reference, plan, lowering, factor)
+        checks.append(_reproducible(compare, lowering))
     for mode in modes:
         try:
             outs, compiled, breaks = _run(model_factory, rollout, "forcing_kv",
                                           {"plan": plan, "mode": mode, "lowering": lowering})
-            results[mode] = outs
             rep = report(compiled, print_table=False)
+            effect, error = math.inf, ""
             if mode == "off":
-                ref_name, ref, mode_budget = plain, compiled_plain, 0.0
+                ref_name, ref, mode_budget = lowering, base.plain, 0.0
             elif mode == "oracle":
-                ref_name, ref, mode_budget = "eager (dense)", eager, math.inf
+                ref_name, ref, mode_budget = f"eager (dense, {_name(base.dtype)})", base.eager, math.inf
             else:
-                if "oracle" not in results:
-                    results["oracle"] = _run(model_factory, rollout, "forcing_kv",
-                                             {"plan": plan, "mode": "oracle", "lowering": lowering})[0]
-                ref_name, ref, mode_budget = "oracle", results["oracle"], budget
+                effect = compare.effect
+                if compare is not base:  # the user's dtype ran (crashes, recompiles); compare in the twin's
+                    outs = _run(reference.model_factory, reference.rollout, "forcing_kv",
+                                {"plan": plan, "mode": mode, "lowering": lowering})[0]
+                if compare.oracle is None:
+                    raise RuntimeError(compare.error)
+                ref_name, ref, mode_budget = f"oracle ({_name(compare.dtype)})", compare.oracle, compare.budget
+                if not compare.conclusive:
+                    error = _inconclusive(compare)
             err, rel, worst = _errors(outs, ref)
             if mode == "off" and any(not torch.equal(a, b) for a, b in zip(outs, ref)):
                 err = max(err, math.ulp(0.0))  # bit-identical means equal bits, not a zero rounded difference
             limited = [f.function for f in rep.frames if f.at_limit]
+            if limited:
+                error = (f"{', '.join(limited)} hit torch._dynamo.config.recompile_limit: later chunks ran eagerly, "
+                         "uncompressed (the oracle too, so outputs can still agree)")
             checks.append(ModeCheck(mode, ref_name, err, rel, worst, mode_budget, rep.graphs, breaks,
-                                    sum(s.action.is_site for s in rep.sites),
-                                    error=f"{', '.join(limited)} hit torch._dynamo.config.recompile_limit: later "
-                                    "chunks ran eagerly, uncompressed (the oracle too, so outputs can still agree)"
-                                    if limited else ""))
+                                    sum(s.action.is_site for s in rep.sites), error=error, effect=effect))
         except Exception as exc:  # a failing mode is a result to report, not the end of the check
-            checks.append(ModeCheck(mode, "-", math.nan, math.nan, -1, budget, 0, 0, 0,
+            checks.append(ModeCheck(mode, "-", math.nan, math.nan, -1, compare.budget, 0, 0, 0,
                                     error=f"{type(exc).__name__}: {exc}"))
-    return EquivalenceReport(tuple(checks), len(eager), noise)
+    return EquivalenceReport(tuple(checks), len(base.eager), base.noise, compare.effects, _name(compare.dtype))

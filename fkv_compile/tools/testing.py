@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import semantics
 from ..plan import DYNAMIC, HeadPlan
-from .check import DEFAULT_MODES, EquivalenceReport, check_equivalence
+from .check import DEFAULT_MODES, EquivalenceReport, Target, check_equivalence
 
 __all__ = [
     "assert_equivalent",
@@ -75,15 +75,18 @@ def assert_equivalent(
     plan: HeadPlan,
     modes: Sequence[str] = DEFAULT_MODES,
     lowering: str = "inductor",
+    reference: Target | None = None,
 ) -> EquivalenceReport:
     """For a user's CI (pytest or not): ``off`` bit-identical to the plain lowering, ``select`` and
-    ``compact`` equal to ``oracle`` within the data-derived budget over every chunk of ``rollout(model)``
-    (see :mod:`fkv_compile.check`). Raises ``AssertionError`` with the report's table on failure.
+    ``compact`` equal to ``oracle`` within the data-derived budget over every chunk of ``rollout(model)``,
+    a budget shown able to see a dense or wrong result (``reference``: a float32 twin to compare a bf16 or
+    fp16 model in; see :mod:`fkv_compile.tools.check`). Raises ``AssertionError`` with the report's table on
+    failure.
 
         def test_forcing_kv_keeps_my_model():
             assert_equivalent(lambda: MyModel().eval(), lambda m: my_rollout(m, seed=0), HeadPlan.load("plan.json"))
     """
-    result = check_equivalence(model_factory, rollout, plan, modes, lowering)
+    result = check_equivalence(model_factory, rollout, plan, modes, lowering, reference=reference)
     if not result.passed:
         raise AssertionError("fkv_compile equivalence failed:\n  " + "\n  ".join(result.failures()) + "\n"
                              + result.table())

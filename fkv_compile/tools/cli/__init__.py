@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--plan", required=True)
     k.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=CHECKED_MODES)
     k.add_argument("--lowering", choices=LOWERINGS, default="inductor")
-    k.add_argument("--chunks", type=int, help="chunks of the bundled miniatures' rollout (default 5)")
+    k.add_argument("--chunks", type=int, help="chunks per video of the bundled miniatures' two-video rollout (default 5)")
+    k.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the bundled miniatures' dtype (bf16/fp16 are compared in a float32 twin)")
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_check)
 

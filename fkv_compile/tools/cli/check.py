@@ -13,8 +13,9 @@ __all__ = ["cmd_check"]
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    model_factory, rollout = check_target(args)
-    result = check_equivalence(model_factory, rollout, load_plan(args.plan), args.modes, args.lowering)
+    target, twin = check_target(args)
+    result = check_equivalence(target.model_factory, target.rollout, load_plan(args.plan), args.modes, args.lowering,
+                               reference=twin)
     emit(args, result.to_dict(), result.table())
     if not result.passed:
         print("fkv check: FAILED\n  " + "\n  ".join(result.failures()), file=sys.stderr)

@@ -10,9 +10,11 @@ from typing import Any
 import torch
 
 from ...plan import DYNAMIC, STATIC
+from ..check import Target
 from .common import CliError, load_callable
 
-__all__ = ["Geometry", "ProfileTarget", "BUNDLED", "CHECKABLE", "profile_target", "check_target", "geometry_of"]
+__all__ = ["Geometry", "ProfileTarget", "BUNDLED", "CHECKABLE", "profile_target", "check_target", "bundled_check_target",
+           "geometry_of"]
 
 
 @dataclass(frozen=True)
@@ -90,19 +92,35 @@ def profile_target(args: argparse.Namespace) -> ProfileTarget:
     return ProfileTarget(geometry, lambda compile_model, sample, on_chunk: fn(compile_model, sample), 0)
 
 
-def check_target(args: argparse.Namespace) -> tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module], Any]]:
-    """``(model_factory, rollout)`` of a bundled miniature, or what a user's ``module:callable`` returns."""
-    if args.model in CHECKABLE:
-        from ...models import build, make_inputs, rollout
+def bundled_check_target(name: str, chunks: int, dtype: torch.dtype = torch.float32) -> Target:
+    """A bundled miniature's check target in ``dtype``: seeded weights, and a rollout of two videos of ``chunks``
+    chunks each (state carried from one video into the next shows in the second)."""
+    from ...models import build, make_inputs, rollout
 
-        cfg = _mini_config(args.model == "mini-windowed")
-        inputs = make_inputs(cfg, chunks=args.chunks or 5, seed=0)
-        return (lambda: build(cfg, seed=0)), (lambda model: rollout(model, cfg, inputs))
+    cfg = _mini_config(name == "mini-windowed")
+    videos = [make_inputs(cfg, chunks=chunks, seed=seed, dtype=dtype) for seed in (0, 1)]
+    return Target(lambda: build(cfg, seed=0, dtype=dtype),
+                  lambda model: [out for inputs in videos for out in rollout(model, cfg, inputs)])
+
+
+def check_target(args: argparse.Namespace) -> tuple[Target, Target | None]:
+    """The model ``fkv check`` checks, and its float32 twin where the model is in a lower precision: a bundled
+    miniature, or what a user's ``module:callable`` returns, ``(model_factory, rollout)`` or
+    ``(model_factory, rollout, (twin_model_factory, twin_rollout))``."""
+    if args.model in CHECKABLE:
+        dtype = getattr(torch, args.dtype)
+        twin = bundled_check_target(args.model, args.chunks or 5) if dtype != torch.float32 else None
+        return bundled_check_target(args.model, args.chunks or 5, dtype), twin
+    if args.dtype != "float32":
+        raise CliError("--dtype applies to the bundled models; a module:callable target builds its model itself")
     target = load_callable(args.model, "--model", f"one of {list(CHECKABLE)}")()
-    if not (isinstance(target, tuple) and len(target) == 2 and all(callable(t) for t in target)):
-        raise CliError(f"--model {args.model!r} must return (model_factory, rollout): two callables, "
-                       f"got {type(target).__name__}")
-    return target
+    if not (isinstance(target, tuple) and len(target) in (2, 3) and all(callable(t) for t in target[:2])):
+        raise CliError(f"--model {args.model!r} must return (model_factory, rollout) or (model_factory, rollout, "
+                       f"(twin_factory, twin_rollout)), got {type(target).__name__}")
+    twin = target[2] if len(target) == 3 else None
+    if twin is not None and not (isinstance(twin, tuple) and len(twin) == 2 and all(callable(t) for t in twin)):
+        raise CliError(f"--model {args.model!r}: the third element must be (twin_factory, twin_rollout)")
+    return Target(*target[:2]), Target(*twin) if twin is not None else None
 
 
 def geometry_of(args: argparse.Namespace) -> Geometry:
