@@ -6,8 +6,9 @@ from rollouts import GLOBAL, WINDOWED, cases, mixed_plan, run_compiled, run_eage
 
 import fkv_compile
 from fkv_compile import SiteError
-from fkv_compile.models import new_caches, rollout
+from fkv_compile.models import MiniConfig, build, make_inputs, new_caches, rollout
 from fkv_compile.report import session_of
+from fkv_compile.tools.check import CONCLUSIVE
 from fkv_compile.tools.policies import policy_plan
 from fkv_compile.tools.testing import assert_within_budget, error_budget, max_abs_error
 
@@ -135,3 +136,22 @@ def test_baseline_plans_run_through_the_pass_and_match_their_oracle(policy):
     compiled, (outs,), _ = run_compact(model, cfg, inputs, plan)
     assert_within_budget(outs, reference, budget, f"{policy} compact")
     assert {s.action for s in fkv_compile.report(compiled, print_table=False).sites if s.pattern != "-"} == {"compact"}
+
+
+def test_two_different_videos_with_dense_static_and_dynamic_heads_in_every_layer():
+    # a second video with other inputs: tokens the store kept from the first (at the same positions) would change
+    # the result; every role in every layer, since a commit drops a compressed group's stale history but a dense
+    # group keeps every token from the window's start on
+    cfg = MiniConfig(num_layers=2, num_heads=4, window_frames=12, sink_frames=3)
+    model = build(cfg, seed=0)
+    videos = [make_inputs(cfg, chunks=5, seed=seed) for seed in (0, 1)]
+    plan = mixed_plan(cfg)
+    assert all(set(row) == {"dense", "static", "dynamic"} for row in plan.roles)
+    compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "mode": "compact", "lowering": "aot_eager"})
+    for inputs in videos:
+        m64, in64 = to64(model, inputs)
+        reference = run_eager_oracle(m64, cfg, in64, plan)
+        budget = error_budget(run_eager_oracle(model, cfg, inputs, plan), reference, floor=1e-6)
+        effect = max_abs_error(rollout(m64, cfg, in64), reference)  # what compression changes
+        assert effect > CONCLUSIVE * budget
+        assert_within_budget(rollout(compiled, cfg, inputs), reference, budget, "compact")

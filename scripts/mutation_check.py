@@ -1,0 +1,159 @@
+"""Mutation check: the suite must catch realistic bugs. Each mutation is applied to a temporary copy of the
+package, the tests that guard that code run against the copy (hypothesis derandomized: the same examples
+every run), and a mutation the tests do not catch is a survivor. Exit status 1 when any survives.
+
+    python scripts/mutation_check.py            # every mutation (about 10 minutes on 2 CPU cores)
+    python scripts/mutation_check.py --list     # what is mutated, and which tests should catch it
+    python scripts/mutation_check.py -k store   # the mutations whose name contains "store"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # inside fkv_compile/
+    old: str  # must occur exactly once
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files that should catch it
+
+
+MUTATIONS = (
+    Mutation("plan: k by Python's round() (banker's rounding)", "plan.py",
+             "math.floor(self.candidate_frames * self.segments_per_frame * self.retention + 0.5)",
+             "round(self.candidate_frames * self.segments_per_frame * self.retention)",
+             ("tests/test_semantics.py",)),
+    Mutation("plan: k floored", "plan.py",
+             "math.floor(self.candidate_frames * self.segments_per_frame * self.retention + 0.5)",
+             "math.floor(self.candidate_frames * self.segments_per_frame * self.retention)",
+             ("tests/test_semantics.py",)),
+    Mutation("semantics: recent frames one short", "semantics.py",
+             "return range(max(p.sink_frames, self.history - p.recent_frames), self.history)",
+             "return range(max(p.sink_frames, self.history - p.recent_frames + 1), self.history)",
+             ("tests/test_semantics.py",)),
+    Mutation("semantics: the k highest similarities kept", "semantics.py",
+             "order = torch.sort(scores, dim=-1, stable=True).indices[..., :k]",
+             "order = torch.sort(-scores, dim=-1, stable=True).indices[..., :k]",
+             ("tests/test_semantics.py",)),
+    Mutation("semantics: similarity against the frame itself", "semantics.py",
+             "nxt = keys[:, :, (frame + 1) * f + start : (frame + 1) * f + end]",
+             "nxt = keys[:, :, frame * f + start : frame * f + end]",
+             ("tests/test_semantics.py",)),
+    Mutation("ranges: select drops the recent frames", "modes/ranges.py",
+             "starts[:, heads, 1] = min(layout.recent(p).start, layout.history) * f",
+             "starts[:, heads, 1] = layout.history * f",
+             ("tests/test_select.py",)),
+    Mutation("ranges: selected segments one token short", "modes/ranges.py",
+             "ends[:, heads, 2:] = (first + table.end[chosen]).expand(b, len(heads), -1)",
+             "ends[:, heads, 2:] = (first + table.end[chosen] - 1).expand(b, len(heads), -1)",
+             ("tests/test_select.py",)),
+    Mutation("torch ops: the padding mask of ragged segments ignored", "modes/torch_ops.py",
+             "mask = None if len(set(per_item)) == 1 else valid[:, :, None, :]",
+             "mask = None",
+             ("tests/test_select.py",)),
+    Mutation("torch ops: similarity of a frame with itself", "modes/torch_ops.py",
+             "cos = (x[:, :, :-1] * x[:, :, 1:]).sum(-1) / (norms[:, :, :-1] * norms[:, :, 1:])",
+             "cos = (x[:, :, :-1] * x[:, :, :-1]).sum(-1) / (norms[:, :, :-1] * norms[:, :, :-1])",
+             ("tests/test_select.py",)),
+    Mutation("store: no reset when a new video starts", "modes/store.py",
+             "            self.reset()  # the pipeline went back to the start of the cache: a new video",
+             "            pass  # the pipeline went back to the start of the cache: a new video",
+             ("tests/test_compact.py::test_two_different_videos_with_dense_static_and_dynamic_heads_in_every_layer",)),
+    Mutation("store: the commit drops the sink", "modes/store.py",
+             "fixed = _frame_index(old, [first + j for j in (*layout.sink(p), *layout.recent(p))], f)",
+             "fixed = _frame_index(old, [first + j for j in layout.recent(p)], f)",
+             ("tests/test_store.py",)),
+    Mutation("store: a roll moves one token fewer", "ops.py",
+             ".roll(dst, src, src_end - src)",
+             ".roll(dst, src, src_end - src - 1)",
+             ("tests/test_compact.py::test_memory_is_constant_over_a_long_rollout_and_within_budget",)),
+    Mutation("state: every layer bound to layer 0", "modes/state.py",
+             "            self._bindings[ident] = layer\n",
+             "            self._bindings[ident] = 0\n",
+             ("tests/test_ops.py",)),
+    Mutation("passes: an explicit attn_mask ignored by the matcher", "passes/attention.py",
+             "    if mask is not None:\n        return None, Declined(node, \"attention has an explicit attn_mask\"",
+             "    if False:\n        return None, Declined(node, \"attention has an explicit attn_mask\"",
+             ("tests/test_backend.py::test_unsupported_attention_is_left_alone_and_reported_or_raises_in_strict_mode",)),
+    Mutation("passes: the plan's head count not checked", "passes/__init__.py",
+             "    if isinstance(heads, int) and heads != plan.num_heads:",
+             "    if False:",
+             ("tests/test_backend.py",)),
+    Mutation("kernels: no softmax rescale of the accumulator", "kernels/attention.py",
+             "acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)",
+             "acc = acc + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)",
+             ("tests/test_kernels.py::test_range_attention_matches_the_float64_oracle",)),
+    Mutation("kernels: similarity against the frame itself", "kernels/similarity.py",
+             "c = tl.load(ptrs + F * s_kl, mask=ok, other=0.0).to(tl.float32)",
+             "c = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)",
+             ("tests/test_kernels.py",)),
+)
+
+
+def _copy(into: Path) -> None:
+    for name in ("fkv_compile", "tests"):
+        shutil.copytree(ROOT / name, into / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", into / "pyproject.toml")
+
+
+def run(mutation: Mutation, timeout: float) -> tuple[bool, float, str]:
+    """(caught, seconds, the tail of pytest's output) for one mutation on a fresh copy."""
+    with tempfile.TemporaryDirectory(prefix="fkv-mutant-") as tmp:
+        work = Path(tmp)
+        _copy(work)
+        target = work / "fkv_compile" / mutation.path
+        text = target.read_text()
+        if text.count(mutation.old) != 1:
+            raise SystemExit(f"{mutation.name}: the text to mutate occurs {text.count(mutation.old)} times in "
+                             f"{mutation.path}; update the mutation")
+        target.write_text(text.replace(mutation.old, mutation.new))
+        env = {**os.environ, "PYTHONPATH": str(work), "HYPOTHESIS_PROFILE": "mutation", "PYTHONDONTWRITEBYTECODE": "1"}
+        start = time.perf_counter()
+        try:
+            done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p",
+                                   "no:randomly", *mutation.tests], cwd=work, env=env, capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return True, time.perf_counter() - start, "timed out (counted as caught: the suite did not pass)"
+        return done.returncode != 0, time.perf_counter() - start, (done.stdout + done.stderr)[-600:]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-k", default="", help="only mutations whose name contains this")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if args.k in m.name]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:<60} {m.path:<22} {' '.join(m.tests)}")
+        return 0
+    survivors, total = [], time.perf_counter()
+    print(f"{'mutation':<60} {'result':<9} {'seconds':>7}  tests")
+    for m in chosen:
+        caught, seconds, tail = run(m, args.timeout)
+        print(f"{m.name:<60} {'caught' if caught else 'SURVIVED':<9} {seconds:>7.1f}  {' '.join(m.tests)}", flush=True)
+        if not caught:
+            survivors.append((m, tail))
+    print(f"{len(chosen) - len(survivors)} of {len(chosen)} mutations caught in {time.perf_counter() - total:.0f} s")
+    for m, tail in survivors:
+        print(f"\nSURVIVED: {m.name} ({m.path}); should be caught by {' '.join(m.tests)}\n{tail}")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
