@@ -3,6 +3,9 @@ package, the tests that guard that code run against the copy (hypothesis derando
 every run), and a mutation the tests do not catch is a survivor. Exit status 1 when any survives.
 
     python scripts/mutation_check.py            # every mutation (about 10 minutes on 2 CPU cores)
+
+It first runs the tests on an unmutated copy (a control: a copy that fails anyway would make every
+mutation look caught).
     python scripts/mutation_check.py --list     # what is mutated, and which tests should catch it
     python scripts/mutation_check.py -k store   # the mutations whose name contains "store"
 """
@@ -91,7 +94,7 @@ MUTATIONS = (
     Mutation("passes: the plan's head count not checked", "passes/__init__.py",
              "    if isinstance(heads, int) and heads != plan.num_heads:",
              "    if False:",
-             ("tests/test_backend.py",)),
+             ("tests/test_backend.py::test_plan_for_another_model_is_rejected_naming_the_mismatch",)),
     Mutation("kernels: no softmax rescale of the accumulator", "kernels/attention.py",
              "acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)",
              "acc = acc + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)",
@@ -99,7 +102,7 @@ MUTATIONS = (
     Mutation("kernels: similarity against the frame itself", "kernels/similarity.py",
              "c = tl.load(ptrs + F * s_kl, mask=ok, other=0.0).to(tl.float32)",
              "c = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)",
-             ("tests/test_kernels.py",)),
+             ("tests/test_kernels.py::test_segment_similarity_matches_the_keep_rule",)),
 )
 
 
@@ -107,6 +110,29 @@ def _copy(into: Path) -> None:
     for name in ("fkv_compile", "tests"):
         shutil.copytree(ROOT / name, into / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", into / "pyproject.toml")
+
+
+def _pytest(work: Path, tests: tuple[str, ...], timeout: float) -> tuple[bool, float, str]:
+    """(passed, seconds, the tail of the output) of ``tests`` run against the copy in ``work``."""
+    env = {**os.environ, "PYTHONPATH": str(work), "HYPOTHESIS_PROFILE": "mutation", "PYTHONDONTWRITEBYTECODE": "1"}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                              cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, time.perf_counter() - start, "timed out"
+    return done.returncode == 0, time.perf_counter() - start, (done.stdout + done.stderr)[-600:]
+
+
+def control(mutations: list[Mutation], timeout: float) -> None:
+    """The tests pass on an unmutated copy: else a 'caught' would mean nothing."""
+    tests = tuple(dict.fromkeys(t for m in mutations for t in m.tests))
+    with tempfile.TemporaryDirectory(prefix="fkv-control-") as tmp:
+        _copy(Path(tmp))
+        passed, seconds, tail = _pytest(Path(tmp), tests, timeout)
+    if not passed:
+        raise SystemExit(f"the tests fail on an unmutated copy ({seconds:.0f} s); fix that first:\n{tail}")
+    print(f"control: the tests pass on an unmutated copy ({seconds:.0f} s)", flush=True)
 
 
 def run(mutation: Mutation, timeout: float) -> tuple[bool, float, str]:
@@ -120,15 +146,8 @@ def run(mutation: Mutation, timeout: float) -> tuple[bool, float, str]:
             raise SystemExit(f"{mutation.name}: the text to mutate occurs {text.count(mutation.old)} times in "
                              f"{mutation.path}; update the mutation")
         target.write_text(text.replace(mutation.old, mutation.new))
-        env = {**os.environ, "PYTHONPATH": str(work), "HYPOTHESIS_PROFILE": "mutation", "PYTHONDONTWRITEBYTECODE": "1"}
-        start = time.perf_counter()
-        try:
-            done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p",
-                                   "no:randomly", *mutation.tests], cwd=work, env=env, capture_output=True, text=True,
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return True, time.perf_counter() - start, "timed out (counted as caught: the suite did not pass)"
-        return done.returncode != 0, time.perf_counter() - start, (done.stdout + done.stderr)[-600:]
+        passed, seconds, tail = _pytest(work, mutation.tests, timeout)
+        return not passed, seconds, tail
 
 
 def main() -> int:
@@ -143,6 +162,7 @@ def main() -> int:
             print(f"{m.name:<60} {m.path:<22} {' '.join(m.tests)}")
         return 0
     survivors, total = [], time.perf_counter()
+    control(chosen, args.timeout)
     print(f"{'mutation':<60} {'result':<9} {'seconds':>7}  tests")
     for m in chosen:
         caught, seconds, tail = run(m, args.timeout)
