@@ -7,7 +7,6 @@ from rollouts import GLOBAL, WINDOWED, cases, mixed_plan, run_compiled, run_eage
 import fkv_compile
 from fkv_compile import SiteError
 from fkv_compile.models import MiniConfig, build, make_inputs, new_caches, rollout
-from fkv_compile.report import session_of
 from fkv_compile.tools.check import CONCLUSIVE
 from fkv_compile.tools.policies import policy_plan
 from fkv_compile.tools.testing import assert_within_budget, error_budget, max_abs_error
@@ -58,10 +57,12 @@ def test_dense_buffers_are_released_and_the_store_adds_up_to_the_report():
     assert all(c[name].untyped_storage().nbytes() == 0 for c in kv for name in ("k", "v"))
     mem = fkv_compile.memory_report(compiled)
     assert mem.dense_bytes == dense_bytes
-    session_stores = session_of(compiled, "test").stores
-    tensors = [t for s in session_stores.values() for g in s.groups
-               for t in (g.held.k, g.held.v, g.held.pos) + ((g.held.valid,) if g.held.valid is not None else ())]
-    assert mem.compact_bytes == sum(t.nbytes for t in tensors)
+    # after the first chunk's first write each head group holds just that chunk: K and V (float32) of its heads,
+    # and one int64 cache position per token; counted from the plan, not from the store's tensors
+    plan, b, t = mixed_plan(cfg), 1, cfg.chunk_frames * cfg.frame_tokens
+    groups = [sum(1 for role in row if role == r) for row in plan.roles for r in set(row)]
+    assert mem.compact_bytes == sum(b * g * t * cfg.head_dim * 4 * 2 + b * t * 8 for g in groups)
+    assert [r.layer for r in mem.rows] == list(range(cfg.num_layers))
     # reading a released buffer from outside fails loudly
     with pytest.raises(RuntimeError, match="out of bounds"):
         kv[0]["k"][:, :5].clone()

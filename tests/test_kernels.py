@@ -189,8 +189,10 @@ def test_select_through_triton_equals_the_torch_path_and_the_oracle(dtype, data)
     ref = oracle_attention(q.double(), k.double(), v.double(), plan, 0)
     torch_out, torch_kept = compressed_attention(q, k, v, plan, 0)
     out, kept = compressed_attention(q, k, v, plan, 0, kernels=TRITON)
-    budget = error_budget(torch_out, ref, floor=4 * torch.finfo(dtype).eps)
+    # the budget from an independent low-precision implementation: masked dense SDPA in the same dtype
+    budget = error_budget(oracle_attention(q, k, v, plan, 0), ref, floor=16 * torch.finfo(dtype).eps)
     assert_within_budget(out, ref, budget, f"triton select {dtype}")
+    assert_within_budget(torch_out, ref, budget, f"torch select {dtype}")
     assert kept.kept == pytest.approx(torch_kept.kept)
 
 
