@@ -45,7 +45,10 @@ def scenarios(draw):
     f = draw(st.integers(2, 6))
     c = draw(st.integers(1, 3))
     heads = draw(st.integers(1, 4))
-    roles = [[draw(st.sampled_from(["dense", "static", "dynamic"])) for _ in range(heads)]]
+    roles = [draw(st.sampled_from(["dense", "static", "dynamic"])) for _ in range(heads)]
+    if heads >= 3:  # every role in one layer: a dense group keeps what a new video must drop
+        roles[:3] = draw(st.permutations(["dense", "static", "dynamic"]))
+    roles = [roles]
     plan = HeadPlan.from_roles(
         roles, frame_tokens=f, chunk_frames=c, sink_frames=draw(st.integers(0, 2)),
         static_recent_frames=draw(st.integers(0, 2)), dynamic_recent_frames=draw(st.integers(1, 2)),
@@ -58,8 +61,9 @@ def scenarios(draw):
     # window is longer than sink + recent + candidates + chunk (LongLive: 3 + 1 + 3 + 3 <= 12)
     reach = max(plan.static.recent_frames, plan.dynamic.recent_frames + plan.dynamic.candidate_frames)
     frames = draw(st.integers(c + model_sink + reach, c + model_sink + reach + 4)) if windowed else 40
-    # chunks, each written 1 to 3 times at the same position (denoising steps, clean pass)
-    writes = draw(st.lists(st.integers(1, 3), min_size=1, max_size=10))
+    # chunks, each written 1 to 3 times at the same position (denoising steps, clean pass), and whether a new
+    # video starts with it (the pipeline's fresh caches: writes from position 0 again)
+    writes = draw(st.lists(st.tuples(st.integers(1, 3), st.booleans()), min_size=1, max_size=10))
     return plan, windowed, model_sink if windowed else 0, frames, writes, draw(st.integers(0, 2**31 - 1)), draw(st.integers(1, 2))
 
 
@@ -75,7 +79,9 @@ def test_store_keeps_what_the_rule_keeps_on_the_dense_window(triton, dtype, tol,
     h, d, f = plan.num_heads, 4, plan.frame_tokens
     cache = DenseCache(b, h, d, f, frames, model_sink, dtype)
     store = LayerStore(plan, 0, kernels_for("triton" if triton else "torch", "cpu"))
-    for repeats in writes:
+    for repeats, new_video in writes:
+        if new_video:
+            cache = DenseCache(b, h, d, f, frames, model_sink, dtype)
         for step in range(repeats):
             k = torch.randn(b, plan.chunk_tokens, h, d, generator=gen, dtype=dtype)
             v = torch.randn_like(k)
