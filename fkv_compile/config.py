@@ -9,6 +9,7 @@ The valid values of each option are defined here once; the CLI offers the same c
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ from typing import Any
 
 from .plan import HeadPlan, PlanError
 
-__all__ = ["Config", "OptionsError", "MODES", "LOWERINGS", "KERNELS", "KERNELS_ENV", "CONFIG_TYPE", "default_kernels"]
+__all__ = ["Config", "OptionsError", "Choice", "MODES", "LOWERINGS", "KERNELS", "KERNELS_ENV", "CONFIG_TYPE", "default_kernels"]
 
 MODES: tuple[str, ...] = ("off", "oracle", "select", "compact", "profile")
 """What the pass does with the attention it finds (README, "Modes")."""
@@ -32,6 +33,16 @@ CONFIG_TYPE = "fkv_compile.Config"
 
 class OptionsError(ValueError):
     """The backend options are malformed."""
+
+
+class Choice(str, enum.Enum):
+    """A named value that compares, prints and formats as its string (report rows, reasons)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 def default_kernels() -> str:

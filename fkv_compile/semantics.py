@@ -43,6 +43,7 @@ __all__ = [
     "segment_bounds",
     "SegmentTable",
     "segment_table",
+    "check_candidate_region",
     "candidate_similarity",
     "selected_count",
     "lowest_segments",
@@ -116,6 +117,18 @@ def segment_table(frame_tokens: int, segments: int, num_candidates: int, device:
     start, end = (offsets + bounds[:, 0]).flatten(), (offsets + bounds[:, 1]).flatten()
     max_length = int((bounds[:, 1] - bounds[:, 0]).max())
     return SegmentTable(start=start.to(device), end=end.to(device), max_length=max_length)
+
+
+def check_candidate_region(length: int, first_frame: int, num_candidates: int, frame_tokens: int,
+                           segments: int) -> None:
+    """The ``segment_similarity`` op's contract (torch and Triton alike): the candidates and the frame after
+    them lie within ``length`` key tokens, and every segment holds a token."""
+    need = (first_frame + num_candidates + 1) * frame_tokens
+    if need > length:
+        raise ValueError(f"segment_similarity: frames {first_frame}..{first_frame + num_candidates} and the next need "
+                         f"{need} tokens, keys hold {length}")
+    if segments > frame_tokens:
+        raise ValueError(f"segment_similarity: {segments} segments of a {frame_tokens}-token frame would be empty")
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

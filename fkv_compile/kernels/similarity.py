@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..semantics import COSINE_EPS, segment_table
+from ..semantics import COSINE_EPS, check_candidate_region, segment_table
 from . import interpreting
 from .tuning import TunedKernel
 
@@ -86,11 +86,7 @@ def segment_similarity(
     against the next frame; ``groups`` ``[G, Hg]``: the heads whose keys each selection concatenates.
     """
     b, _, length, d = keys.shape
-    if (first_frame + num_candidates + 1) * frame_tokens > length:
-        raise ValueError(f"segment_similarity: frames {first_frame}..{first_frame + num_candidates} and the next need "
-                         f"{(first_frame + num_candidates + 1) * frame_tokens} tokens, keys hold {length}")
-    if segments > frame_tokens:
-        raise ValueError(f"segment_similarity: {segments} segments of a {frame_tokens}-token frame would be empty")
+    check_candidate_region(length, first_frame, num_candidates, frame_tokens, segments)
     groups = groups.to(device=keys.device, dtype=torch.int32).contiguous()
     g, hg = groups.shape
     count = num_candidates * segments

@@ -17,7 +17,6 @@ indices in order of first execution.
 
 from __future__ import annotations
 
-import enum
 import itertools
 import sys
 import threading
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..config import Config
+from ..config import Choice, Config
 from ..plan import PlanError
 from .dispatch import Kernels, kernels_for
 from .store import LayerStore
@@ -37,7 +36,7 @@ __all__ = ["Session", "SiteAction", "SiteRecord", "FrameRecord", "LayerStats", "
            "session_for_options", "session_of_compiled", "compiling_module"]
 
 
-class SiteAction(str, enum.Enum):
+class SiteAction(Choice):
     """What the pass did with an attention call (a row of the report)."""
 
     REWRITTEN = "rewritten"  # into the mode's op (oracle, select, profile)
@@ -45,12 +44,6 @@ class SiteAction(str, enum.Enum):
     LEFT_ALONE = "left alone"  # not a site the pass understands: unchanged, with the reason
     COMPACT = "compact"  # cache writes, rolls and the window read served by the compact store
     SELECT = "select"  # mode compact, but the store cannot own the cache: select, with the reason
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
 
     @property
     def is_site(self) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..semantics import COSINE_EPS, segment_table
+from ..semantics import COSINE_EPS, check_candidate_region, segment_table
 
 __all__ = ["range_attention", "segment_similarity", "gather_tokens"]
 
@@ -92,9 +92,7 @@ def segment_similarity(
     frame; ``groups`` ``[G, Hg]``: the heads whose keys each selection concatenates."""
     b, _, length, _ = keys.shape
     f, nc = frame_tokens, num_candidates
-    if (first_frame + nc + 1) * f > length:
-        raise ValueError(f"segment_similarity: frames {first_frame}..{first_frame + nc} and the next need "
-                         f"{(first_frame + nc + 1) * f} tokens, keys hold {length}")
+    check_candidate_region(length, first_frame, nc, f, segments)
     g, hg = groups.shape
     if nc == 0:
         return keys.new_empty((b, g, 0), dtype=torch.float32)

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..config import Choice
 from .manual_attention import ManualAttention, match_manual_attention
 from .varlen_attention import VarlenAttention, arguments, is_flatten, match_varlen_attention
 
@@ -44,19 +45,13 @@ _VIEW_FUNCTIONS = frozenset(
 )
 
 
-class CachePattern(str, enum.Enum):
+class CachePattern(Choice):
     """How an attention's keys and values are read from a KV cache (module docstring)."""
 
     CACHE_WINDOW = "cache-window"
     CAT_GROWTH = "cat-growth"
     CAT_WINDOW = "cat-window"
     WINDOW_INPUT = "window-input"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
 
 
 @dataclass(frozen=True)
