@@ -1,12 +1,16 @@
-"""Shared miniature setups and rollout runners for the backend tests."""
+"""Shared miniature setups, rollout runners and conclusive comparisons for the backend tests."""
 
 from __future__ import annotations
 
 import torch
 
+import fkv_compile.ops
 from fkv_compile import HeadPlan
 from fkv_compile.models import MiniConfig, build, make_inputs, new_caches, rollout
-from fkv_compile.tools.testing import OracleAttentionMode
+from fkv_compile.modes.store import LayerStore
+from fkv_compile.semantics import keep_mask, oracle_attention
+from fkv_compile.tools.check import CONCLUSIVE, wrong_kept_sets
+from fkv_compile.tools.testing import OracleAttentionMode, error_budget, max_abs_error
 
 WINDOWED = MiniConfig(num_layers=2, window_frames=12, sink_frames=3)
 GLOBAL = MiniConfig(num_layers=2, window_frames=None, num_frames=21)
@@ -33,6 +37,101 @@ def run_eager_oracle(model, cfg, inputs, plan):
     caches = new_caches(cfg, batch=inputs.context.shape[0], dtype=inputs.context.dtype)
     with OracleAttentionMode(plan, caches[0]):
         return rollout(model, cfg, inputs, caches=caches)
+
+
+def oracle_reference(model, cfg, inputs, plan) -> tuple[list[torch.Tensor], float]:
+    """The float64 oracle rollout of ``plan`` and the error budget of ``model``'s dtype (twice the eager oracle's
+    error in that dtype), asserted CONCLUSIVE times below every effect it must see: dense attention and each wrong
+    kept set (one recent frame off, one segment fewer), all in float64."""
+    m64, in64 = to64(model, inputs)
+    reference = run_eager_oracle(m64, cfg, in64, plan)
+    budget = error_budget(run_eager_oracle(model, cfg, inputs, plan), reference, floor=1e-6)
+    effects = {"dense": max_abs_error(rollout(m64, cfg, in64), reference)}
+    effects.update({name: max_abs_error(run_eager_oracle(m64, cfg, in64, wrong), reference)
+                    for name, wrong in wrong_kept_sets(plan).items()})
+    assert min(effects.values()) > CONCLUSIVE * budget, f"inconclusive: budget {budget:.3e}, effects {effects}"
+    return reference, budget
+
+
+# one compressed attention call of a rollout: q, the dense window's k and v [B, H, L, D], layer, scale, output
+Call = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, "float | None", torch.Tensor]
+
+
+def record_select_calls(monkeypatch) -> list[Call]:
+    """Record every ``select`` call the compiled model makes (its op body's inputs and output)."""
+    calls, real = [], fkv_compile.ops.compressed_attention
+
+    def recording(q, k, v, plan, layer, scale=None, kernels=None):
+        out, kept = real(q, k, v, plan, layer, scale, kernels)
+        calls.append((q.clone(), k.clone(), v.clone(), layer, scale, out.clone()))
+        return out, kept
+
+    monkeypatch.setattr(fkv_compile.ops, "compressed_attention", recording)
+    return calls
+
+
+def record_store_calls(monkeypatch) -> list[Call]:
+    """Record every ``compact`` attention with the dense window it stands for, rebuilt from the writes and rolls
+    the pass hands each store (a shadow of the released dense cache: the pipeline's own bookkeeping, in float64)."""
+    calls, shadows = [], {}
+    write, roll, attention = LayerStore.write, LayerStore.roll, LayerStore.attention
+
+    def shadow_of(store, like, end):
+        k = shadows.get(id(store))
+        if k is None or k[0].shape[1] < end:
+            grown = [like.new_zeros((like.shape[0], end, *like.shape[2:]), dtype=torch.float64) for _ in range(2)]
+            if k is not None:
+                for old, new in zip(k, grown):
+                    new[:, :old.shape[1]] = old
+            k = shadows[id(store)] = grown
+        return k
+
+    def recording_write(store, k, v, start, end, window):
+        for buffer, new in zip(shadow_of(store, k, end), (k, v)):
+            buffer[:, start:end] = new.double()
+        return write(store, k, v, start, end, window)
+
+    def recording_roll(store, dst, src, length):
+        for buffer in shadows[id(store)]:
+            buffer[:, dst:dst + length] = buffer[:, src:src + length].clone()
+        return roll(store, dst, src, length)
+
+    def recording_attention(store, q, window, scale):
+        out = attention(store, q, window, scale)
+        (a, e), (k, v) = window, shadows[id(store)]
+        calls.append((q.clone(), k[:, a:e].transpose(1, 2).to(q.dtype), v[:, a:e].transpose(1, 2).to(q.dtype),
+                      store.layer, scale, out.clone()))
+        return out
+
+    monkeypatch.setattr(LayerStore, "write", recording_write)
+    monkeypatch.setattr(LayerStore, "roll", recording_roll)
+    monkeypatch.setattr(LayerStore, "attention", recording_attention)
+    return calls
+
+
+def assert_calls_match_the_oracle_conclusively(calls: list[Call], plan: HeadPlan) -> None:
+    """Each call against the float64 oracle on its own inputs, within the budget of an independent implementation in
+    the call's dtype (masked SDPA); in every call that drops tokens, each effect the budget must see (dense; each
+    wrong kept set) is CONCLUSIVE budgets or more. At least half the calls must drop tokens.
+
+    Used where a whole rollout cannot tell compression from rounding (bf16, fp16: what compression changes in the
+    outputs is below what the dtype rounds away over a rollout)."""
+    compressing = 0
+    for i, (q, k, v, layer, scale, out) in enumerate(calls):
+        q64, k64, v64 = q.double(), k.double(), v.double()
+        reference = oracle_attention(q64, k64, v64, plan, layer, scale)
+        budget = error_budget(oracle_attention(q, k, v, plan, layer, scale), reference, floor=torch.finfo(q.dtype).eps)
+        err = max_abs_error(out, reference)
+        assert err <= budget, f"call {i} (layer {layer}): max abs error {err:.3e} exceeds the budget {budget:.3e}"
+        if bool(keep_mask(k64, plan, layer, q.shape[2]).all()):
+            continue  # a window too short to drop anything
+        compressing += 1
+        effects = {"dense": max_abs_error(torch.nn.functional.scaled_dot_product_attention(q64, k64, v64, scale=scale),
+                                          reference)}
+        effects.update({name: max_abs_error(oracle_attention(q64, k64, v64, wrong, layer, scale), reference)
+                        for name, wrong in wrong_kept_sets(plan).items()})
+        assert min(effects.values()) > CONCLUSIVE * budget, f"call {i}: budget {budget:.3e}, effects {effects}"
+    assert compressing >= len(calls) // 2 > 0, f"only {compressing} of {len(calls)} calls compress"
 
 
 def setup(cfg, dtype, *, batch=1, seed=0):

@@ -163,7 +163,7 @@ class LayerStore:
         reason = compact_unsupported(plan)
         if reason:
             raise StoreError(reason)
-        self.plan = plan
+        self.plan, self.layer = plan, layer
         self.kernels = kernels  # the implementation of the commit's gathers, the similarity and the attention
         self.groups = [
             _GroupStore(role, list(plan.heads(layer, role)), plan.params(role) if role != DENSE else None)
