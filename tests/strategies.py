@@ -13,13 +13,18 @@ ROLE = st.sampled_from(["dense", "static", "dynamic"])
 
 @st.composite
 def plans(draw, *, num_layers: int = 1, max_heads: int = 4, compressing: bool = False):
-    """Random plans; ``compressing``: ones where the dynamic role really chooses (a dynamic head, candidates,
+    """Random plans, biased to compress: nine in ten have a static or dynamic head in every layer (all-dense plans
+    stay possible). ``compressing``: ones where the dynamic role really chooses (a dynamic head, candidates,
     similarity selection, ``0 < k <`` the candidate segments), the case the choice-ordering checks need."""
     frame_tokens = draw(st.integers(2 if compressing else 1, 13))
     heads = draw(st.integers(1, max_heads))
     roles = [[draw(ROLE) for _ in range(heads)] for _ in range(num_layers)]
     if compressing:
         roles = [row[:-1] + ["dynamic"] for row in roles]
+    elif draw(st.integers(0, 9)):
+        for row in roles:
+            if set(row) == {"dense"}:
+                row[draw(st.integers(0, heads - 1))] = draw(st.sampled_from(["static", "dynamic"]))
     segments = draw(st.integers(2 if compressing else 1, frame_tokens))
     candidates = draw(st.integers(1 if compressing else 0, 4))
     if compressing:  # k = floor(N_c P r + 0.5) strictly between 0 and N_c P
@@ -50,10 +55,11 @@ def full_window(plan: HeadPlan) -> int:
 
 @st.composite
 def attention_inputs(draw, plan: HeadPlan, *, batch: int | None = None, fits: bool = True, long: bool = False):
-    """q [B, H, Lq, D], k, v [B, H, Lk, D] in float64, fresh random normal (never zeros); ``long``: windows in
-    which every role compresses (:func:`full_window`)."""
+    """q [B, H, Lq, D], k, v [B, H, Lk, D] in float64, fresh random normal (never zeros); windows in which every
+    role compresses (:func:`full_window`) in three examples of four, always when ``long``."""
     b = batch or draw(st.integers(1, 2))
     d = draw(st.sampled_from([4, 8]))
+    long = long or draw(st.integers(0, 3)) > 0
     shortest = full_window(plan) if long else plan.chunk_frames
     frames = draw(st.integers(shortest, shortest + (4 if long else 9)))
     lq = plan.chunk_tokens
