@@ -177,9 +177,13 @@ class _Baseline:
     noise: float
     scale: float
     budget: float
-    oracle: list[torch.Tensor] | None  # None: the oracle failed, ``error`` says why
+    oracle_run: tuple[list[torch.Tensor], Any, int] | None  # the oracle mode's run (``_run``); None: it failed
     effects: dict[str, float]
     error: str = ""
+
+    @property
+    def oracle(self) -> list[torch.Tensor] | None:
+        return None if self.oracle_run is None else self.oracle_run[0]
 
     @property
     def effect(self) -> float:
@@ -198,16 +202,16 @@ def _baseline(target: Target, plan: HeadPlan, lowering: str, factor: float) -> _
     scale = max(float(o.double().abs().max()) for o in eager)
     budget = max(factor * noise, ULPS * torch.finfo(dtype).eps * scale)
 
-    def oracle(p: HeadPlan, lowering: str) -> list[torch.Tensor]:
+    def oracle(p: HeadPlan, lowering: str) -> tuple[list[torch.Tensor], Any, int]:
         return _run(target.model_factory, target.rollout, "forcing_kv", {"plan": p, "mode": "oracle",
-                                                                           "lowering": lowering})[0]
+                                                                           "lowering": lowering})
 
     try:
         reference = oracle(plan, lowering)
-        effects = {"compression": _errors(reference, eager)[0]}
+        effects = {"compression": _errors(reference[0], eager)[0]}
         if effects["compression"] >= CONCLUSIVE * budget:  # else inconclusive already: spare the runs
             # the wrong kept sets' effects are sizes, not comparisons: eager lowering (the quickest compile) will do
-            effects.update({name: _errors(oracle(wrong, "eager"), reference)[0]
+            effects.update({name: _errors(oracle(wrong, "eager")[0], reference[0])[0]
                             for name, wrong in wrong_kept_sets(plan).items()})
     except Exception as exc:  # the modes' own runs report it, or this message does
         return _Baseline(dtype, eager, plain, noise, scale, budget, None, {}, f"the oracle failed: {exc}")
@@ -263,8 +267,11 @@ def check_equivalence(
         checks.append(_reproducible(compare, lowering))
     for mode in modes:
         try:
-            outs, compiled, breaks = _run(model_factory, rollout, "forcing_kv",
-                                          {"plan": plan, "mode": mode, "lowering": lowering})
+            if mode == "oracle" and base.oracle_run is not None:  # the baseline ran it: the same run, not a second
+                outs, compiled, breaks = base.oracle_run
+            else:
+                outs, compiled, breaks = _run(model_factory, rollout, "forcing_kv",
+                                              {"plan": plan, "mode": mode, "lowering": lowering})
             rep = report(compiled, print_table=False)
             effect, error = math.inf, ""
             if mode == "off":
