@@ -20,7 +20,7 @@ from common import median_seconds, write_results
 from fkv_compile import HeadPlan
 from fkv_compile.modes.select import compressed_attention
 
-REFERENCE_PLAN = Path(__file__).resolve().parents[1] / "tests" / "data" / "head_plans" / "forcingkv_heads_selfforcing.json"
+REFERENCE_PLAN = Path(__file__).resolve().parents[1] / "fkv_compile" / "plans" / "forcingkv_heads_selfforcing.json"
 
 
 def plans(frame_tokens: int, heads: int) -> dict[str, HeadPlan]:

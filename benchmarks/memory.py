@@ -21,7 +21,7 @@ from common import write_results
 from fkv_compile.tools.bench import GEOMETRIES as ALL_GEOMETRIES
 from fkv_compile.tools.bench import in_fresh_process
 
-REFERENCE_PLAN = Path(__file__).resolve().parents[1] / "tests" / "data" / "head_plans" / "forcingkv_heads_selfforcing.json"
+REFERENCE_PLAN = Path(__file__).resolve().parents[1] / "fkv_compile" / "plans" / "forcingkv_heads_selfforcing.json"
 GEOMETRIES = {name: ALL_GEOMETRIES[name] for name in ("self-forcing-5s", "longlive-window")}
 
 

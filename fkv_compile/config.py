@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .bundled import bundled_plan, is_bundled_name
 from .plan import HeadPlan, PlanError
 
 __all__ = ["Config", "OptionsError", "Choice", "MODES", "LOWERINGS", "KERNELS", "KERNELS_ENV", "CONFIG_TYPE", "default_kernels"]
@@ -29,6 +30,8 @@ KERNELS: tuple[str, ...] = ("auto", "torch", "triton")
 KERNELS_ENV = "FKV_KERNELS"
 """Environment variable giving the default of the option ``kernels``."""
 CONFIG_TYPE = "fkv_compile.Config"
+GEOMETRY_OPTIONS: tuple[str, ...] = ("frame_tokens", "chunk_frames")
+"""Options that set the plan's geometry (a bundled plan's default is its model's native one)."""
 
 
 class OptionsError(ValueError):
@@ -56,6 +59,26 @@ def default_kernels() -> str:
 def _choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise OptionsError(f"option {option} expected one of {choices}, got {value!r}")
+
+
+def _resolve_plan(plan: Any, geometry: dict[str, int]) -> Any:
+    """A HeadPlan from a plan, a bundled plan's name or a path; ``geometry`` (frame_tokens, chunk_frames) set on it."""
+    if isinstance(plan, str) and is_bundled_name(plan) and not os.path.exists(plan):
+        try:
+            return bundled_plan(plan, **geometry)
+        except PlanError as exc:
+            raise OptionsError(f"option plan: {exc}") from None
+    if isinstance(plan, (str, os.PathLike)):
+        try:
+            plan = HeadPlan.load(plan)
+        except (OSError, PlanError) as exc:
+            raise OptionsError(f"option plan: cannot load {os.fspath(plan)!r}: {exc}") from None
+    if isinstance(plan, HeadPlan) and geometry:
+        try:
+            plan = dataclasses.replace(plan, **geometry)
+        except PlanError as exc:
+            raise OptionsError(f"option plan: {exc}") from None
+    return plan
 
 
 @dataclass(frozen=True)
@@ -102,16 +125,16 @@ class Config:
                 "backend 'forcing_kv' expected options={'plan': HeadPlan or path, ...}, got no plan; "
                 "pass torch.compile(model, backend='forcing_kv', options={'plan': plan})"
             )
-        names = tuple(f.name for f in dataclasses.fields(cls))
+        names = tuple(f.name for f in dataclasses.fields(cls)) + GEOMETRY_OPTIONS
         unknown = sorted(set(options) - set(names))
         if unknown:
             raise OptionsError(f"backend 'forcing_kv' got unknown options {unknown}; expected some of {names}")
         values = dict(options)
-        if isinstance(values["plan"], (str, os.PathLike)):
-            try:
-                values["plan"] = HeadPlan.load(values["plan"])
-            except (OSError, PlanError) as exc:
-                raise OptionsError(f"option plan: cannot load {os.fspath(options['plan'])!r}: {exc}") from None
+        geometry = {name: values.pop(name) for name in GEOMETRY_OPTIONS if values.get(name) is not None}
+        for name, value in geometry.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionsError(f"option {name} expected a positive int, got {value!r}")
+        values["plan"] = _resolve_plan(values["plan"], geometry)
         if values.get("kernels") is None:
             values.pop("kernels", None)
         return cls(**values)

@@ -159,6 +159,7 @@ def test_plan_for_another_model_is_rejected_naming_the_mismatch():
          "frame_tokens: plan has 40, but the cache .* holds 504 tokens"),
         (HeadPlan.uniform("static", num_layers=2, num_heads=2, frame_tokens=cfg.frame_tokens, chunk_frames=3,
                           sink_frames=20), "static budget: keeps 24 frames, more than the model's window of 21"),
+        ("self-forcing", "num_heads: plan has 12, the attention .* has 2"),  # a bundled plan, validated as any
     ):
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "lowering": "aot_eager"})

@@ -11,7 +11,7 @@ import pytest
 
 from fkv_compile import HeadPlan
 
-REFERENCE = Path(__file__).resolve().parent / "data" / "head_plans" / "forcingkv_heads_selfforcing.json"
+REFERENCE = Path(__file__).resolve().parents[1] / "fkv_compile" / "plans" / "forcingkv_heads_selfforcing.json"
 
 
 def fkv(*args, cwd=None, env=None, ok=True):
@@ -52,6 +52,16 @@ def test_profile_show_validate_convert_round_trip(tmp_path):
     assert json.loads(ref.read_text())["layers"][0]["static_head"] == [0, 3]
     fkv("plan", "convert", ref, back)
     assert HeadPlan.load(back) == plan
+
+
+def test_plan_list_shows_the_bundled_plans_and_show_takes_a_name():
+    listed = json.loads(fkv("plan", "list", "--json").stdout)["plans"]
+    assert [p["name"] for p in listed] == ["self-forcing", "longlive", "causal-forcing", "raven", "krea-realtime-14b"]
+    assert all(p["frame_tokens"] == 1560 and p["chunk_frames"] == 3 for p in listed)
+    shown = json.loads(fkv("plan", "show", "longlive", "--window-frames", "12", "--json").stdout)
+    assert len(shown["layers"]) == 30
+    unknown = fkv("plan", "show", "long-live", ok=False)
+    assert "unknown plan name 'long-live'; the bundled plans are" in unknown.stderr
 
 
 def test_reference_plan_through_the_cli(tmp_path):

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from fkv_compile import Config, HeadPlan, OptionsError
+from fkv_compile.bundled import PLANS, bundled_plan
 from fkv_compile.config import KERNELS, LOWERINGS, MODES
 
 PLAN = HeadPlan.from_roles([["static", "dynamic", "dense"]], frame_tokens=6, chunk_frames=2, segments_per_frame=3,
@@ -21,6 +22,10 @@ BAD = [
     ("plan", 3, "option plan expected a HeadPlan or a path, got int"),
     ("plan", "/nonexistent/plan.json", "option plan: cannot load"),
     ("plans", PLAN, "unknown options \\['plans'\\]"),
+    ("plan", "selfforcing", "unknown plan name 'selfforcing'; the bundled plans are \\['causal-forcing', "
+     "'krea-realtime-14b', 'longlive', 'raven', 'self-forcing'\\]"),
+    ("frame_tokens", 0, "option frame_tokens expected a positive int, got 0"),
+    ("chunk_frames", "3", "option chunk_frames expected a positive int, got '3'"),
 ]
 
 
@@ -89,3 +94,22 @@ def test_the_cli_offers_the_configs_choices():
     check = parser._subparsers._group_actions[0].choices["check"]
     lowering = next(a for a in check._actions if a.dest == "lowering")
     assert tuple(lowering.choices) == LOWERINGS
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_every_bundled_plan_loads_by_name_at_its_models_geometry(name):
+    entry = PLANS[name]
+    plan = Config.from_options({"plan": name}).plan
+    assert (plan.num_layers, plan.num_heads) == (entry.num_layers, entry.num_heads)
+    assert (plan.frame_tokens, plan.chunk_frames) == (entry.frame_tokens, entry.chunk_frames)
+    assert plan.count("static") and plan.count("dynamic") and not plan.count("dense")
+    plan.validate_geometry(num_layers=entry.num_layers, num_heads=entry.num_heads, window_frames=entry.window_frames)
+    assert plan == bundled_plan(name)  # the same plan through the options and the API
+    resized = Config.from_options({"plan": name, "frame_tokens": 390, "chunk_frames": 2}).plan
+    assert (resized.frame_tokens, resized.chunk_frames, resized.roles) == (390, 2, plan.roles)
+
+
+def test_geometry_options_apply_to_any_plan_and_are_checked_by_the_plan():
+    assert Config.from_options({"plan": PLAN, "frame_tokens": 12}).plan.frame_tokens == 12
+    with pytest.raises(OptionsError, match="segments_per_frame"):  # 3 segments cannot split 2-token frames
+        Config.from_options({"plan": PLAN, "frame_tokens": 2})

@@ -5,7 +5,7 @@ import pytest
 
 from fkv_compile import HeadPlan, PlanError, RoleParams
 
-REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "data" / "head_plans"
+REFERENCE = Path(__file__).resolve().parents[1] / "fkv_compile" / "plans"
 
 
 def _plan(**kw):

@@ -26,7 +26,7 @@ from ..check import CHECKED_MODES, DEFAULT_MODES
 from .bench import cmd_bench
 from .check import cmd_check
 from .common import CliError
-from .plan import cmd_plan_convert, cmd_plan_show, cmd_plan_validate
+from .plan import cmd_plan_convert, cmd_plan_list, cmd_plan_show, cmd_plan_validate
 from .profile import cmd_profile
 from .targets import BUNDLED, CHECKABLE
 
@@ -58,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
 
     plan = sub.add_parser("plan", help="inspect, validate, convert plans").add_subparsers(dest="plan_command", required=True)
+    ls = plan.add_parser("list", help="the plans shipped by name (the Forcing-KV release's), native geometry")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_plan_list)
+
     s = plan.add_parser("show", help="per layer: heads per role, kept tokens, KV bytes vs dense")
-    s.add_argument("plan")
+    s.add_argument("plan", help="a plan file or a bundled plan's name (fkv plan list)")
     s.add_argument("--window-frames", type=int, default=21)
     s.add_argument("--video-frames", type=int, help="frames per video (default: the window)")
     s.add_argument("--head-dim", type=int, default=128)

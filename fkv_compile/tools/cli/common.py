@@ -8,7 +8,10 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from ...plan import HeadPlan
+import os
+
+from ...bundled import bundled_plan, is_bundled_name
+from ...plan import HeadPlan, PlanError
 
 __all__ = ["CliError", "emit", "load_plan", "load_callable"]
 
@@ -23,6 +26,12 @@ def emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
 
 
 def load_plan(path: str) -> HeadPlan:
+    """A plan file, or a bundled plan by name (``fkv plan list``) at its model's native geometry."""
+    if is_bundled_name(path) and not os.path.exists(path):
+        try:
+            return bundled_plan(path)
+        except PlanError as exc:
+            raise CliError(str(exc)) from None
     try:
         return HeadPlan.load(path)
     except FileNotFoundError:

@@ -6,12 +6,32 @@ import argparse
 import json
 from typing import Any
 
+from ...bundled import PLANS, bundled_plan
 from ...plan import DENSE, PLAN_TYPE, REFERENCE_EMBEDDED, ROLES, HeadPlan, PlanError
 from ...semantics import kept_token_count
 from .common import CliError, emit, load_plan
 from .targets import geometry_of
 
-__all__ = ["cmd_plan_show", "cmd_plan_validate", "cmd_plan_convert"]
+__all__ = ["cmd_plan_list", "cmd_plan_show", "cmd_plan_validate", "cmd_plan_convert"]
+
+
+def cmd_plan_list(args: argparse.Namespace) -> int:
+    """The plans shipped by name, with the model and native geometry each defaults to."""
+    rows = []
+    for entry in PLANS.values():
+        plan = bundled_plan(entry.name)
+        rows.append({"name": entry.name, "model": entry.model, "layers": plan.num_layers, "heads": plan.num_heads,
+                     "static": plan.count("static"), "dynamic": plan.count("dynamic"),
+                     "frame_tokens": plan.frame_tokens, "chunk_frames": plan.chunk_frames,
+                     "window_frames": entry.window_frames})
+    lines = [f"{'name':<18} {'layers x heads':>14} {'static':>6} {'dynamic':>7} {'tokens/frame':>12} {'chunk':>5} "
+             f"{'window':>6}  model"]
+    lines += [f"{r['name']:<18} {r['layers']:>7} x {r['heads']:<4} {r['static']:>6} {r['dynamic']:>7} "
+              f"{r['frame_tokens']:>12} {r['chunk_frames']:>5} {r['window_frames']:>6}  {r['model']}" for r in rows]
+    lines.append("use one as options={'plan': NAME} (geometry: options frame_tokens, chunk_frames) or fkv ... --plan NAME; "
+                 "the Forcing-KV release's plans (Apache-2.0, fkv_compile/plans/NOTICE.md)")
+    emit(args, {"plans": rows}, "\n".join(lines))
+    return 0
 
 
 def _show_rows(plan: HeadPlan, window_frames: int, video_frames: int, head_dim: int, dtype_bytes: int) -> list[dict[str, Any]]:
