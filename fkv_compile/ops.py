@@ -4,7 +4,8 @@
   in ``[B, H, L, D]``, a per-layer key tensor and the (session, site) ids baked into the graph;
 - ``fkv::store_attention`` (``compact``): the chunk's cache write and the window's attention, served
   by the layer's compact store;
-- ``fkv::store_roll`` (``compact``): the pipeline's eviction of history, on the store.
+- ``fkv::store_roll`` (``compact``): the pipeline's eviction of history, on the store;
+- ``fkv::attention_backward``: the first three's backward (:mod:`fkv_compile.modes.grad`).
 
 Fixed-arity schemas, each fake beside its op; the layer is resolved at run time from the key tensor
 (:mod:`fkv_compile.modes.state`). Outputs are fresh contiguous tensors.
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from . import semantics
 from .modes import state
+from .modes.grad import attention_grads
 from .modes.profile import record_call
 from .modes.select import compressed_attention
 
@@ -32,9 +34,35 @@ def _fake_attention(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 AttentionBody = Callable[[state.Session, int, int, torch.Tensor, torch.Tensor, torch.Tensor, "float | None"], torch.Tensor]
 
 
-def _attention_op(name: str, body: AttentionBody, doc: str):
-    """Define ``fkv::<name>(q, k, v, layer_key, session, site, scale)`` with its fake; ``body`` gets the
-    session, site and the layer resolved from ``layer_key``."""
+@torch.library.custom_op("fkv::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer_key: torch.Tensor,
+    session: int,
+    site: int,
+    masked: bool,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of the attention ops: over the tokens the keep rule keeps (``masked``) or all (``profile``)."""
+    mask = None
+    if masked:
+        s = state.session(session)
+        mask = semantics.keep_mask(k, s.config.plan, s.layer_of(site, layer_key), q.shape[-2])
+    return tuple(g.contiguous() for g in attention_grads(grad_out, q, k, v, mask, scale))
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, layer_key, session, site, masked, scale=None):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
+    """Define ``fkv::<name>(q, k, v, layer_key, session, site, scale)`` with its fake and its backward
+    (:mod:`fkv_compile.modes.grad`, over the kept tokens if ``masked``); ``body`` gets the session, site
+    and the layer resolved from ``layer_key``."""
 
     def op(
         q: torch.Tensor,
@@ -51,6 +79,18 @@ def _attention_op(name: str, body: AttentionBody, doc: str):
     op.__doc__ = doc
     registered = torch.library.custom_op(f"fkv::{name}", op, mutates_args=())
     registered.register_fake(lambda q, k, v, layer_key, session, site, scale=None: _fake_attention(q, v))
+
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, layer_key, session, site, scale = inputs
+        ctx.save_for_backward(q, k, v, layer_key)
+        ctx.ids, ctx.scale = (session, site), scale
+
+    def backward(ctx, grad_out):
+        q, k, v, layer_key = ctx.saved_tensors
+        dq, dk, dv = attention_backward(grad_out, q, k, v, layer_key, *ctx.ids, masked, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+    registered.register_autograd(backward, setup_context=setup_context)
     return registered
 
 
@@ -83,11 +123,14 @@ def _profile(s: state.Session, site: int, layer: int, q, k, v, scale):
 
 
 select_attention = _attention_op(
-    "select_attention", _select, "Each head attends only to the tokens its role keeps in the dense window k/v.")
+    "select_attention", _select, "Each head attends only to the tokens its role keeps in the dense window k/v.",
+    masked=True)
 oracle_attention = _attention_op(
-    "oracle_attention", _oracle, "Dense attention masked by the keep rule (fkv_compile.semantics.oracle_attention).")
+    "oracle_attention", _oracle, "Dense attention masked by the keep rule (fkv_compile.semantics.oracle_attention).",
+    masked=True)
 profile_attention = _attention_op(
-    "profile_attention", _profile, "Dense attention, unchanged, plus the frame-level attention mass recorded.")
+    "profile_attention", _profile, "Dense attention, unchanged, plus the frame-level attention mass recorded.",
+    masked=False)
 
 
 OPS = {
@@ -156,6 +199,17 @@ def store_roll(
 def _(layer_key, dst, src, src_end, session, site):
     return layer_key.new_empty(0)
 
+
+def _no_autograd_in_compact(ctx, inputs, output) -> None:
+    raise RuntimeError(
+        "fkv compact mode is inference-only: an input of a compacted attention requires grad (autograd is on and "
+        "the model's parameters or inputs require grad), but the compact store keeps no differentiable history; "
+        "run the rollout under torch.no_grad() or torch.inference_mode(), or compile with mode='select' for "
+        "training (select and oracle are differentiable)"
+    )
+
+
+store_attention.register_autograd(lambda ctx, grad: None, setup_context=_no_autograd_in_compact)
 
 OPS["compact"] = torch.ops.fkv.store_attention.default
 ROLL_OP = torch.ops.fkv.store_roll.default

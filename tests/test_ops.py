@@ -17,7 +17,7 @@ def _session(plan):
     return open_session(options, Config.from_options(options))
 
 
-@pytest.mark.parametrize("op", ["select_attention", "oracle_attention"])
+@pytest.mark.parametrize("op", ["select_attention", "oracle_attention", "profile_attention"])
 def test_opcheck(op, monkeypatch):
     # opcheck calls the op on clones of the key, whose addresses the allocator may reuse in any order:
     # layer binding is not what it checks (see the next test), so every call is layer 0
@@ -25,8 +25,8 @@ def test_opcheck(op, monkeypatch):
     s = _session(plan)
     monkeypatch.setattr(type(s), "layer_of", lambda self, site, key: 0)
     s.new_site(graph=0, node="sdpa", pattern="cache-window", action="rewritten", layer_key="param")
-    key = torch.nn.Parameter(torch.randn(3), requires_grad=False)  # inference-only ops: no autograd formula
-    q, k, v = torch.randn(1, 2, 12, 8), torch.randn(1, 2, 48, 8), torch.randn(1, 2, 48, 8)
+    key = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+    q, k, v = (torch.randn(1, 2, n, 8, requires_grad=True) for n in (12, 48, 48))  # the autograd formula too
     torch.library.opcheck(getattr(torch.ops.fkv, op).default, (q, k, v, key, s.id, 0, None))
 
 
