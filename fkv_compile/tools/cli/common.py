@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 from collections.abc import Callable
 from typing import Any
-
-import os
 
 from ...bundled import bundled_plan, is_bundled_name
 from ...plan import HeadPlan, PlanError
