@@ -30,6 +30,8 @@ KERNELS: tuple[str, ...] = ("auto", "torch", "triton")
 KERNELS_ENV = "FKV_KERNELS"
 """Environment variable giving the default of the option ``kernels``."""
 CONFIG_TYPE = "fkv_compile.Config"
+AUTO_PLAN = "auto"
+"""The ``plan`` option's value that means no plan given (the default)."""
 GEOMETRY_OPTIONS: tuple[str, ...] = ("frame_tokens", "chunk_frames")
 """Options that set the plan's geometry (a bundled plan's default is its model's native one)."""
 
@@ -86,7 +88,9 @@ class Config:
     """Everything the pass and the ops of one ``torch.compile`` call are told.
 
     plan:
-        The :class:`~fkv_compile.HeadPlan`: a role per layer and head, and the geometry.
+        The :class:`~fkv_compile.HeadPlan`: a role per layer and head, and the geometry; ``None``
+        (no option, or ``"auto"``): a model with no attention over a KV cache compiles as with
+        its lowering alone, one with such attention is an error asking for a plan.
     mode:
         ``off``, ``oracle``, ``select`` (default), ``compact`` or ``profile`` (see :data:`MODES`).
     lowering:
@@ -99,14 +103,14 @@ class Config:
         interpreter); the default is ``$FKV_KERNELS`` or ``auto``.
     """
 
-    plan: HeadPlan
+    plan: HeadPlan | None = None
     mode: str = "select"
     lowering: str = "inductor"
     strict: bool = False
     kernels: str = dataclasses.field(default_factory=default_kernels)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.plan, HeadPlan):
+        if self.plan is not None and not isinstance(self.plan, HeadPlan):
             raise OptionsError(f"option plan expected a HeadPlan or a path, got "
                                f"{type(self.plan).__name__}; pass a HeadPlan or the path of one saved with HeadPlan.save")
         _choice("mode", self.mode, MODES)
@@ -120,11 +124,7 @@ class Config:
         """The config of ``torch.compile``'s ``options`` mapping (a plan path is loaded here)."""
         if options is not None and not isinstance(options, Mapping):
             raise OptionsError(f"options expected a mapping, got {type(options).__name__}")
-        if options is None or "plan" not in options:
-            raise OptionsError(
-                "backend 'forcing_kv' expected options={'plan': HeadPlan or path, ...}, got no plan; "
-                "pass torch.compile(model, backend='forcing_kv', options={'plan': plan})"
-            )
+        options = {} if options is None else options
         names = tuple(f.name for f in dataclasses.fields(cls)) + GEOMETRY_OPTIONS
         unknown = sorted(set(options) - set(names))
         if unknown:
@@ -134,14 +134,15 @@ class Config:
         for name, value in geometry.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionsError(f"option {name} expected a positive int, got {value!r}")
-        values["plan"] = _resolve_plan(values["plan"], geometry)
+        plan = values.get("plan", AUTO_PLAN)
+        values["plan"] = None if plan == AUTO_PLAN else _resolve_plan(plan, geometry)
         if values.get("kernels") is None:
             values.pop("kernels", None)
         return cls(**values)
 
     # -- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"type": CONFIG_TYPE, "plan": self.plan.to_dict(), "mode": self.mode, "lowering": self.lowering,
+        return {"type": CONFIG_TYPE, "plan": None if self.plan is None else self.plan.to_dict(), "mode": self.mode, "lowering": self.lowering,
                 "strict": self.strict, "kernels": self.kernels}
 
     @classmethod
@@ -150,9 +151,8 @@ class Config:
             found = doc.get("type") if isinstance(doc, Mapping) else type(doc).__name__
             raise OptionsError(f"expected a document of type {CONFIG_TYPE!r}, got {found!r}")
         values = {k: v for k, v in doc.items() if k != "type"}
-        if "plan" not in values:
-            raise OptionsError("a config document expected a 'plan', got none")
-        values["plan"] = HeadPlan.from_dict(values["plan"])
+        if values.get("plan") is not None:
+            values["plan"] = HeadPlan.from_dict(values["plan"])
         return cls.from_options(values)
 
     def to_json(self) -> str:

@@ -122,8 +122,8 @@ def _assert_model_still_usable(model, cfg, inputs, expected):
 @pytest.mark.parametrize(
     "options, match",
     [
-        ({}, "got no plan"),
-        ({"mode": "select"}, "got no plan"),
+        ({}, "found attention over a KV cache .* but got no plan; pass options=\\{'plan': NAME\\}"),
+        ({"mode": "select"}, "but got no plan"),
         ({"plan": "PLAN", "speed": 2}, r"unknown options \['speed'\]"),
         ({"plan": 3}, "plan expected a HeadPlan or a path, got int"),
         ({"plan": "PLAN", "mode": "fast"}, "mode expected one of"),

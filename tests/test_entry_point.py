@@ -33,3 +33,23 @@ def test_backend_resolves_in_a_fresh_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", script, str(plan_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK (1, 2, 4, 8)" in result.stdout
+
+
+def test_a_model_without_cache_attention_compiles_with_no_options_exactly_as_inductor():
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        assert "fkv_compile" not in sys.modules
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+        x = torch.randn(4, 16)
+        ours = torch.compile(model, backend="forcing_kv")(x)
+        torch._dynamo.reset()
+        theirs = torch.compile(model, backend="inductor")(x)
+        assert torch.equal(ours, theirs), (ours - theirs).abs().max()
+        print("OK bit-identical")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK bit-identical" in result.stdout

@@ -25,6 +25,8 @@ import warnings
 
 import torch.fx as fx
 
+from ..bundled import PLANS
+from ..config import OptionsError
 from ..modes.state import FrameRecord, Session, SiteAction
 from ..modes.store import compact_unsupported
 from ..plan import PlanError
@@ -146,7 +148,16 @@ def run_passes(gm: fx.GraphModule, session: Session) -> None:
     session.graphs += 1
     _count_compile(gm, session, graph_id)
     sites, declined = find_attention_sites(gm.graph)
-    for site in sites:
+    if sites and session.config.plan is None and session.config.mode != "off":
+        raise OptionsError(
+            f"backend 'forcing_kv' found attention over a KV cache ({sites[0].node.name}, keys from "
+            f"{sites[0].k_window.source}) but got no plan; pass options={{'plan': NAME}} with a bundled plan "
+            f"({', '.join(PLANS)}; fkv plan list), a HeadPlan, or a plan file (fkv profile makes one)"
+        )
+    if session.config.plan is None and not sites:
+        log.info("forcing_kv: no attention over a KV cache in graph %d: compiled with %s alone", graph_id,
+                  session.config.lowering)
+    for site in sites if session.config.plan is not None else ():
         _check_plan_fits(site, session)
     _record_declined(declined, session, graph_id)
     for site in sites:
