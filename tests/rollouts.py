@@ -162,3 +162,9 @@ def cases(default: list[tuple[str, ...]], **axes: dict[str, object]) -> list:
         marks = () if ids in default else (pytest.mark.slow,)
         params.append(pytest.param(*(v for _, v in combo), id="-".join(ids), marks=marks))
     return params
+
+
+# the rollouts a low-precision test runs call by call (every config and dtype at least once by default)
+LOW_PRECISION = cases([("windowed-sink", "bfloat16"), ("global", "float16")],
+                      cfg={"windowed-sink": WINDOWED, "global": GLOBAL},
+                      dtype={"bfloat16": torch.bfloat16, "float16": torch.float16})

@@ -4,9 +4,9 @@ import pytest
 import torch
 from rollouts import (
     GLOBAL,
+    LOW_PRECISION,
     WINDOWED,
     assert_calls_match_the_oracle_conclusively,
-    cases,
     mixed_plan,
     oracle_reference,
     record_select_calls,
@@ -222,9 +222,7 @@ def test_all_dense_plan_equals_the_uncompressed_model():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("cfg,dtype", cases(
-    [("windowed-sink", "bfloat16"), ("global", "float16")],
-    cfg={"windowed-sink": WINDOWED, "global": GLOBAL}, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}))
+@pytest.mark.parametrize("cfg,dtype", LOW_PRECISION)
 def test_select_keeps_the_right_tokens_in_low_precision_call_by_call(cfg, dtype, monkeypatch):
     calls = record_select_calls(monkeypatch)
     model, inputs = setup(cfg, dtype)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from rollouts import (
     GLOBAL,
+    LOW_PRECISION,
     WINDOWED,
     assert_calls_match_the_oracle_conclusively,
     cases,
@@ -49,9 +50,7 @@ def test_compact_matches_the_float64_oracle_over_two_videos(cfg, batch):
     assert all(fkv_compile.is_released(c["k"]) and fkv_compile.is_released(c["v"]) for video in caches for c in video[0])
 
 
-@pytest.mark.parametrize("cfg,dtype", cases(
-    [("windowed-sink", "bfloat16"), ("global", "float16")],
-    cfg={"windowed-sink": WINDOWED, "global": GLOBAL}, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}))
+@pytest.mark.parametrize("cfg,dtype", LOW_PRECISION)
 def test_compact_keeps_the_right_tokens_in_low_precision_call_by_call(cfg, dtype, monkeypatch):
     calls = record_store_calls(monkeypatch)
     model, inputs = setup(cfg, dtype)
