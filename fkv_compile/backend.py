@@ -39,7 +39,7 @@ def forcing_kv(
     options: Mapping[str, Any] | None = None,
     mode: str | None = None,
 ) -> Callable:
-    """Dynamo backend; ``options`` are the fields of :class:`fkv_compile.Config` (``plan`` required).
+    """Dynamo backend; ``options`` are the fields of :class:`fkv_compile.Config` (none required).
     ``mode`` (the torch.compile argument) goes to Inductor."""
     from . import ops  # noqa: F401  registers the custom ops before any graph uses them
 
@@ -47,6 +47,7 @@ def forcing_kv(
     session: Session = open_session(options, config)
     if session.config != config:
         raise OptionsError("the options of a compiled model were changed after its first compile; compile it anew")
-    session.belong_to(compiling_module())
-    run_passes(gm, session)
+    compiled = compiling_module()
+    session.belong_to(compiled)
+    run_passes(gm, session, compiled._orig_mod if compiled is not None else None)
     return session.owns(_lower(gm, example_inputs, config.lowering, mode))

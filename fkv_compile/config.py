@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .bundled import bundled_plan, is_bundled_name
-from .plan import HeadPlan, PlanError
+from .classify import ProfileSettings
+from .plan import DYNAMIC, HeadPlan, PlanError
 
-__all__ = ["Config", "OptionsError", "Choice", "MODES", "LOWERINGS", "KERNELS", "KERNELS_ENV", "CONFIG_TYPE", "default_kernels"]
+__all__ = ["Config", "Calibration", "OptionsError", "Choice", "MODES", "LOWERINGS", "KERNELS", "KERNELS_ENV",
+           "CONFIG_TYPE", "default_kernels"]
 
 MODES: tuple[str, ...] = ("off", "oracle", "select", "compact", "profile")
 """What the pass does with the attention it finds (README, "Modes")."""
@@ -63,6 +65,64 @@ def _choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
         raise OptionsError(f"option {option} expected one of {choices}, got {value!r}")
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """How a model compiled without a plan makes its own (option ``calibration``, a mapping of these fields).
+
+    chunks:
+        ``None`` (default): calibrate on the first video, switching when the next one starts; a number:
+        switch once that many chunks have run (within a video: the compact store adopts the dense window).
+    settings:
+        The classification (``alpha``, ``sink_frames``, ``layer_static_budget``, ``static_budget`` of
+        :class:`~fkv_compile.classify.ProfileSettings`), given flat in the mapping.
+    roles:
+        Role parameters of the plan made (``HeadPlan.from_roles`` keywords: ``retention``,
+        ``dynamic_recent_frames``, ``selection``, ...); the defaults unless given.
+    """
+
+    chunks: int | None = None
+    settings: ProfileSettings = ProfileSettings()
+    roles: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.chunks is not None and (isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1):
+            raise OptionsError(f"option calibration: chunks expected a positive int or None, got {self.chunks!r}")
+        try:
+            self.plan_for([[DYNAMIC]], frame_tokens=1 << 20, chunk_frames=1)  # geometry-free checks
+        except (PlanError, TypeError) as exc:
+            raise OptionsError(f"option calibration: roles: {exc}") from None
+
+    def plan_for(self, roles: list[list[str]], *, frame_tokens: int, chunk_frames: int,
+                 provenance: Mapping[str, Any] | None = None) -> HeadPlan:
+        """A plan with ``roles`` and this calibration's role parameters."""
+        return HeadPlan.from_roles(roles, frame_tokens=frame_tokens, chunk_frames=chunk_frames, provenance=provenance,
+                                   **dict(self.roles))
+
+    @classmethod
+    def from_mapping(cls, value: Any) -> Calibration:
+        if isinstance(value, Calibration):
+            return value
+        if not isinstance(value, Mapping):
+            raise OptionsError(f"option calibration expected a mapping, got {type(value).__name__}")
+        settings_fields = {f.name for f in dataclasses.fields(ProfileSettings)} - {"forced"}
+        unknown = sorted(set(value) - settings_fields - {"chunks", "roles"})
+        if unknown:
+            raise OptionsError(f"option calibration: unknown keys {unknown}; expected some of "
+                               f"{sorted(settings_fields | {'chunks', 'roles'})}")
+        roles = value.get("roles", {})
+        if not isinstance(roles, Mapping):
+            raise OptionsError(f"option calibration: roles expected a mapping of role parameters, got {roles!r}")
+        try:
+            settings = ProfileSettings(**{k: v for k, v in value.items() if k in settings_fields})
+        except PlanError as exc:
+            raise OptionsError(f"option calibration: {exc}") from None
+        return cls(chunks=value.get("chunks"), settings=settings, roles=tuple(sorted(roles.items())))
+
+    def to_dict(self) -> dict[str, Any]:
+        settings = {k: v for k, v in self.settings.as_dict().items() if k != "forced"}
+        return {"chunks": self.chunks, **settings, "roles": dict(self.roles)}
+
+
 def _resolve_plan(plan: Any, geometry: dict[str, int]) -> Any:
     """A HeadPlan from a plan, a bundled plan's name or a path; ``geometry`` (frame_tokens, chunk_frames) set on it."""
     if isinstance(plan, str) and is_bundled_name(plan) and not os.path.exists(plan):
@@ -89,8 +149,15 @@ class Config:
 
     plan:
         The :class:`~fkv_compile.HeadPlan`: a role per layer and head, and the geometry; ``None``
-        (no option, or ``"auto"``): a model with no attention over a KV cache compiles as with
-        its lowering alone, one with such attention is an error asking for a plan.
+        (no option, or ``"auto"``): the model calibrates itself (see ``calibration``); a model with no
+        attention over a KV cache compiles as with its lowering alone.
+    plan_name:
+        The bundled plan ``plan`` was given by (set by :meth:`from_options`): its geometry is the
+        model's native one, and the geometry read from the traced model's patch embedding wins.
+    frame_tokens, chunk_frames:
+        The geometry, when given as options (set on the plan; used by calibration).
+    calibration:
+        :class:`Calibration`: how a model compiled without a plan makes one.
     mode:
         ``off``, ``oracle``, ``select`` (default), ``compact`` or ``profile`` (see :data:`MODES`).
     lowering:
@@ -104,6 +171,10 @@ class Config:
     """
 
     plan: HeadPlan | None = None
+    plan_name: str | None = None
+    frame_tokens: int | None = None
+    chunk_frames: int | None = None
+    calibration: Calibration = Calibration()
     mode: str = "select"
     lowering: str = "inductor"
     strict: bool = False
@@ -118,6 +189,12 @@ class Config:
         if not isinstance(self.strict, bool):
             raise OptionsError(f"option strict expected a bool, got {self.strict!r}")
         _choice("kernels", self.kernels, KERNELS)
+        if not isinstance(self.calibration, Calibration):
+            raise OptionsError(f"option calibration expected a mapping, got {type(self.calibration).__name__}")
+        for name in GEOMETRY_OPTIONS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise OptionsError(f"option {name} expected a positive int, got {value!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> Config:
@@ -125,24 +202,30 @@ class Config:
         if options is not None and not isinstance(options, Mapping):
             raise OptionsError(f"options expected a mapping, got {type(options).__name__}")
         options = {} if options is None else options
-        names = tuple(f.name for f in dataclasses.fields(cls)) + GEOMETRY_OPTIONS
+        names = tuple(f.name for f in dataclasses.fields(cls) if f.name != "plan_name")
         unknown = sorted(set(options) - set(names))
         if unknown:
             raise OptionsError(f"backend 'forcing_kv' got unknown options {unknown}; expected some of {names}")
         values = dict(options)
-        geometry = {name: values.pop(name) for name in GEOMETRY_OPTIONS if values.get(name) is not None}
-        for name, value in geometry.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        for name in GEOMETRY_OPTIONS:
+            value = values.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise OptionsError(f"option {name} expected a positive int, got {value!r}")
+        geometry = {name: values[name] for name in GEOMETRY_OPTIONS if values.get(name) is not None}
         plan = values.get("plan", AUTO_PLAN)
-        values["plan"] = None if plan == AUTO_PLAN else _resolve_plan(plan, geometry)
+        if isinstance(plan, str) and plan != AUTO_PLAN and is_bundled_name(plan) and not os.path.exists(plan):
+            values["plan_name"] = plan
+        values["plan"] = None if plan is None or plan == AUTO_PLAN else _resolve_plan(plan, geometry)
+        values["calibration"] = Calibration.from_mapping(values.get("calibration", {}))
         if values.get("kernels") is None:
             values.pop("kernels", None)
         return cls(**values)
 
     # -- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"type": CONFIG_TYPE, "plan": None if self.plan is None else self.plan.to_dict(), "mode": self.mode, "lowering": self.lowering,
+        plan = self.plan_name or (None if self.plan is None else self.plan.to_dict())
+        return {"type": CONFIG_TYPE, "plan": plan, "frame_tokens": self.frame_tokens, "chunk_frames": self.chunk_frames,
+                "calibration": self.calibration.to_dict(), "mode": self.mode, "lowering": self.lowering,
                 "strict": self.strict, "kernels": self.kernels}
 
     @classmethod
@@ -151,7 +234,7 @@ class Config:
             found = doc.get("type") if isinstance(doc, Mapping) else type(doc).__name__
             raise OptionsError(f"expected a document of type {CONFIG_TYPE!r}, got {found!r}")
         values = {k: v for k, v in doc.items() if k != "type"}
-        if values.get("plan") is not None:
+        if isinstance(values.get("plan"), Mapping):
             values["plan"] = HeadPlan.from_dict(values["plan"])
         return cls.from_options(values)
 

@@ -50,7 +50,7 @@ def attention_backward(
     mask = None
     if masked:
         s = state.session(session)
-        mask = semantics.keep_mask(k, s.config.plan, s.layer_of(site, layer_key), q.shape[-2])
+        mask = semantics.keep_mask(k, s.plan, s.layer_of(site, layer_key), q.shape[-2])
     return tuple(g.contiguous() for g in attention_grads(grad_out, q, k, v, mask, scale))
 
 
@@ -62,7 +62,8 @@ def _(grad_out, q, k, v, layer_key, session, site, masked, scale=None):
 def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
     """Define ``fkv::<name>(q, k, v, layer_key, session, site, scale)`` with its fake and its backward
     (:mod:`fkv_compile.modes.grad`, over the kept tokens if ``masked``); ``body`` gets the session, site
-    and the layer resolved from ``layer_key``."""
+    and the layer resolved from ``layer_key``. While the session calibrates (no plan yet) the call runs
+    :func:`_calibrating` instead."""
 
     def op(
         q: torch.Tensor,
@@ -74,7 +75,9 @@ def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
         scale: float | None = None,
     ) -> torch.Tensor:
         s = state.session(session)
-        return body(s, site, s.layer_of(site, layer_key), q, k, v, scale).contiguous()
+        layer = s.layer_of(site, layer_key)
+        run = _calibrating if s.calibrating(layer, q, k, scale) else body
+        return run(s, site, layer, q, k, v, scale).contiguous()
 
     op.__doc__ = doc
     registered = torch.library.custom_op(f"fkv::{name}", op, mutates_args=())
@@ -84,10 +87,11 @@ def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
         q, k, v, layer_key, session, site, scale = inputs
         ctx.save_for_backward(q, k, v, layer_key)
         ctx.ids, ctx.scale = (session, site), scale
+        ctx.masked = masked and state.session(session).plan is not None  # a calibrating call ran dense
 
     def backward(ctx, grad_out):
         q, k, v, layer_key = ctx.saved_tensors
-        dq, dk, dv = attention_backward(grad_out, q, k, v, layer_key, *ctx.ids, masked, ctx.scale)
+        dq, dk, dv = attention_backward(grad_out, q, k, v, layer_key, *ctx.ids, ctx.masked, ctx.scale)
         return dq, dk, dv, None, None, None, None
 
     registered.register_autograd(backward, setup_context=setup_context)
@@ -101,13 +105,13 @@ def _select(s: state.Session, site: int, layer: int, q, k, v, scale):
             "another site of this layer, but this site could not be served compactly (see fkv_compile.report); "
             "compile with mode='select' for this model"
         )
-    out, kept = compressed_attention(q, k, v, s.config.plan, layer, scale, s.kernels(q.device))
+    out, kept = compressed_attention(q, k, v, s.plan, layer, scale, s.kernels(q.device))
     s.record(site, layer, kept.kept, kept.window, kept.layout_fits)
     return out
 
 
 def _oracle(s: state.Session, site: int, layer: int, q, k, v, scale):
-    plan = s.config.plan
+    plan = s.plan
     mask = semantics.keep_mask(k, plan, layer, q.shape[-2])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, None, :], scale=scale)
     fits = semantics.window_layout(q.shape[-2], k.shape[-2], plan.frame_tokens, plan.chunk_frames) is not None
@@ -115,11 +119,20 @@ def _oracle(s: state.Session, site: int, layer: int, q, k, v, scale):
     return out
 
 
-def _profile(s: state.Session, site: int, layer: int, q, k, v, scale):
+def _dense(s: state.Session, site: int, layer: int, q, k, v, scale):
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    record_call(s, layer, q, k, scale)
     s.record(site, layer, (float(k.shape[-2]),) * q.shape[1], k.shape[-2], True)
     return out
+
+
+def _profile(s: state.Session, site: int, layer: int, q, k, v, scale):
+    record_call(s.profile_records, layer, q, k, scale, s.plan.frame_tokens, s.plan.chunk_frames)
+    return _dense(s, site, layer, q, k, v, scale)
+
+
+def _calibrating(s: state.Session, site: int, layer: int, q, k, v, scale):
+    """Dense attention, as the model's own (its frame mass was recorded by ``Session.calibrating``)."""
+    return _dense(s, site, layer, q, k, v, scale)
 
 
 select_attention = _attention_op(
@@ -167,7 +180,16 @@ def store_attention(
     """
     s = state.session(session)
     layer = s.layer_of(site, layer_key)
+    if s.plan is None:  # calibrating: the pipeline's own write into its dense cache, then the dense window
+        for cache, new in ((cache_k, k_new), (cache_v, v_new)):
+            cache[:, write_start:write_end] = new
+        k, v = (c[:, window_start:window_end].transpose(1, 2) for c in (cache_k, cache_v))
+        if s.calibrating(layer, q, k, scale):
+            return _calibrating(s, site, layer, q, k, v, scale)
     store = s.store(layer, q.device)
+    if store.chunk is None and write_start > window_start and cache_k.untyped_storage().nbytes():
+        # calibration ended within a video: the store starts from the dense window's history
+        store.adopt(cache_k[:, window_start:write_start], cache_v[:, window_start:write_start], window_start)
     store.write(k_new, v_new, write_start, write_end, (window_start, window_end))
     out = store.attention(q, (window_start, window_end), scale)
     mask = store.kept_mask(q.shape[1])
@@ -184,19 +206,26 @@ def _(q, k_new, v_new, cache_k, cache_v, layer_key, after, write_start, write_en
 
 @torch.library.custom_op("fkv::store_roll", mutates_args=())
 def store_roll(
-    layer_key: torch.Tensor, dst: int, src: int, src_end: int, session: int, site: int
+    layer_key: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, dst: int, src: int, src_end: int,
+    session: int, site: int,
 ) -> torch.Tensor:
-    """``compact``: the pipeline's eviction ``cache[:, dst:dst + n] = cache[:, src:src_end].clone()``.
+    """``compact``: the pipeline's eviction ``cache[:, dst:dst + n] = cache[:, src:src_end].clone()``, on the
+    layer's store, or on the dense cache itself while the layer has no store yet (calibration).
 
     Returns an empty token that the site's ``store_attention`` takes, so the roll runs before it.
     """
     s = state.session(session)
-    s.store(s.layer_of(site, layer_key), layer_key.device).roll(dst, src, src_end - src)
+    layer = s.layer_of(site, layer_key)
+    if layer in s.stores:
+        s.stores[layer].roll(dst, src, src_end - src)
+    else:
+        for cache in (cache_k, cache_v):
+            cache[:, dst : dst + src_end - src] = cache[:, src:src_end].clone()
     return layer_key.new_empty(0)
 
 
 @store_roll.register_fake
-def _(layer_key, dst, src, src_end, session, site):
+def _(layer_key, cache_k, cache_v, dst, src, src_end, session, site):
     return layer_key.new_empty(0)
 
 

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from .modes.state import FrameRecord, LayerStats, Session, SiteRecord, session_for_options, session_of_compiled
-from .plan import DENSE, DYNAMIC, STATIC
+from .plan import DENSE, DYNAMIC, STATIC, HeadPlan
 
-__all__ = ["Report", "LayerRow", "MemoryRow", "MemoryReport", "report", "memory_report", "is_released", "session_of"]
+__all__ = ["Report", "LayerRow", "MemoryRow", "MemoryReport", "report", "memory_report", "is_released", "session_of",
+           "plan_of"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Report:
     layers: tuple[LayerRow, ...]
     memory: MemoryReport | None = None  # compact mode: KV bytes dense vs compact
     frames: tuple[FrameRecord, ...] = ()  # code objects compiled, in order of first compile
+    calibration: str = ""  # compiled without a plan: the calibration's state, else empty
 
     @property
     def recompiles(self) -> int:
@@ -56,6 +58,8 @@ class Report:
         lines = [f"fkv_compile report: mode={self.mode}, {self.graphs} graphs compiled for {len(self.frames)} frames "
                  f"({self.graph_breaks} after graph breaks, {self.recompiles} recompiles), "
                  f"{len(self.sites)} attention calls"]
+        if self.calibration:
+            lines.append(f"calibration: {self.calibration}")
         for f in self.frames:
             if f.at_limit:
                 lines.append(f"WARNING: {f.function} hit torch._dynamo.config.recompile_limit ({f.compiles} compiles): "
@@ -129,7 +133,7 @@ def _memory(session: Session) -> MemoryReport:
         per_head = store.nbytes_per_head()
         dense = session.dense_bytes.get(layer, 0)
         rows.append(MemoryRow(layer=layer, dense_bytes=dense, compact_bytes=store.nbytes(),
-                              dense_bytes_per_head=dense / session.config.plan.num_heads,
+                              dense_bytes_per_head=dense / session.plan.num_heads,
                               compact_bytes_per_head=tuple(per_head[h] for h in sorted(per_head))))
     return MemoryReport(rows=tuple(rows))
 
@@ -161,12 +165,13 @@ def is_released(t: Any) -> bool:
 
 
 def _layer_row(session: Session, stats: LayerStats) -> LayerRow:
-    roles = session.config.plan.roles[stats.layer]
+    calibrating = session.plan is None
+    roles = [DENSE] * len(stats.kept) if calibrating else session.plan.roles[stats.layer]
     kept = sum(stats.kept) / len(stats.kept) if stats.kept else 0.0
     return LayerRow(
         layer=stats.layer,
         sites=tuple(sorted(stats.sites)),
-        mode=session.config.mode,
+        mode="calib" if calibrating else session.config.mode,
         dense_heads=roles.count(DENSE),
         static_heads=roles.count(STATIC),
         dynamic_heads=roles.count(DYNAMIC),
@@ -189,7 +194,30 @@ def report(compiled: Any, *, print_table: bool = True, file: TextIO | None = Non
     rows = tuple(_layer_row(session, session.layers[i]) for i in sorted(session.layers))
     memory = _memory(session) if session.stores else None
     result = Report(mode=session.config.mode, graphs=session.graphs, sites=tuple(session.sites), layers=rows, memory=memory,
-                    frames=tuple(session.frames.values()))
+                    frames=tuple(session.frames.values()), calibration=_calibration(session))
     if print_table:
         print(result.table(), file=file or sys.stdout)
     return result
+
+
+def _calibration(session: Session) -> str:
+    calibrator = session.calibrator
+    if calibrator is None:
+        return ""
+    g = calibrator.geometry
+    geometry = f"{g.frame_tokens} tokens per frame, {g.chunk_frames} frames per chunk from {g.source}" if g else "unknown yet"
+    if calibrator.active:
+        until = "a new video starts" if calibrator.calibration.chunks is None else f"{calibrator.calibration.chunks} chunks ran"
+        return (f"running dense and recording attention mass until {until} ({calibrator.chunks} chunks, "
+                f"{len(calibrator.records)} calls recorded so far); geometry: {geometry}")
+    plan = session.plan
+    return (f"plan made {calibrator.switched} from {len(calibrator.records)} calls: {plan.count(STATIC)} static, "
+            f"{plan.count(DYNAMIC)} dynamic of {plan.num_layers * plan.num_heads} heads; geometry: {geometry}; "
+            "fkv_compile.plan_of(model) returns it")
+
+
+def plan_of(compiled: Any, options: Mapping[str, Any] | None = None) -> HeadPlan | None:
+    """The plan a model compiled with ``backend="forcing_kv"`` uses now: the one given, the bundled one at the
+    model's geometry, or the one it calibrated; ``None`` while it calibrates (save it with ``HeadPlan.save`` and
+    pass it back as ``options={"plan": path}`` to skip calibration next time)."""
+    return session_of(compiled, "plan_of", options).plan

@@ -122,8 +122,9 @@ def _assert_model_still_usable(model, cfg, inputs, expected):
 @pytest.mark.parametrize(
     "options, match",
     [
-        ({}, "found attention over a KV cache .* but got no plan; pass options=\\{'plan': NAME\\}"),
-        ({"mode": "select"}, "but got no plan"),
+        ({"mode": "profile"}, "in mode 'profile' found attention over a KV cache .* but got no plan"),
+        ({"frame_tokens": 24}, "options frame_tokens and chunk_frames go together when there is no plan"),
+        ({"frame_tokens": 25, "chunk_frames": 3}, "options frame_tokens=25, chunk_frames=3 do not fit the attention"),
         ({"plan": "PLAN", "speed": 2}, r"unknown options \['speed'\]"),
         ({"plan": 3}, "plan expected a HeadPlan or a path, got int"),
         ({"plan": "PLAN", "mode": "fast"}, "mode expected one of"),

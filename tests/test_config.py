@@ -26,6 +26,12 @@ BAD = [
      "'krea-realtime-14b', 'longlive', 'raven', 'self-forcing'\\]"),
     ("frame_tokens", 0, "option frame_tokens expected a positive int, got 0"),
     ("chunk_frames", "3", "option chunk_frames expected a positive int, got '3'"),
+    ("calibration", 5, "option calibration expected a mapping, got int"),
+    ("calibration", {"chunks": 0}, "option calibration: chunks expected a positive int or None, got 0"),
+    ("calibration", {"alpha": 1.5}, "option calibration: alpha expected a float in \\[0, 1\\]"),
+    ("calibration", {"frames": 3}, "option calibration: unknown keys \\['frames'\\]"),
+    ("calibration", {"roles": {"retention": 2}}, "option calibration: roles: retention expected a float"),
+    ("calibration", {"roles": {"recency": 2}}, "option calibration: roles: unknown plan parameter 'recency'"),
 ]
 
 
@@ -112,3 +118,10 @@ def test_geometry_options_apply_to_any_plan_and_are_checked_by_the_plan():
     assert Config.from_options({"plan": PLAN, "frame_tokens": 12}).plan.frame_tokens == 12
     with pytest.raises(OptionsError, match="segments_per_frame"):  # 3 segments cannot split 2-token frames
         Config.from_options({"plan": PLAN, "frame_tokens": 2})
+
+
+@pytest.mark.parametrize("options", [{"calibration": {"chunks": 4, "alpha": 0.7, "roles": {"retention": 0.5}}},
+                                     {"plan": "self-forcing", "frame_tokens": 24}, {"frame_tokens": 24, "chunk_frames": 3}])
+def test_calibration_geometry_and_a_bundled_name_round_trip_through_json(options):
+    config = Config.from_options(options)
+    assert Config.from_json(config.to_json()) == config

@@ -14,15 +14,12 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ..classify import MassRecord
 from ..semantics import window_layout
-
-if TYPE_CHECKING:
-    from .state import Session
 
 __all__ = ["MassRecord", "frame_mass", "tag", "current_labels", "record_call"]
 
@@ -68,23 +65,10 @@ def frame_mass(
     return total.view(b, h, lk // frame_tokens, frame_tokens).sum(-1)
 
 
-@dataclass(frozen=True)
-class MassRecord:
-    """One attention call: mass per head and key frame, averaged over the batch's queries."""
-
-    layer: int
-    labels: Mapping[str, Any]
-    mass: torch.Tensor  # [H, n] float64, every row sums to 1
-
-    @property
-    def frames(self) -> int:
-        return self.mass.shape[1]
-
-
-def record_call(session: Session, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float | None) -> None:
-    """Record one profiled call's frame mass (calls that do not fit the geometry are skipped)."""
-    plan = session.config.plan
-    if window_layout(q.shape[2], k.shape[2], plan.frame_tokens, plan.chunk_frames) is None:
+def record_call(records: list[MassRecord], layer: int, q: torch.Tensor, k: torch.Tensor, scale: float | None,
+                frame_tokens: int, chunk_frames: int) -> None:
+    """Append one dense call's frame mass to ``records`` (calls that do not fit the geometry are skipped)."""
+    if window_layout(q.shape[2], k.shape[2], frame_tokens, chunk_frames) is None:
         return
-    mass = frame_mass(q, k, plan.frame_tokens, scale).sum(0).double() / (q.shape[0] * q.shape[2])
-    session.profile_records.append(MassRecord(layer=layer, labels=current_labels(), mass=mass.cpu()))
+    mass = frame_mass(q, k, frame_tokens, scale).sum(0).double() / (q.shape[0] * q.shape[2])
+    records.append(MassRecord(layer=layer, labels=current_labels(), mass=mass.cpu()))

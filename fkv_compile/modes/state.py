@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from ..config import Choice, Config
-from ..plan import PlanError
+from ..plan import HeadPlan, PlanError
+from .calibration import Calibrator, Geometry
 from .dispatch import Kernels, kernels_for
 from .store import LayerStore
 
@@ -94,6 +95,10 @@ class Session:
         self.id = sid
         self.options = options  # held so that id(options) stays unique while the session lives
         self.config = config
+        self.plan: HeadPlan | None = config.plan  # the plan in use: None while calibrating
+        self.num_layers: int | None = None if config.plan is None else config.plan.num_layers
+        self.calibrator: Calibrator | None = None  # set by the pass when the model calibrates itself
+        self.patch_geometry: list[Geometry] = []  # of the patch embeddings traced in this session's graphs
         self.graphs = 0
         self.sites: list[SiteRecord] = []
         self.frames: dict[int, FrameRecord] = {}
@@ -134,7 +139,9 @@ class Session:
         ident = (kind, key.untyped_storage().data_ptr())
         with self._lock:
             layer = self._bindings.get(ident)
-            num_layers = self.config.plan.num_layers
+            if layer is not None and self.num_layers is None:  # calibrating: back at layer 0, every layer is bound
+                self.num_layers = len(self._bindings)
+            num_layers = self.num_layers
             if layer is not None:
                 if layer == 0 and len(self._bindings) < num_layers and self.layers.get(0, LayerStats(0)).calls:
                     raise PlanError(
@@ -142,7 +149,7 @@ class Session:
                         f"ran {len(self._bindings)} attention layers before returning to layer 0"
                     )
                 return layer
-            if len(self._bindings) == num_layers:
+            if num_layers is not None and len(self._bindings) == num_layers:
                 if kind == "cache" and all(k == "cache" for k, _ in self._bindings):
                     self._bindings.clear()  # a new video: the pipeline allocated fresh caches
                 else:
@@ -158,9 +165,22 @@ class Session:
         """The implementation of the compressed ops on ``device`` (:mod:`.dispatch`)."""
         return kernels_for(self.config.kernels, device.type)
 
+    def calibrating(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float | None) -> bool:
+        """Whether this attention call runs dense for calibration (its frame mass recorded); the call that ends
+        calibration installs the plan made and returns False."""
+        if self.plan is not None:
+            return False
+        plan = self.calibrator.step(layer, q, k, scale, self.num_layers)
+        if plan is None:
+            return True
+        if plan.num_layers != self.num_layers:
+            raise PlanError(f"calibration made a plan of {plan.num_layers} layers for a model of {self.num_layers}")
+        self.plan = plan
+        return False
+
     def store(self, layer: int, device: torch.device) -> LayerStore:
         if layer not in self.stores:
-            self.stores[layer] = LayerStore(self.config.plan, layer, self.kernels(device))
+            self.stores[layer] = LayerStore(self.plan, layer, self.kernels(device))
         return self.stores[layer]
 
     def release(self, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:

@@ -208,10 +208,23 @@ class LayerStore:
             self.rolled = False
         elif self.chunk is None and start != 0:
             raise StoreError(f"compact store: the first write must start a video at position 0, got {start}")
+        self._put(k, v, start, again)
+        self.window = window
+
+    def adopt(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Take the dense cache's tokens ``k``, ``v`` ``[B, L, H, D]`` at cache tokens ``[start, start + L)`` as if
+        they were the last chunk, so that the next write commits them under the keep rule: a store that starts
+        within a video (calibration ended there) begins with the window's dense history."""
+        if self.chunk is not None:
+            raise StoreError("compact store: only an unused store can adopt the dense history")
+        self._put(k, v, start, again=False)
+
+    def _put(self, k: torch.Tensor, v: torch.Tensor, start: int, again: bool) -> None:
+        end = start + k.shape[1]
         pos = torch.arange(start, end, device=k.device).expand(k.shape[0], -1)
         for g in self.groups:
             g.put_chunk(k[:, :, g.heads].transpose(1, 2), v[:, :, g.heads].transpose(1, 2), pos, again)
-        self.chunk, self.window = (start, end), window
+        self.chunk = (start, end)
 
     def _commit(self, window: tuple[int, int]) -> None:
         """The current chunk becomes history; keep only what the window ``[a, e)`` can use."""

@@ -20,22 +20,27 @@ sites for the mode.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 
 import torch.fx as fx
+from torch import nn
 
 from ..bundled import PLANS
 from ..config import OptionsError
+from ..modes.calibration import Calibrator, Geometry, GeometryError
 from ..modes.state import FrameRecord, Session, SiteAction
 from ..modes.store import compact_unsupported
 from ..plan import PlanError
 from .attention import AttentionSite, CachePattern, Declined, find_attention_sites
 from .compact import CacheAccesses, match_compact
 from .frames import current_frame, recompile_limit
+from .geometry import traced_patch_geometry, watch_patch_embeddings
 from .rewrite import lint_and_recompile, rewrite_compact, rewrite_site
 
-__all__ = ["SiteError", "RecompileLimitWarning", "run_passes", "AttentionSite", "Declined", "find_attention_sites"]
+__all__ = ["SiteError", "RecompileLimitWarning", "GeometryError", "run_passes", "AttentionSite", "Declined",
+           "find_attention_sites"]
 
 log = logging.getLogger("fkv_compile")
 
@@ -75,7 +80,7 @@ def _count_compile(gm: fx.GraphModule, session: Session, graph_id: int) -> None:
 
 def _check_plan_fits(site: AttentionSite, session: Session) -> None:
     """Heads and frame geometry of the plan against the shapes traced at this site (static sizes only)."""
-    plan = session.config.plan
+    plan = session.plan
     heads = site.q.meta["example_value"].shape[1 if site.layout == "bhld" else 2]
     where = f"the attention at {site.node.name} (keys from {site.k_window.source})"
     if isinstance(heads, int) and heads != plan.num_heads:
@@ -128,7 +133,8 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, session: Session, graph_id
         layer_key=site.layer_key_kind,
     )
     if config.mode == "compact":
-        accesses = compact_unsupported(config.plan) or _compact_pattern(site) or match_compact(site)
+        unsupported = compact_unsupported(session.plan) if session.plan is not None else None
+        accesses = unsupported or _compact_pattern(site) or match_compact(site)
         if isinstance(accesses, CacheAccesses):
             rewrite_compact(gm, site, accesses, session=session.id, site_id=record.site)
             record.action = SiteAction.COMPACT
@@ -142,22 +148,83 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, session: Session, graph_id
     log.info("graph %d: %s over %s: %s %s", graph_id, site.node.name, record.cache, record.action, record.reason)
 
 
-def run_passes(gm: fx.GraphModule, session: Session) -> None:
-    """Find the attention sites of ``gm``, record them in ``session``, and rewrite them per its mode."""
+def _site_tokens(site: AttentionSite) -> tuple[object, object]:
+    """Query and key tokens the site's attention was traced with (ints, or symbols when dynamic)."""
+    dim = 2 if site.layout == "bhld" else 1
+    return site.q.meta["example_value"].shape[dim], site.k.meta["example_value"].shape[dim]
+
+
+def _fitting(found: list[Geometry], sites: list[AttentionSite]) -> list[Geometry]:
+    """The patch geometries that fit every site traced with static token counts (``Lq = F h w``)."""
+    shapes = [(lq, lk) for lq, lk in map(_site_tokens, sites) if isinstance(lq, int) and isinstance(lk, int)]
+    return [g for g in found if all(g.fits(lq, lk) for lq, lk in shapes)]
+
+
+def _adapt_bundled_plan(session: Session, traced: list[Geometry], sites: list[AttentionSite]) -> None:
+    """A plan given by name carries its model's native geometry: the traced patch embedding's wins."""
+    config = session.config
+    adapted_or_checked = session.plan is not config.plan or any(r.action.is_site for r in session.sites)
+    if config.plan_name is None or config.frame_tokens or config.chunk_frames or adapted_or_checked:
+        return
+    fitting = _fitting(traced, sites)
+    if fitting and (fitting[0].frame_tokens, fitting[0].chunk_frames) != (config.plan.frame_tokens, config.plan.chunk_frames):
+        g = fitting[0]
+        session.plan = dataclasses.replace(config.plan, frame_tokens=g.frame_tokens, chunk_frames=g.chunk_frames)
+        log.info("forcing_kv: plan %r at %d tokens per frame, %d frames per chunk, from %s", config.plan_name,
+                 g.frame_tokens, g.chunk_frames, g.source)
+
+
+def _start_calibration(session: Session, traced: list[Geometry], sites: list[AttentionSite], model: nn.Module | None) -> None:
+    """No plan: the sites run dense and record until the :class:`Calibrator` makes one; find the geometry."""
+    config = session.config
+    if config.mode == "profile":
+        raise OptionsError(
+            f"backend 'forcing_kv' in mode 'profile' found attention over a KV cache ({sites[0].node.name}) but got "
+            f"no plan to take the geometry from; pass a plan ({', '.join(PLANS)}; fkv plan list), or drop mode "
+            "'profile': without a plan the model calibrates itself"
+        )
+    if (config.frame_tokens is None) != (config.chunk_frames is None):
+        raise OptionsError("options frame_tokens and chunk_frames go together when there is no plan; pass both")
+    if config.frame_tokens is not None:
+        geometry = Geometry(config.frame_tokens, config.chunk_frames, "the options")
+        if not _fitting([geometry], sites):
+            lq, lk = _site_tokens(sites[0])
+            raise GeometryError(f"options frame_tokens={config.frame_tokens}, chunk_frames={config.chunk_frames} do "
+                                f"not fit the attention at {sites[0].node.name} ({lq} query, {lk} key tokens)")
+    else:
+        fitting = _fitting(traced, sites)
+        if traced and not fitting:
+            raise GeometryError(f"the traced patch embeddings {[g.source for g in traced]} do not fit the attention "
+                                f"at {sites[0].node.name}; pass options frame_tokens and chunk_frames")
+        geometry = fitting[0] if fitting else None
+    if session.calibrator is None:
+        session.calibrator = Calibrator(config.calibration, geometry)
+        hooked = 0 if geometry is not None or model is None else watch_patch_embeddings(model, session.calibrator)
+        log.info("forcing_kv: no plan: calibrating on %s (geometry %s)",
+                 "the first video" if config.calibration.chunks is None else f"{config.calibration.chunks} chunks",
+                 geometry.source if geometry else f"from the next call of {hooked} Conv3d patch embeddings")
+    elif session.calibrator.geometry is None:
+        session.calibrator.geometry = geometry
+
+
+def run_passes(gm: fx.GraphModule, session: Session, model: nn.Module | None = None) -> None:
+    """Find the attention sites of ``gm``, record them in ``session``, and rewrite them per its mode. ``model``:
+    the module being compiled (its patch embedding tells a plan-less model's geometry)."""
     graph_id = session.graphs
     session.graphs += 1
     _count_compile(gm, session, graph_id)
     sites, declined = find_attention_sites(gm.graph)
-    if sites and session.config.plan is None and session.config.mode != "off":
-        raise OptionsError(
-            f"backend 'forcing_kv' found attention over a KV cache ({sites[0].node.name}, keys from "
-            f"{sites[0].k_window.source}) but got no plan; pass options={{'plan': NAME}} with a bundled plan "
-            f"({', '.join(PLANS)}; fkv plan list), a HeadPlan, or a plan file (fkv profile makes one)"
-        )
+    traced = traced_patch_geometry(gm)
+    session.patch_geometry.extend(traced)
+    if sites and session.config.mode != "off":
+        if session.config.plan is None:
+            _start_calibration(session, session.patch_geometry, sites, model)
+        else:
+            _adapt_bundled_plan(session, session.patch_geometry, sites)
     if session.config.plan is None and not sites:
         log.info("forcing_kv: no attention over a KV cache in graph %d: compiled with %s alone", graph_id,
                   session.config.lowering)
-    for site in sites if session.config.plan is not None else ():
+    for site in sites if session.plan is not None else ():
         _check_plan_fits(site, session)
     _record_declined(declined, session, graph_id)
     for site in sites:

@@ -104,7 +104,8 @@ def rewrite_compact(gm: fx.GraphModule, site: AttentionSite, acc: CacheAccesses,
     tokens = []
     for roll in acc.rolls:
         with gm.graph.inserting_before(roll.setitems[0]):
-            token = gm.graph.call_function(ROLL_OP, args=(site.layer_key, roll.dst, roll.src, roll.src_end, session, site_id))
+            token = gm.graph.call_function(ROLL_OP, args=(site.layer_key, k_cache, v_cache, roll.dst, roll.src, roll.src_end,
+                                                          session, site_id))
         tokens.append(_with_example(token, site.layer_key, lambda key: key.new_empty(0)))
         for setitem in roll.setitems:
             source = setitem.args[2]
