@@ -73,18 +73,19 @@ def test_compact_calibrates_then_releases_the_dense_cache_and_matches_the_oracle
 
 @pytest.mark.parametrize("mode", ["select", "compact"])
 def test_a_chunk_count_ends_calibration_within_the_video(mode):
-    """calibration={"chunks": 3}: chunks 0-2 dense (bit-identical to off), compressed from chunk 3 on; compact adopts
-    the dense window's history at the switch and then serves exactly what select keeps."""
+    """calibration={"chunks": 4}: chunks 0-3 dense (bit-identical to off), compressed from chunk 4 on (chunks 3 and 4
+    have windows of the same length: the rolling window is full); compact adopts the dense window's history at the
+    switch and then serves exactly what select keeps."""
     cfg = WINDOWED
     model, inputs = setup(cfg, torch.float32)
     dense = _off(model, cfg, inputs)
-    options = {"calibration": {"chunks": 3, "alpha": 0.495}}
+    options = {"calibration": {"chunks": 4, "alpha": 0.495}}
     select = rollout(_calibrating(model, **options), cfg, inputs)
     compiled = _calibrating(model, mode=mode, **options)
     out = rollout(compiled, cfg, inputs)
-    assert all(torch.equal(a, b) for a, b in zip(out[:3], dense[:3]))
-    assert "after 3 chunks (3 chunks ran)" in fkv_compile.report(compiled, print_table=False).calibration
-    effect = max_abs_error(select[3:], dense[3:])
+    assert all(torch.equal(a, b) for a, b in zip(out[:4], dense[:4]))
+    assert "after 4 chunks (4 chunks ran)" in fkv_compile.report(compiled, print_table=False).calibration
+    effect = max_abs_error(select[4:], dense[4:])
     err = max_abs_error(out, select)
     assert effect > 1e-3 and err < effect / 1000, f"{mode} vs select {err:.2e}, compression changed {effect:.2e}"
 

@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "fkv_compile"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("plan", "semantics", "bundled"),  # the spec (and the plans shipped with it)
+    ("plan", "semantics", "classify", "bundled"),  # the spec (and the plans shipped with it)
     ("config",),
     ("kernels",),  # Triton only
     ("modes",),  # run time
