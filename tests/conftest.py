@@ -36,3 +36,14 @@ def _seed_and_reset():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """What the suite's comparisons against the fp64 oracle could see: each one's smallest effect over its budget."""
+    from rollouts import SEEN
+
+    if not SEEN:
+        return
+    terminalreporter.section("effect / budget of the comparisons against the float64 oracle")
+    for test, dtype, budget, effect in sorted(SEEN, key=lambda row: row[3] / row[2]):
+        terminalreporter.write_line(f"{effect / budget:9.1f}  budget {budget:.2e}  effect {effect:.2e}  {dtype:<9} {test}")

@@ -181,3 +181,17 @@ def test_a_saved_calibrated_plan_compiles_the_model_again_without_calibration(tm
     assert max_abs_error(rollout(again, cfg, second), calibrated) == 0.0
     assert fkv_compile.report(again, print_table=False).calibration == ""
 
+
+
+def test_calibration_recovers_planted_roles_as_fkv_profile_does():
+    from fkv_compile.models.planted import PlantedAttentionStack, PlantedConfig, planted_rollout
+
+    roles = tuple(tuple("static" if (layer + h) % 3 == 0 else "dynamic" for h in range(4)) for layer in range(3))
+    cfg = PlantedConfig(roles=roles, num_frames=15)
+    torch.manual_seed(0)
+    model = PlantedAttentionStack(cfg).eval()  # no patch embedding: the geometry comes from the options
+    compiled = _calibrating(model, frame_tokens=cfg.frame_tokens, chunk_frames=cfg.chunk_frames)
+    planted_rollout(compiled, cfg, seed=0, steps=1)
+    assert plan_of(compiled) is None
+    planted_rollout(compiled, cfg, seed=1, steps=1)  # a new video: the plan is made at its first call
+    assert plan_of(compiled).roles == roles
