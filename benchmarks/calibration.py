@@ -48,7 +48,7 @@ def main() -> None:
         times[name] = [_video_seconds(compiled, cfg, timed) for _ in range(args.repeats)]
     plan = fkv_compile.plan_of(compiled)
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    plan = fkv_compile.plan_of(auto)
+    plan = fkv_compile.plan_of(compiled)
     print(f"windowed miniature ({cfg.num_layers} layers x {cfg.num_heads} heads, {cfg.frame_tokens} tokens/frame, "
           f"8 chunks), lowering {args.lowering}, median of {args.repeats}:")
     for name, seconds in median.items():

@@ -63,7 +63,7 @@ def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
     """Define ``fkv::<name>(q, k, v, layer_key, session, site, scale)`` with its fake and its backward
     (:mod:`fkv_compile.modes.grad`, over the kept tokens if ``masked``); ``body`` gets the session, site
     and the layer resolved from ``layer_key``. While the session calibrates (no plan yet) the call runs
-    :func:`_calibrating` instead."""
+    :func:`_dense` instead."""
 
     def op(
         q: torch.Tensor,
@@ -76,7 +76,7 @@ def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
     ) -> torch.Tensor:
         s = state.session(session)
         layer = s.layer_of(site, layer_key)
-        run = _calibrating if s.calibrating(layer, q, k, scale) else body
+        run = _dense if s.calibrating(layer, q, k, scale) else body
         return run(s, site, layer, q, k, v, scale).contiguous()
 
     op.__doc__ = doc
@@ -120,6 +120,7 @@ def _oracle(s: state.Session, site: int, layer: int, q, k, v, scale):
 
 
 def _dense(s: state.Session, site: int, layer: int, q, k, v, scale):
+    """The model's own attention: ``profile``'s, and a calibrating call's (``Session.calibrating`` recorded it)."""
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     s.record(site, layer, (float(k.shape[-2]),) * q.shape[1], k.shape[-2], True)
     return out
@@ -127,11 +128,6 @@ def _dense(s: state.Session, site: int, layer: int, q, k, v, scale):
 
 def _profile(s: state.Session, site: int, layer: int, q, k, v, scale):
     record_call(s.profile_records, layer, q, k, scale, s.plan.frame_tokens, s.plan.chunk_frames)
-    return _dense(s, site, layer, q, k, v, scale)
-
-
-def _calibrating(s: state.Session, site: int, layer: int, q, k, v, scale):
-    """Dense attention, as the model's own (its frame mass was recorded by ``Session.calibrating``)."""
     return _dense(s, site, layer, q, k, v, scale)
 
 
@@ -185,7 +181,7 @@ def store_attention(
             cache[:, write_start:write_end] = new
         k, v = (c[:, window_start:window_end].transpose(1, 2) for c in (cache_k, cache_v))
         if s.calibrating(layer, q, k, scale):
-            return _calibrating(s, site, layer, q, k, v, scale)
+            return _dense(s, site, layer, q, k, v, scale)
     store = s.store(layer, q.device)
     if store.chunk is None and write_start > window_start and cache_k.untyped_storage().nbytes():
         # calibration ended within a video: the store starts from the dense window's history

@@ -206,11 +206,15 @@ def _calibration(session: Session) -> str:
         return ""
     g = calibrator.geometry
     geometry = f"{g.frame_tokens} tokens per frame, {g.chunk_frames} frames per chunk from {g.source}" if g else "unknown yet"
+    if calibrator.active and calibrator.template is not None:
+        return f"plan {session.config.plan_name!r} waits for the model's geometry (its native one does not fit)"
     if calibrator.active:
         until = "a new video starts" if calibrator.calibration.chunks is None else f"{calibrator.calibration.chunks} chunks ran"
         return (f"running dense and recording attention mass until {until} ({calibrator.chunks} chunks, "
                 f"{len(calibrator.records)} calls recorded so far); geometry: {geometry}")
     plan = session.plan
+    if calibrator.template is not None:
+        return f"plan {session.config.plan_name!r} in use since {calibrator.switched}; geometry: {geometry}"
     return (f"plan made {calibrator.switched} from {len(calibrator.records)} calls: {plan.count(STATIC)} static, "
             f"{plan.count(DYNAMIC)} dynamic of {plan.num_layers * plan.num_heads} heads; geometry: {geometry}; "
             "fkv_compile.plan_of(model) returns it")

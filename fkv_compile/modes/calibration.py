@@ -66,11 +66,17 @@ MISSING = ("cannot tell the frame geometry of this model: pass options frame_tok
 
 
 class Calibrator:
-    """The calibration of one session: dense calls recorded until the plan is made."""
+    """The calibration of one session: dense calls recorded until the plan is made.
 
-    def __init__(self, calibration: Calibration, geometry: Geometry | None):
+    With a ``template`` (a plan given by name whose native geometry does not fit the model, and no
+    geometry option) nothing is classified: the template's roles are used as soon as the patch
+    embedding has told the geometry (the first call runs dense; its window holds only the chunk,
+    which every role keeps whole anyway)."""
+
+    def __init__(self, calibration: Calibration, geometry: Geometry | None, template: HeadPlan | None = None):
         self.calibration = calibration
         self.geometry = geometry
+        self.template = template
         self.patches: list[Geometry] = []  # candidates seen at run time (patch-embedding hooks)
         self.records: list[MassRecord] = []
         self.chunks = 0  # chunks started at layer 0 during calibration
@@ -114,6 +120,8 @@ class Calibrator:
         layout = window_layout(q.shape[2], k.shape[2], geometry.frame_tokens, geometry.chunk_frames)
         if layout is None:
             return None
+        if layer == 0 and self.template is not None and num_layers is not None:
+            return self._switch(self._adapted(num_layers, q.shape[1]), f"the geometry was read from {geometry.source}")
         if layer == 0:
             plan = self._chunk_boundary(layout.history, self._fingerprint(k, layout.history, geometry), q.shape[1],
                                         num_layers)
@@ -151,10 +159,21 @@ class Calibrator:
                 log.warning("forcing_kv: %s but calibration cannot make a plan yet (%s); calibrating on", why, exc)
             self._had_history = False
             return None
-        self.switched = f"after {self.chunks - 1} chunks ({why})"
-        log.info("forcing_kv: calibrated %s: %d static, %d dynamic heads", self.switched, plan.count("static"),
+        return self._switch(plan, f"after {self.chunks - 1} chunks ({why})")
+
+    def _switch(self, plan: HeadPlan, when: str) -> HeadPlan:
+        self.switched = when
+        log.info("forcing_kv: plan in use %s: %d static, %d dynamic heads", when, plan.count("static"),
                  plan.count("dynamic"))
         return plan
+
+    def _adapted(self, num_layers: int, num_heads: int) -> HeadPlan:
+        """The template at the geometry read from the model, checked against the model's layers and heads."""
+        t, g = self.template, self.geometry
+        if (t.num_layers, t.num_heads) != (num_layers, num_heads):
+            raise PlanError(f"plan does not match the model: the plan has {t.num_layers} layers x {t.num_heads} heads, "
+                            f"the model runs {num_layers} attention layers x {num_heads} heads")
+        return dataclasses.replace(t, frame_tokens=g.frame_tokens, chunk_frames=g.chunk_frames)
 
     def _plan(self, num_layers: int, num_heads: int) -> HeadPlan:
         g = self.geometry

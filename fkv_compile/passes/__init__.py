@@ -160,18 +160,26 @@ def _fitting(found: list[Geometry], sites: list[AttentionSite]) -> list[Geometry
     return [g for g in found if all(g.fits(lq, lk) for lq, lk in shapes)]
 
 
-def _adapt_bundled_plan(session: Session, traced: list[Geometry], sites: list[AttentionSite]) -> None:
-    """A plan given by name carries its model's native geometry: the traced patch embedding's wins."""
+def _adapt_bundled_plan(session: Session, traced: list[Geometry], sites: list[AttentionSite], model: nn.Module | None) -> None:
+    """A plan given by name carries its model's native geometry: the patch embedding's wins. Traced, it is set now;
+    else, if the native geometry does not fit the attention, the plan waits for the embedding's hook (run time)."""
     config = session.config
-    adapted_or_checked = session.plan is not config.plan or any(r.action.is_site for r in session.sites)
-    if config.plan_name is None or config.frame_tokens or config.chunk_frames or adapted_or_checked:
+    checked = any(r.action.is_site for r in session.sites)
+    if config.plan_name is None or config.frame_tokens or config.chunk_frames or checked or session.calibrator:
         return
     fitting = _fitting(traced, sites)
-    if fitting and (fitting[0].frame_tokens, fitting[0].chunk_frames) != (config.plan.frame_tokens, config.plan.chunk_frames):
+    native = Geometry(config.plan.frame_tokens, config.plan.chunk_frames, f"plan {config.plan_name!r}")
+    if fitting:
         g = fitting[0]
         session.plan = dataclasses.replace(config.plan, frame_tokens=g.frame_tokens, chunk_frames=g.chunk_frames)
         log.info("forcing_kv: plan %r at %d tokens per frame, %d frames per chunk, from %s", config.plan_name,
                  g.frame_tokens, g.chunk_frames, g.source)
+    elif not _fitting([native], sites) and model is not None and not traced:
+        session.plan, session.num_layers = None, None  # the layer count is learned as in calibration, then checked
+        session.calibrator = Calibrator(config.calibration, None, template=config.plan)
+        hooked = watch_patch_embeddings(model, session.calibrator)
+        log.info("forcing_kv: plan %r: its native geometry does not fit the attention; reading the geometry from "
+                 "the next call of %d Conv3d patch embeddings", config.plan_name, hooked)
 
 
 def _start_calibration(session: Session, traced: list[Geometry], sites: list[AttentionSite], model: nn.Module | None) -> None:
@@ -220,7 +228,7 @@ def run_passes(gm: fx.GraphModule, session: Session, model: nn.Module | None = N
         if session.config.plan is None:
             _start_calibration(session, session.patch_geometry, sites, model)
         else:
-            _adapt_bundled_plan(session, session.patch_geometry, sites)
+            _adapt_bundled_plan(session, session.patch_geometry, sites, model)
     if session.config.plan is None and not sites:
         log.info("forcing_kv: no attention over a KV cache in graph %d: compiled with %s alone", graph_id,
                   session.config.lowering)
