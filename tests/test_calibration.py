@@ -1,5 +1,7 @@
 """No options: a model compiled without a plan runs its first video dense, makes a plan, then compresses."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,7 @@ from rollouts import GLOBAL, WINDOWED, oracle_reference, setup
 from torch import nn
 
 import fkv_compile
-from fkv_compile import HeadPlan, is_released, plan_of
+from fkv_compile import HeadPlan, PlanError, is_released, plan_of
 from fkv_compile.models import make_inputs, rollout
 from fkv_compile.tools.testing import assert_within_budget, max_abs_error
 
@@ -212,3 +214,6 @@ def test_a_bundled_plan_takes_the_geometry_its_patch_embedding_hook_reads():
         fkv_compile.report(compiled, print_table=False).calibration
     explicit = rollout(_calibrating(model, plan="self-forcing", frame_tokens=cfg.frame_tokens), cfg, inputs)
     assert max_abs_error(deferred, explicit) < 1e-5 < max_abs_error(explicit, _off(model, cfg, inputs))
+    shallow = dataclasses.replace(cfg, num_layers=2)  # the plan's heads, not its layers: checked when it is installed
+    with pytest.raises(PlanError, match="num_layers: plan has 30, the model runs 2"):
+        rollout(_calibrating(fkv_compile.models.build(shallow), plan="self-forcing"), shallow, inputs)

@@ -170,9 +170,9 @@ class Calibrator:
     def _adapted(self, num_layers: int, num_heads: int) -> HeadPlan:
         """The template at the geometry read from the model, checked against the model's layers and heads."""
         t, g = self.template, self.geometry
-        if (t.num_layers, t.num_heads) != (num_layers, num_heads):
-            raise PlanError(f"plan does not match the model: the plan has {t.num_layers} layers x {t.num_heads} heads, "
-                            f"the model runs {num_layers} attention layers x {num_heads} heads")
+        for name, plan_has, model_has in (("num_layers", t.num_layers, num_layers), ("num_heads", t.num_heads, num_heads)):
+            if plan_has != model_has:
+                raise PlanError(f"plan does not match the model: {name}: plan has {plan_has}, the model runs {model_has}")
         return dataclasses.replace(t, frame_tokens=g.frame_tokens, chunk_frames=g.chunk_frames)
 
     def _plan(self, num_layers: int, num_heads: int) -> HeadPlan:

@@ -78,10 +78,14 @@ def _count_compile(gm: fx.GraphModule, session: Session, graph_id: int) -> None:
     warnings.warn(message, RecompileLimitWarning, stacklevel=2)
 
 
+def _site_heads(site: AttentionSite) -> object:
+    return site.q.meta["example_value"].shape[1 if site.layout == "bhld" else 2]
+
+
 def _check_plan_fits(site: AttentionSite, session: Session) -> None:
     """Heads and frame geometry of the plan against the shapes traced at this site (static sizes only)."""
     plan = session.plan
-    heads = site.q.meta["example_value"].shape[1 if site.layout == "bhld" else 2]
+    heads = _site_heads(site)
     where = f"the attention at {site.node.name} (keys from {site.k_window.source})"
     if isinstance(heads, int) and heads != plan.num_heads:
         raise PlanError(f"plan does not match the model: num_heads: plan has {plan.num_heads}, {where} has {heads}")
@@ -174,7 +178,8 @@ def _adapt_bundled_plan(session: Session, traced: list[Geometry], sites: list[At
         session.plan = dataclasses.replace(config.plan, frame_tokens=g.frame_tokens, chunk_frames=g.chunk_frames)
         log.info("forcing_kv: plan %r at %d tokens per frame, %d frames per chunk, from %s", config.plan_name,
                  g.frame_tokens, g.chunk_frames, g.source)
-    elif not _fitting([native], sites) and model is not None and not traced:
+    elif (not _fitting([native], sites) and model is not None and not traced
+          and all(_site_heads(site) == config.plan.num_heads for site in sites)):  # else the check names the heads
         session.plan, session.num_layers = None, None  # the layer count is learned as in calibration, then checked
         session.calibrator = Calibrator(config.calibration, None, template=config.plan)
         hooked = watch_patch_embeddings(model, session.calibrator)
