@@ -5,6 +5,7 @@
 - ``fkv::store_attention`` (``compact``): the chunk's cache write and the window's attention, served
   by the layer's compact store;
 - ``fkv::store_roll`` (``compact``): the pipeline's eviction of history, on the store;
+- ``fkv::store_grown_attention`` (``compact``): a cache grown by concatenation, served by the store;
 - ``fkv::attention_backward``: the first three's backward (:mod:`fkv_compile.modes.grad`).
 
 Fixed-arity schemas, each fake beside its op; the layer is resolved at run time from the key tensor
@@ -182,15 +183,24 @@ def store_attention(
         k, v = (c[:, window_start:window_end].transpose(1, 2) for c in (cache_k, cache_v))
         if s.calibrating(layer, q, k, scale):
             return _dense(s, site, layer, q, k, v, scale)
-    store = s.store(layer, q.device)
-    if store.chunk is None and write_start > window_start and cache_k.untyped_storage().nbytes():
-        # calibration ended within a video: the store starts from the dense window's history
-        store.adopt(cache_k[:, window_start:write_start], cache_v[:, window_start:write_start], window_start)
-    store.write(k_new, v_new, write_start, write_end, (window_start, window_end))
-    out = store.attention(q, (window_start, window_end), scale)
-    mask = store.kept_mask(q.shape[1])
-    s.record(site, layer, tuple(mask.sum(-1).float().mean(0).tolist()), window_end - window_start, True)
+    out = _serve(s, site, layer, q, k_new, v_new, cache_k, cache_v, (write_start, write_end), (window_start, window_end),
+                 scale)
     s.release(layer, cache_k, cache_v)
+    return out
+
+
+def _serve(s: state.Session, site: int, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+           cache_k: torch.Tensor, cache_v: torch.Tensor, write: tuple[int, int], window: tuple[int, int],
+           scale: float | None) -> torch.Tensor:
+    """The store's side of a compact call: the chunk's write, then the attention over ``window``."""
+    store = s.store(layer, q.device)
+    if store.chunk is None and write[0] > window[0] and cache_k.untyped_storage().nbytes():
+        # calibration ended within a video: the store starts from the dense window's history
+        store.adopt(cache_k[:, window[0]:write[0]], cache_v[:, window[0]:write[0]], window[0])
+    store.write(k_new, v_new, *write, window)
+    out = store.attention(q, window, scale)
+    mask = store.kept_mask(q.shape[1])
+    s.record(site, layer, tuple(mask.sum(-1).float().mean(0).tolist()), window[1] - window[0], True)
     return out
 
 
@@ -234,7 +244,45 @@ def _no_autograd_in_compact(ctx, inputs, output) -> None:
     )
 
 
-store_attention.register_autograd(lambda ctx, grad: None, setup_context=_no_autograd_in_compact)
+@torch.library.custom_op("fkv::store_grown_attention", mutates_args=())
+def store_grown_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    layer_key: torch.Tensor,
+    start: int,
+    session: int,
+    site: int,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``compact`` for a cache grown by concatenation: ``k = cat([cache_k[:, :start], k_new], 1)`` (and v) and the
+    attention of ``q`` over it, served by the layer's store. Returns the output and the grown K and V the pipeline
+    keeps as its next cache, released (their storage is 0 bytes: the store holds what the keep rule needs; the
+    next call reads only their length)."""
+    s = state.session(session)
+    layer = s.layer_of(site, layer_key)
+    end = start + k_new.shape[1]
+    if s.plan is None:  # calibrating: the pipeline's own concatenation, then dense attention over it
+        k, v = (torch.cat([c[:, :start], new], 1) for c, new in ((cache_k, k_new), (cache_v, v_new)))
+        if s.calibrating(layer, q, k.transpose(1, 2), scale):
+            return _dense(s, site, layer, q, k.transpose(1, 2), v.transpose(1, 2), scale), k, v
+    out = _serve(s, site, layer, q, k_new, v_new, cache_k, cache_v, (start, end), (0, end), scale)
+    grown = [new.new_empty((new.shape[0], end, *new.shape[2:])) for new in (k_new, v_new)]
+    s.release(layer, *grown)
+    return out, *grown
+
+
+@store_grown_attention.register_fake
+def _(q, k_new, v_new, cache_k, cache_v, layer_key, start, session, site, scale=None):
+    grown = [new.new_empty((new.shape[0], start + new.shape[1], *new.shape[2:])) for new in (k_new, v_new)]
+    return _fake_attention(q, v_new), *grown
+
+
+for _op in (store_attention, store_grown_attention):
+    _op.register_autograd(lambda ctx, *grads: None, setup_context=_no_autograd_in_compact)
 
 OPS["compact"] = torch.ops.fkv.store_attention.default
+GROWN_OP = torch.ops.fkv.store_grown_attention.default
 ROLL_OP = torch.ops.fkv.store_roll.default

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from rollouts import cases, mixed_plan, run_eager_oracle, to64
+from rollouts import cases, mixed_plan, oracle_reference, run_eager_oracle, to64
 
 import fkv_compile
 from fkv_compile import HeadPlan
@@ -138,14 +138,39 @@ def test_compact_owns_the_cache_whatever_the_attention_function(windowed_referen
     assert all(fkv_compile.is_released(c["k"]) and fkv_compile.is_released(c["v"]) for c in kv)
 
 
-def test_compact_falls_back_to_select_on_these_patterns_and_says_why(reference):
-    model, inputs, plan, ref, budget = reference
-    cfg, m = _variant("cat", "manual", model)
+@pytest.mark.parametrize("attention", ["sdpa", pytest.param("manual", marks=pytest.mark.slow)])
+def test_compact_owns_a_cat_grown_cache_and_releases_the_grown_tensors(attention):
+    """The store adopts what the concatenation would hold; the grown K/V the pipeline keeps are 0-byte tensors of the
+    right shape; two videos in a row (the pipeline starts each with empty caches) equal the fp64 oracle."""
+    model = build(BASE, seed=0)
+    cfg, m = _variant("cat", attention, model)
+    plan = mixed_plan(BASE)
+    compiled = torch.compile(m, backend="forcing_kv", options={"plan": plan, "mode": "compact", "lowering": "aot_eager"})
+    for seed in (0, 1):
+        inputs = make_inputs(BASE, chunks=5, seed=seed)
+        reference, budget = oracle_reference(model, BASE, inputs, plan)  # the preallocated-cache twin
+        kv, cross = new_caches(cfg, batch=1, dtype=torch.float32)
+        assert_within_budget(rollout(compiled, cfg, inputs, caches=(kv, cross)), reference, budget,
+                             f"compact on a cat-grown cache ({attention}), video {seed}")
+        tokens = 5 * cfg.chunk_frames * cfg.frame_tokens
+        assert all(c["k"].shape[1] == tokens and fkv_compile.is_released(c["k"]) and fkv_compile.is_released(c["v"])
+                   for c in kv)
+    rep = fkv_compile.report(compiled, print_table=False)
+    assert {s.action for s in rep.sites if s.pattern != "-"} == {"compact"}
+    memory = fkv_compile.memory_report(compiled)
+    assert memory.dense_bytes == 2 * 2 * tokens * cfg.dim * 4 and 0 < memory.compact_bytes < memory.dense_bytes / 2
+
+
+def test_compact_falls_back_to_select_on_longlive_v1_and_says_why(windowed_reference):
+    model, inputs, plan, ref, budget = windowed_reference
+    cfg = MiniConfig(num_layers=2, window_frames=12, sink_frames=3, cache_style="longlive")
+    m = build(cfg, seed=0)
+    m.load_state_dict(model.state_dict())
     compiled = torch.compile(m, backend="forcing_kv", options={"plan": plan, "mode": "compact", "lowering": "aot_eager"})
     assert_within_budget(rollout(compiled, cfg, inputs), ref, budget, "compact fallback")
     reasons = {s.reason for s in fkv_compile.report(compiled, print_table=False).sites if s.action == "select"}
-    assert reasons == {"compact fell back to select: NYI: compact for cat-growth caches (the pipeline keeps the "
-                       "grown tensors)"}
+    assert reasons == {"compact fell back to select: NYI: compact for cat-window caches (the pipeline copies its "
+                       "per-layer clone back into the cache after all layers)"}
 
 
 # -- the hand-written attention matcher, form by form --------------------------------------------------------

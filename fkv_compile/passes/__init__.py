@@ -34,10 +34,10 @@ from ..modes.state import FrameRecord, Session, SiteAction
 from ..modes.store import compact_unsupported
 from ..plan import PlanError
 from .attention import AttentionSite, CachePattern, Declined, find_attention_sites
-from .compact import CacheAccesses, match_compact
+from .compact import CacheAccesses, GrownAccesses, match_compact, match_grown
 from .frames import current_frame, recompile_limit
 from .geometry import traced_patch_geometry, watch_patch_embeddings
-from .rewrite import lint_and_recompile, rewrite_compact, rewrite_site
+from .rewrite import lint_and_recompile, rewrite_compact, rewrite_grown, rewrite_site
 
 __all__ = ["SiteError", "RecompileLimitWarning", "GeometryError", "run_passes", "AttentionSite", "Declined",
            "find_attention_sites"]
@@ -106,7 +106,6 @@ def _check_plan_fits(site: AttentionSite, session: Session) -> None:
 
 
 _NOT_OWNED = {
-    CachePattern.CAT_GROWTH: "the pipeline keeps the grown tensors",
     CachePattern.CAT_WINDOW: "the pipeline copies its per-layer clone back into the cache after all layers",
     CachePattern.WINDOW_INPUT: "the window is read in an earlier graph, where its cache stays dense",
 }
@@ -138,9 +137,13 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, session: Session, graph_id
     )
     if config.mode == "compact":
         unsupported = compact_unsupported(session.plan) if session.plan is not None else None
-        accesses = unsupported or _compact_pattern(site) or match_compact(site)
+        grown = site.k_window.pattern is CachePattern.CAT_GROWTH
+        accesses = unsupported or _compact_pattern(site) or (match_grown(site) if grown else match_compact(site))
         if isinstance(accesses, CacheAccesses):
             rewrite_compact(gm, site, accesses, session=session.id, site_id=record.site)
+            record.action = SiteAction.COMPACT
+        elif isinstance(accesses, GrownAccesses):
+            rewrite_grown(gm, site, accesses, session=session.id, site_id=record.site)
             record.action = SiteAction.COMPACT
         else:
             if config.strict:

@@ -9,6 +9,10 @@ Accepted accesses of the K and V cache inputs of one graph (Self Forcing's code 
 
 Anything else leaves the site to ``select`` with the reason in the report. The write is moved to
 the attention (one fused op): legal because nothing but the rewritten ops touches the caches.
+
+A cache grown by concatenation (:func:`match_grown`) is accepted when the cache input is only read
+as the history ``cache[:, :start]`` of ``cat([history, new], 1)`` and the concatenation only feeds
+the site's attention and the graph's outputs (the grown tensor the pipeline keeps as its next cache).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch.fx as fx
 
 from .attention import AttentionSite, is_view_like, sliced_dim
 
-__all__ = ["CacheAccesses", "RollPair", "match_compact"]
+__all__ = ["CacheAccesses", "GrownAccesses", "RollPair", "match_compact", "match_grown"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,17 @@ class CacheAccesses:
     end: object
     window: tuple[object, object]
     rolls: tuple[RollPair, ...]
+
+
+@dataclass(frozen=True)
+class GrownAccesses:
+    """``cat([cache[:, :start], new], 1)`` for K and V, read by the attention and handed back to the pipeline."""
+
+    cats: tuple[fx.Node, fx.Node]
+    histories: tuple[fx.Node, fx.Node]  # the history reads (slices of the cache inputs, or the inputs themselves)
+    k_new: fx.Node
+    v_new: fx.Node
+    start: object  # int, SymInt node, or None: the whole cache input is the history
 
 
 def _slice_of(index: object) -> slice | None:
@@ -158,3 +173,50 @@ def match_compact(site: AttentionSite) -> CacheAccesses | str:
     )
     return CacheAccesses(writes=(wk, wv), k_new=wk.args[2], v_new=wv.args[2], start=write.start or 0, end=write.stop,
                          window=(window.start or 0, window.stop), rolls=rolls)
+
+
+def _feeds_only(node: fx.Node, site: AttentionSite) -> bool:
+    """``node`` reaches the site's attention only through view-like ops, or is a graph output."""
+    for user in node.users:
+        if user.op == "output" or user is site.node or user in site.internal:
+            continue
+        if not (is_view_like(user) and _feeds_only(user, site)):
+            return False
+    return True
+
+
+def _grown_part(cat: fx.Node, cache: fx.Node, site: AttentionSite) -> tuple[fx.Node, fx.Node, object] | str:
+    """(history read, new tokens, start) of one concatenation, or why the store cannot own it."""
+    parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+    dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
+    if dim != 1 or not isinstance(parts, (list, tuple)) or len(parts) != 2:
+        return "NYI: compact for a cache grown along another dim than 1"
+    history, new = parts
+    if history is cache:
+        start = None
+    elif history.op == "call_function" and history.target is operator.getitem and history.args[0] is cache:
+        window = _slice_of(history.args[1])
+        if window is None or window.start not in (None, 0):
+            return f"the grown cache's history is not its first tokens: {history.args[1]!r}"
+        start = window.stop
+    else:
+        return "the grown cache's history is not read from the cache input"
+    read = cat if history is cache else history
+    if any(user is not read for user in cache.users) or len(history.users) != 1:
+        return "the cache input is also used besides the concatenation"
+    if not _feeds_only(cat, site):
+        return "the grown cache is also read besides the attention"
+    return history, new, start
+
+
+def match_grown(site: AttentionSite) -> GrownAccesses | str:
+    """The concatenations to rewrite, or why the store cannot own the grown cache."""
+    cats = (site.k_window.read, site.v_window.read)
+    found = [_grown_part(cat, w.cache, site) for cat, w in zip(cats, (site.k_window, site.v_window))]
+    for f in found:
+        if isinstance(f, str):
+            return f
+    (k_history, k_new, k_start), (v_history, v_new, v_start) = found
+    if not _same(k_start, v_start):
+        return "K and V are grown from histories of different lengths"
+    return GrownAccesses(cats=cats, histories=(k_history, v_history), k_new=k_new, v_new=v_new, start=k_start)

@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import operator
+
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..ops import OPS, ROLL_OP
+from ..ops import GROWN_OP, OPS, ROLL_OP
 from .attention import AttentionSite
-from .compact import CacheAccesses
+from .compact import CacheAccesses, GrownAccesses
 
-__all__ = ["rewrite_site", "rewrite_compact", "lint_and_recompile"]
+__all__ = ["rewrite_site", "rewrite_compact", "rewrite_grown", "lint_and_recompile"]
 
 
 def _example(node: fx.Node) -> object:
@@ -124,6 +126,43 @@ def rewrite_compact(gm: fx.GraphModule, site: AttentionSite, acc: CacheAccesses,
     for setitem in acc.writes:
         gm.graph.erase_node(setitem)
     counters["fkv_compile"]["compact_attention"] += 1
+
+
+def rewrite_grown(gm: fx.GraphModule, site: AttentionSite, acc: GrownAccesses, *, session: int, site_id: int) -> None:
+    """Replace a grown cache's concatenations and the attention by ``fkv::store_grown_attention``, whose released
+    grown K and V take the concatenations' place among the graph's outputs."""
+    k_cache, v_cache = site.k_window.cache, site.v_window.cache
+    (q,) = _heads_major(gm, site, (site.q,))
+    start = acc.start
+    with gm.graph.inserting_before(site.node):
+        if start is None:  # the whole cache input is the history
+            start = _method(gm, site.node, "size", (k_cache, 1))
+        new = gm.graph.call_function(GROWN_OP, args=(q, acc.k_new, acc.v_new, k_cache, v_cache, site.layer_key, start,
+                                                     session, site_id, site.scale))
+    _with_example(new, q, lambda qx: GROWN_OP(qx, _example(acc.k_new), _example(acc.v_new), _example(k_cache),
+                                              _example(v_cache), _example(acc.k_new), _example_or_value(start),
+                                              session, site_id, site.scale))
+    out, k_grown, v_grown = (_item(gm, new, i) for i in range(3))
+    old_k, old_v = site.k, site.v
+    _replace_site(gm, site, out)
+    for read in (old_k, old_v):
+        _erase_dead_chain(gm, read)
+    for cat, grown, history in zip(acc.cats, (k_grown, v_grown), acc.histories):
+        cat.replace_all_uses_with(grown)
+        gm.graph.erase_node(cat)
+        _erase_dead_chain(gm, history)
+    counters["fkv_compile"]["compact_attention"] += 1
+
+
+def _item(gm: fx.GraphModule, node: fx.Node, index: int) -> fx.Node:
+    """``node[index]`` inserted after ``node``, with its example value."""
+    with gm.graph.inserting_after(node):
+        item = gm.graph.call_function(operator.getitem, args=(node, index))
+    return _with_example(item, node, lambda x: x[index])
+
+
+def _example_or_value(value: object) -> object:
+    return _example(value) if isinstance(value, fx.Node) else value
 
 
 def lint_and_recompile(gm: fx.GraphModule) -> None:
