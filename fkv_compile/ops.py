@@ -182,7 +182,7 @@ def store_attention(
             cache[:, write_start:write_end] = new
         k, v = (c[:, window_start:window_end].transpose(1, 2) for c in (cache_k, cache_v))
         if s.calibrating(layer, q, k, scale):
-            return _dense(s, site, layer, q, k, v, scale)
+            return _dense(s, site, layer, q, k, v, scale).contiguous()
     out = _serve(s, site, layer, q, k_new, v_new, cache_k, cache_v, (write_start, write_end), (window_start, window_end),
                  scale)
     s.release(layer, cache_k, cache_v)
@@ -267,7 +267,7 @@ def store_grown_attention(
     if s.plan is None:  # calibrating: the pipeline's own concatenation, then dense attention over it
         k, v = (torch.cat([c[:, :start], new], 1) for c, new in ((cache_k, k_new), (cache_v, v_new)))
         if s.calibrating(layer, q, k.transpose(1, 2), scale):
-            return _dense(s, site, layer, q, k.transpose(1, 2), v.transpose(1, 2), scale), k, v
+            return _dense(s, site, layer, q, k.transpose(1, 2), v.transpose(1, 2), scale).contiguous(), k, v
     out = _serve(s, site, layer, q, k_new, v_new, cache_k, cache_v, (start, end), (0, end), scale)
     grown = [new.new_empty((new.shape[0], end, *new.shape[2:])) for new in (k_new, v_new)]
     s.release(layer, *grown)
