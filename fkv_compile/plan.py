@@ -212,6 +212,19 @@ class HeadPlan:
     def count(self, role: str) -> int:
         return sum(row.count(role) for row in self.roles)
 
+    def shard(self, rank: int, world_size: int) -> HeadPlan:
+        """The plan of one rank under head parallelism (Ulysses): its contiguous ``num_heads / world_size`` heads
+        of every layer, the rest unchanged. Layer-level selection still spans every rank's dynamic heads."""
+        for name, value in (("world_size", world_size), ("rank", rank)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise PlanError(f"{name} expected an int, got {value!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise PlanError(f"rank expected in [0, world_size), world_size >= 1; got rank {rank}, world_size {world_size}")
+        if self.num_heads % world_size:
+            raise PlanError(f"the plan's {self.num_heads} heads do not split evenly over {world_size} ranks")
+        n = self.num_heads // world_size
+        return dataclasses.replace(self, roles=tuple(row[rank * n : (rank + 1) * n] for row in self.roles))
+
     def frames_kept(self, role: str) -> float:
         """Frames' worth of tokens a head of ``role`` attends to once the window is long enough."""
         if role == DENSE:

@@ -62,6 +62,10 @@ def test_plan_list_shows_the_bundled_plans_and_show_takes_a_name():
     assert len(shown["layers"]) == 30
     unknown = fkv("plan", "show", "long-live", ok=False)
     assert "unknown plan name 'long-live'; the bundled plans are" in unknown.stderr
+    ranks = json.loads(fkv("plan", "show", "self-forcing", "--ranks", "4", "--json").stdout)
+    assert [r["heads"] for r in ranks["ranks"]] == ["0-2", "3-5", "6-8", "9-11"]
+    assert sum(r["static"] + r["dynamic"] for r in ranks["ranks"]) == 360 and 1.0 < ranks["imbalance"] < 1.1
+    assert "12 heads do not split evenly over 5 ranks" in fkv("plan", "show", "self-forcing", "--ranks", "5", ok=False).stderr
 
 
 def test_reference_plan_through_the_cli(tmp_path):

@@ -122,3 +122,17 @@ def test_load_rejects_foreign_documents(tmp_path):
     path.write_text(json.dumps(newer))
     with pytest.raises(PlanError, match="upgrade fkv-compile"):
         HeadPlan.load(path)
+
+
+def test_shards_are_the_contiguous_head_slices_of_every_layer_and_bad_splits_are_clear_errors():
+    plan = HeadPlan.from_roles([["static", "dynamic", "dense", "dynamic"], ["dynamic", "static", "static", "dense"]],
+                               frame_tokens=24, chunk_frames=3, retention=0.5)
+    halves = [plan.shard(r, 2) for r in range(2)]
+    assert [h.roles for h in halves] == [(("static", "dynamic"), ("dynamic", "static")),
+                                         (("dense", "dynamic"), ("static", "dense"))]
+    assert all(h.dynamic == plan.dynamic and h.frame_tokens == 24 for h in halves)
+    assert plan.shard(0, 1) == plan
+    for rank, world, match in ((0, 3, "4 heads do not split evenly over 3 ranks"), (2, 2, "rank expected in"),
+                               (0, 0, "rank expected in"), (0, True, "world_size expected an int")):
+        with pytest.raises(PlanError, match=match):
+            plan.shard(rank, world)

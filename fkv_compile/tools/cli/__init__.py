@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--video-frames", type=int, help="frames per video (default: the window)")
     s.add_argument("--head-dim", type=int, default=128)
     s.add_argument("--dtype-bytes", type=int, default=2)
+    s.add_argument("--ranks", type=int, help="also the kept tokens per rank when heads are split over this many ranks")
     s.add_argument("--png")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan_show)

@@ -56,6 +56,24 @@ def _show_rows(plan: HeadPlan, window_frames: int, video_frames: int, head_dim: 
     return rows
 
 
+def _rank_rows(plan: HeadPlan, world_size: int, window_frames: int) -> tuple[list[dict[str, Any]], float]:
+    """Kept tokens per rank under head parallelism (``plan.shard``), and the imbalance the per-layer all-to-all
+    makes visible: every layer waits for its slowest rank, so the time goes as the sum over layers of the largest
+    rank's kept tokens, against the sum of the means."""
+    try:
+        shards = [plan.shard(r, world_size) for r in range(world_size)]
+    except PlanError as exc:
+        raise CliError(f"--ranks {world_size}: {exc}") from None
+    per_layer = [[sum(kept_token_count(s, role, window_frames) for role in s.roles[layer]) for s in shards]
+                 for layer in range(plan.num_layers)]
+    rows = [{"rank": r, "heads": f"{r * shards[0].num_heads}-{(r + 1) * shards[0].num_heads - 1}",
+             "static": s.count("static"), "dynamic": s.count("dynamic"), "dense": s.count(DENSE),
+             "kept_tokens": sum(layer[r] for layer in per_layer)} for r, s in enumerate(shards)]
+    slowest = sum(max(layer) for layer in per_layer)
+    mean = sum(sum(layer) / world_size for layer in per_layer)
+    return rows, slowest / mean
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f}"
 
@@ -86,8 +104,16 @@ def cmd_plan_show(args: argparse.Namespace) -> int:
         f"({totals['bytes_per_chunk'] / totals['dense_bytes_per_chunk']:.3f}), {_mib(totals['bytes_per_video'])} of "
         f"{_mib(totals['dense_bytes_per_video'])} MiB per video"
     )
-    emit(args, {"plan": str(args.plan), "window_frames": args.window_frames, "layers": rows, "totals": totals},
-          "\n".join(lines))
+    data = {"plan": str(args.plan), "window_frames": args.window_frames, "layers": rows, "totals": totals}
+    if args.ranks:
+        ranks, imbalance = _rank_rows(plan, args.ranks, args.window_frames)
+        data.update(ranks=ranks, imbalance=imbalance)
+        lines.append(f"head parallelism over {args.ranks} ranks (kept key tokens per chunk at the window, all layers):")
+        lines += [f"  rank {r['rank']}: heads {r['heads']:<7} {r['static']:>4} static {r['dynamic']:>4} dynamic "
+                  f"{r['dense']:>3} dense  {r['kept_tokens']:>12,.0f} tokens" for r in ranks]
+        lines.append(f"  imbalance {imbalance:.3f}: every layer waits for its slowest rank (sum of per-layer maxima over "
+                     "the sum of per-layer means)")
+    emit(args, data, "\n".join(lines))
     return 0
 
 
