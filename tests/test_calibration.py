@@ -110,10 +110,10 @@ def test_geometry_that_cannot_be_inferred_is_a_clear_error_naming_the_two_option
     model.patch_embedding = _FunctionalPatches(model.patch_embedding)
     with pytest.raises(Exception, match="pass options frame_tokens .* and chunk_frames"):
         rollout(_calibrating(model), cfg, inputs)
-    options = {"frame_tokens": cfg.frame_tokens, "chunk_frames": cfg.chunk_frames}
+    options = {"frame_tokens": cfg.frame_tokens, "chunk_frames": cfg.chunk_frames, "calibration": {"chunks": 3}}
     compiled = _calibrating(model, **options)
+    inputs.noise = inputs.noise[:4]  # the plan is made as the fourth chunk starts
     rollout(compiled, cfg, inputs)
-    rollout(compiled, cfg, make_inputs(cfg, chunks=1, seed=1))
     assert plan_of(compiled).frame_tokens == cfg.frame_tokens and "the options" in plan_of(compiled).provenance["geometry"]
 
 
