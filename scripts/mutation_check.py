@@ -114,7 +114,7 @@ MUTATIONS = (
              ("tests/test_calibration.py::test_no_options_first_video_is_dense_then_the_calibrated_plan_matches_its_oracle"
               "[windowed-sink]",)),
     Mutation("ops: compact adopts nothing at a mid-video switch", "ops.py",
-             "    if store.chunk is None and write_start > window_start and cache_k.untyped_storage().nbytes():",
+             "    if store.chunk is None and write[0] > window[0] and cache_k.untyped_storage().nbytes():",
              "    if False:",
              ("tests/test_calibration.py::test_a_chunk_count_ends_calibration_within_the_video",)),
     Mutation("ops: a grown cache's window is only its new chunk", "ops.py",
