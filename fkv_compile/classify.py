@@ -38,6 +38,7 @@ class MassRecord:
     def frames(self) -> int:
         return self.mass.shape[1]
 
+
 @dataclass(frozen=True)
 class ProfileSettings:
     """How scores become roles; recorded in the plan's provenance."""
@@ -69,7 +70,6 @@ class ProfileSettings:
             "static_budget": self.static_budget,
             "forced": {str(k): v for k, v in self.forced.items()},
         }
-
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,14 @@ def _choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
         raise OptionsError(f"option {option} expected one of {choices}, got {value!r}")
 
 
+def _check_geometry(values: Mapping[str, Any]) -> None:
+    """The geometry options in ``values`` are positive ints where given."""
+    for name in GEOMETRY_OPTIONS:
+        value = values.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise OptionsError(f"option {name} expected a positive int, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Calibration:
     """How a model compiled without a plan makes its own (option ``calibration``, a mapping of these fields).
@@ -87,16 +95,10 @@ class Calibration:
     def __post_init__(self) -> None:
         if self.chunks is not None and (isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1):
             raise OptionsError(f"option calibration: chunks expected a positive int or None, got {self.chunks!r}")
-        try:
-            self.plan_for([[DYNAMIC]], frame_tokens=1 << 20, chunk_frames=1)  # geometry-free checks
+        try:  # the role parameters' own checks, on a plan of any geometry
+            HeadPlan.from_roles([[DYNAMIC]], frame_tokens=1 << 20, chunk_frames=1, **dict(self.roles))
         except (PlanError, TypeError) as exc:
             raise OptionsError(f"option calibration: roles: {exc}") from None
-
-    def plan_for(self, roles: list[list[str]], *, frame_tokens: int, chunk_frames: int,
-                 provenance: Mapping[str, Any] | None = None) -> HeadPlan:
-        """A plan with ``roles`` and this calibration's role parameters."""
-        return HeadPlan.from_roles(roles, frame_tokens=frame_tokens, chunk_frames=chunk_frames, provenance=provenance,
-                                   **dict(self.roles))
 
     @classmethod
     def from_mapping(cls, value: Any) -> Calibration:
@@ -191,10 +193,7 @@ class Config:
         _choice("kernels", self.kernels, KERNELS)
         if not isinstance(self.calibration, Calibration):
             raise OptionsError(f"option calibration expected a mapping, got {type(self.calibration).__name__}")
-        for name in GEOMETRY_OPTIONS:
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise OptionsError(f"option {name} expected a positive int, got {value!r}")
+        _check_geometry({name: getattr(self, name) for name in GEOMETRY_OPTIONS})
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> Config:
@@ -207,10 +206,7 @@ class Config:
         if unknown:
             raise OptionsError(f"backend 'forcing_kv' got unknown options {unknown}; expected some of {names}")
         values = dict(options)
-        for name in GEOMETRY_OPTIONS:
-            value = values.get(name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise OptionsError(f"option {name} expected a positive int, got {value!r}")
+        _check_geometry(values)  # before the plan is set to this geometry
         geometry = {name: values[name] for name in GEOMETRY_OPTIONS if values.get(name) is not None}
         plan = values.get("plan", AUTO_PLAN)
         if isinstance(plan, str) and plan != AUTO_PLAN and is_bundled_name(plan) and not os.path.exists(plan):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -89,12 +88,11 @@ class Calibrator:
     def active(self) -> bool:
         return self.switched is None
 
-    def observe_patches(self, shapes: Iterable[tuple[int, ...]], source: str) -> None:
-        """Patch-embedding outputs ``[B, C, F, h, w]`` seen at run time (the hooks of the compiled model)."""
-        for shape in shapes:
-            candidate = Geometry.of_patches(shape, source)
-            if candidate not in self.patches:
-                self.patches.append(candidate)
+    def observe_patch(self, shape: tuple[int, ...], source: str) -> None:
+        """A patch-embedding output ``[B, C, F, h, w]`` seen at run time (a hook on the compiled model)."""
+        candidate = Geometry.of_patches(shape, source)
+        if candidate not in self.patches:
+            self.patches.append(candidate)
 
     def _resolve(self, lq: int, lk: int, layers_known: bool) -> Geometry | None:
         if self.geometry is None:

@@ -78,14 +78,17 @@ def _count_compile(gm: fx.GraphModule, session: Session, graph_id: int) -> None:
     warnings.warn(message, RecompileLimitWarning, stacklevel=2)
 
 
-def _site_heads(site: AttentionSite) -> object:
-    return site.q.meta["example_value"].shape[1 if site.layout == "bhld" else 2]
+def _traced_shape(site: AttentionSite) -> tuple[object, object, object]:
+    """Heads, query tokens and key tokens the site's attention was traced with (ints, or symbols when dynamic)."""
+    heads, tokens = (1, 2) if site.layout == "bhld" else (2, 1)
+    q, k = site.q.meta["example_value"].shape, site.k.meta["example_value"].shape
+    return q[heads], q[tokens], k[tokens]
 
 
 def _check_plan_fits(site: AttentionSite, session: Session) -> None:
     """Heads and frame geometry of the plan against the shapes traced at this site (static sizes only)."""
     plan = session.plan
-    heads = _site_heads(site)
+    heads = _traced_shape(site)[0]
     where = f"the attention at {site.node.name} (keys from {site.k_window.source})"
     if isinstance(heads, int) and heads != plan.num_heads:
         raise PlanError(f"plan does not match the model: num_heads: plan has {plan.num_heads}, {where} has {heads}")
@@ -155,15 +158,9 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, session: Session, graph_id
     log.info("graph %d: %s over %s: %s %s", graph_id, site.node.name, record.cache, record.action, record.reason)
 
 
-def _site_tokens(site: AttentionSite) -> tuple[object, object]:
-    """Query and key tokens the site's attention was traced with (ints, or symbols when dynamic)."""
-    dim = 2 if site.layout == "bhld" else 1
-    return site.q.meta["example_value"].shape[dim], site.k.meta["example_value"].shape[dim]
-
-
 def _fitting(found: list[Geometry], sites: list[AttentionSite]) -> list[Geometry]:
     """The patch geometries that fit every site traced with static token counts (``Lq = F h w``)."""
-    shapes = [(lq, lk) for lq, lk in map(_site_tokens, sites) if isinstance(lq, int) and isinstance(lk, int)]
+    shapes = [(lq, lk) for _, lq, lk in map(_traced_shape, sites) if isinstance(lq, int) and isinstance(lk, int)]
     return [g for g in found if all(g.fits(lq, lk) for lq, lk in shapes)]
 
 
@@ -182,7 +179,7 @@ def _adapt_bundled_plan(session: Session, traced: list[Geometry], sites: list[At
         log.info("forcing_kv: plan %r at %d tokens per frame, %d frames per chunk, from %s", config.plan_name,
                  g.frame_tokens, g.chunk_frames, g.source)
     elif (not _fitting([native], sites) and model is not None and not traced
-          and all(_site_heads(site) == config.plan.num_heads for site in sites)):  # else the check names the heads
+          and all(_traced_shape(site)[0] == config.plan.num_heads for site in sites)):  # else the check names the heads
         session.plan, session.num_layers = None, None  # the layer count is learned as in calibration, then checked
         session.calibrator = Calibrator(config.calibration, None, template=config.plan)
         hooked = watch_patch_embeddings(model, session.calibrator)
@@ -204,7 +201,7 @@ def _start_calibration(session: Session, traced: list[Geometry], sites: list[Att
     if config.frame_tokens is not None:
         geometry = Geometry(config.frame_tokens, config.chunk_frames, "the options")
         if not _fitting([geometry], sites):
-            lq, lk = _site_tokens(sites[0])
+            _, lq, lk = _traced_shape(sites[0])
             raise GeometryError(f"options frame_tokens={config.frame_tokens}, chunk_frames={config.chunk_frames} do "
                                 f"not fit the attention at {sites[0].node.name} ({lq} query, {lk} key tokens)")
     else:

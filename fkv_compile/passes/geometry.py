@@ -57,7 +57,7 @@ def watch_patch_embeddings(model: nn.Module, calibrator: Calibrator) -> int:
             calibrator = target()
             if calibrator is not None and isinstance(out, torch.Tensor) and out.dim() == 5:
                 label = name or type(model).__name__
-                calibrator.observe_patches([tuple(out.shape)], f"the patch embedding {label} (Conv3d)")
+                calibrator.observe_patch(tuple(out.shape), f"the patch embedding {label} (Conv3d)")
             handles[name].remove()
 
         return hook

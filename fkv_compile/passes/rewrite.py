@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
-
-import operator
 
 import torch.fx as fx
 from torch._dynamo.utils import counters
