@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from .config import Config, OptionsError
 from .modes.state import Session, compiling_module, open_session
-from .passes import run_passes
+from .passes import elide_clones, run_passes
 
 __all__ = ["forcing_kv", "OptionsError"]
 
@@ -49,5 +49,11 @@ def forcing_kv(
         raise OptionsError("the options of a compiled model were changed after its first compile; compile it anew")
     compiled = compiling_module()
     session.belong_to(compiled)
-    run_passes(gm, session, compiled._orig_mod if compiled is not None else None)
-    return session.owns(_lower(gm, example_inputs, config.lowering, mode))
+    graph_id = session.graphs
+    clones = run_passes(gm, session, compiled._orig_mod if compiled is not None else None)
+    lowered = _lower(gm, example_inputs, config.lowering, mode)
+    if clones:  # LongLive's per-layer clone of the cache: a second lowering returns the cache itself
+        elided = _lower(elide_clones(gm, clones), example_inputs, config.lowering, mode)
+        lowered = session.deferred.dispatch(graph_id, [c.name for c in clones],
+                                            [c.output for c in clones], lowered, elided)
+    return session.owns(lowered)

@@ -167,6 +167,10 @@ class Config:
     strict:
         Raise on an attention over a KV cache the pass cannot rewrite, and when a compiled frame
         reaches dynamo's recompile limit, instead of leaving attention dense.
+    kv_recache:
+        ``compact`` on LongLive's ``cat(sink, window)`` attention: keep the model's attention sink whole
+        for every head (default ``True``), so that a KV-recache after a prompt switch is served
+        exactly; ``False`` saves those bytes and a KV-recache raises a ``StoreError``.
     kernels:
         ``auto`` (Triton on CUDA, torch on CPU), ``torch``, or ``triton`` (on CPU through the
         interpreter); the default is ``$FKV_KERNELS`` or ``auto``.
@@ -180,6 +184,7 @@ class Config:
     mode: str = "select"
     lowering: str = "inductor"
     strict: bool = False
+    kv_recache: bool = True
     kernels: str = dataclasses.field(default_factory=default_kernels)
 
     def __post_init__(self) -> None:
@@ -188,8 +193,9 @@ class Config:
                                f"{type(self.plan).__name__}; pass a HeadPlan or the path of one saved with HeadPlan.save")
         _choice("mode", self.mode, MODES)
         _choice("lowering", self.lowering, LOWERINGS)
-        if not isinstance(self.strict, bool):
-            raise OptionsError(f"option strict expected a bool, got {self.strict!r}")
+        for name in ("strict", "kv_recache"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionsError(f"option {name} expected a bool, got {getattr(self, name)!r}")
         _choice("kernels", self.kernels, KERNELS)
         if not isinstance(self.calibration, Calibration):
             raise OptionsError(f"option calibration expected a mapping, got {type(self.calibration).__name__}")
@@ -222,7 +228,7 @@ class Config:
         plan = self.plan_name or (None if self.plan is None else self.plan.to_dict())
         return {"type": CONFIG_TYPE, "plan": plan, "frame_tokens": self.frame_tokens, "chunk_frames": self.chunk_frames,
                 "calibration": self.calibration.to_dict(), "mode": self.mode, "lowering": self.lowering,
-                "strict": self.strict, "kernels": self.kernels}
+                "strict": self.strict, "kv_recache": self.kv_recache, "kernels": self.kernels}
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> Config:

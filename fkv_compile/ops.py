@@ -24,6 +24,7 @@ from .modes import state
 from .modes.grad import attention_grads
 from .modes.profile import record_call
 from .modes.select import compressed_attention
+from .modes.store import StoreError
 
 __all__ = ["select_attention", "oracle_attention", "profile_attention"]
 
@@ -163,20 +164,30 @@ def store_attention(
     write_end: int,
     window_start: int,
     window_end: int,
+    protected: int,
     session: int,
     site: int,
     scale: float | None = None,
 ) -> torch.Tensor:
     """``compact``: the cache write ``cache[:, write_start:write_end] = k_new`` and the attention of ``q``
-    over ``cache[:, window_start:window_end]``, served by the layer's compact store.
+    over ``cache[:, window_start:window_end]`` (after the sink ``cache[:, :protected]`` if ``protected``:
+    LongLive's cat-window), served by the layer's compact store.
 
     No mutation is declared: a declared one would make AOT functionalization clone the cache and
     copy it back, touching the released buffers. Order and liveness come from data instead: the
     output is used, and ``after`` holds the tokens of the rolls that must run first.
-    ``cache_k``/``cache_v`` are only released (storage resized to 0) on first use.
+    ``cache_k``/``cache_v`` are only released (storage resized to 0) on first use, unless they are
+    deferred clones (:mod:`fkv_compile.modes.deferred`) whose pipeline still copies them back.
     """
     s = state.session(session)
     layer = s.layer_of(site, layer_key)
+    if protected and window_start != protected:
+        raise StoreError(
+            f"fkv compact (site {site}, layer {layer}): the attention reads the sink [0, {protected}) and the window "
+            f"[{window_start}, {window_end}), which does not follow it; compact serves cat(sink, window) only as one "
+            "window (a cache as long as the attention window, as LongLive's); compile with mode='select'")
+    if protected:
+        window_start = 0
     if s.plan is None:  # calibrating: the pipeline's own write into its dense cache, then the dense window
         for cache, new in ((cache_k, k_new), (cache_v, v_new)):
             cache[:, write_start:write_end] = new
@@ -184,20 +195,21 @@ def store_attention(
         if s.calibrating(layer, q, k, scale):
             return _dense(s, site, layer, q, k, v, scale).contiguous()
     out = _serve(s, site, layer, q, k_new, v_new, cache_k, cache_v, (write_start, write_end), (window_start, window_end),
-                 scale)
-    s.release(layer, cache_k, cache_v)
+                 scale, protected)
+    if not s.deferred.claim(cache_k, cache_v):
+        s.release(layer, cache_k, cache_v)
     return out
 
 
 def _serve(s: state.Session, site: int, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
            cache_k: torch.Tensor, cache_v: torch.Tensor, write: tuple[int, int], window: tuple[int, int],
-           scale: float | None) -> torch.Tensor:
+           scale: float | None, protected: int = 0) -> torch.Tensor:
     """The store's side of a compact call: the chunk's write, then the attention over ``window``."""
     store = s.store(layer, q.device)
     if store.chunk is None and write[0] > window[0] and cache_k.untyped_storage().nbytes():
         # calibration ended within a video: the store starts from the dense window's history
         store.adopt(cache_k[:, window[0]:write[0]], cache_v[:, window[0]:write[0]], window[0])
-    store.write(k_new, v_new, *write, window)
+    store.write(k_new, v_new, *write, window, protected)
     out = store.attention(q, window, scale)
     mask = store.kept_mask(q.shape[1])
     s.record(site, layer, tuple(mask.sum(-1).float().mean(0).tolist()), window[1] - window[0], True)
@@ -205,8 +217,8 @@ def _serve(s: state.Session, site: int, layer: int, q: torch.Tensor, k_new: torc
 
 
 @store_attention.register_fake
-def _(q, k_new, v_new, cache_k, cache_v, layer_key, after, write_start, write_end, window_start, window_end, session,
-      site, scale=None):
+def _(q, k_new, v_new, cache_k, cache_v, layer_key, after, write_start, write_end, window_start, window_end, protected,
+      session, site, scale=None):
     return _fake_attention(q, v_new)
 
 

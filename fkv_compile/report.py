@@ -43,6 +43,7 @@ class Report:
     memory: MemoryReport | None = None  # compact mode: KV bytes dense vs compact
     frames: tuple[FrameRecord, ...] = ()  # code objects compiled, in order of first compile
     calibration: str = ""  # compiled without a plan: the calibration's state, else empty
+    deferred: str = ""  # compact on LongLive's clone-and-defer caches: what became of the clones, else empty
 
     @property
     def recompiles(self) -> int:
@@ -60,6 +61,8 @@ class Report:
                  f"{len(self.sites)} attention calls"]
         if self.calibration:
             lines.append(f"calibration: {self.calibration}")
+        if self.deferred:
+            lines.append(f"deferred cache clones: {self.deferred}")
         for f in self.frames:
             if f.at_limit:
                 lines.append(f"WARNING: {f.function} hit torch._dynamo.config.recompile_limit ({f.compiles} compiles): "
@@ -98,6 +101,7 @@ class MemoryRow:
     compact_bytes: int
     dense_bytes_per_head: float
     compact_bytes_per_head: tuple[float, ...]
+    reserve_bytes: int = 0  # of compact_bytes: the model's sink frames held only for a KV-recache
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,10 @@ class MemoryReport:
         return sum(r.compact_bytes for r in self.rows)
 
     @property
+    def reserve_bytes(self) -> int:
+        return sum(r.reserve_bytes for r in self.rows)
+
+    @property
     def saved_fraction(self) -> float:
         return 1.0 - self.compact_bytes / self.dense_bytes if self.dense_bytes else 0.0
 
@@ -123,6 +131,9 @@ class MemoryReport:
             lines.append(f"{r.layer:>5} {r.dense_bytes:>15,} {r.compact_bytes:>17,} {heads:>30}")
         lines.append(f"total: {self.dense_bytes:,} dense -> {self.compact_bytes:,} compact bytes "
                      f"({100 * self.saved_fraction:.1f}% less)")
+        if self.reserve_bytes:
+            lines.append(f"of which {self.reserve_bytes:,} bytes hold the model's sink frames the keep rule drops, for "
+                         "a KV-recache after a prompt switch (options kv_recache=False frees them)")
         return "\n".join(lines)
 
 
@@ -134,7 +145,8 @@ def _memory(session: Session) -> MemoryReport:
         dense = session.dense_bytes.get(layer, 0)
         rows.append(MemoryRow(layer=layer, dense_bytes=dense, compact_bytes=store.nbytes(),
                               dense_bytes_per_head=dense / session.plan.num_heads,
-                              compact_bytes_per_head=tuple(per_head[h] for h in sorted(per_head))))
+                              compact_bytes_per_head=tuple(per_head[h] for h in sorted(per_head)),
+                              reserve_bytes=store.reserve_nbytes()))
     return MemoryReport(rows=tuple(rows))
 
 
@@ -194,7 +206,8 @@ def report(compiled: Any, *, print_table: bool = True, file: TextIO | None = Non
     rows = tuple(_layer_row(session, session.layers[i]) for i in sorted(session.layers))
     memory = _memory(session) if session.stores else None
     result = Report(mode=session.config.mode, graphs=session.graphs, sites=tuple(session.sites), layers=rows, memory=memory,
-                    frames=tuple(session.frames.values()), calibration=_calibration(session))
+                    frames=tuple(session.frames.values()), calibration=_calibration(session),
+                    deferred=session.deferred.summary())
     if print_table:
         print(result.table(), file=file or sys.stdout)
     return result

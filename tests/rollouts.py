@@ -98,10 +98,10 @@ def record_store_calls(monkeypatch) -> list[Call]:
             k = shadows[id(store)] = grown
         return k
 
-    def recording_write(store, k, v, start, end, window):
+    def recording_write(store, k, v, start, end, window, protected=0):
         for buffer, new in zip(shadow_of(store, k, end), (k, v)):
             buffer[:, start:end] = new.double()
-        return write(store, k, v, start, end, window)
+        return write(store, k, v, start, end, window, protected)
 
     def recording_roll(store, dst, src, length):
         for buffer in shadows[id(store)]:

@@ -161,18 +161,6 @@ def test_compact_owns_a_cat_grown_cache_and_releases_the_grown_tensors(attention
     assert memory.dense_bytes == 2 * 2 * tokens * cfg.dim * 4 and 0 < memory.compact_bytes < memory.dense_bytes / 2
 
 
-def test_compact_falls_back_to_select_on_longlive_v1_and_says_why(windowed_reference):
-    model, inputs, plan, ref, budget = windowed_reference
-    cfg = MiniConfig(num_layers=2, window_frames=12, sink_frames=3, cache_style="longlive")
-    m = build(cfg, seed=0)
-    m.load_state_dict(model.state_dict())
-    compiled = torch.compile(m, backend="forcing_kv", options={"plan": plan, "mode": "compact", "lowering": "aot_eager"})
-    assert_within_budget(rollout(compiled, cfg, inputs), ref, budget, "compact fallback")
-    reasons = {s.reason for s in fkv_compile.report(compiled, print_table=False).sites if s.action == "select"}
-    assert reasons == {"compact fell back to select: NYI: compact for cat-window caches (the pipeline copies its "
-                       "per-layer clone back into the cache after all layers)"}
-
-
 # -- the hand-written attention matcher, form by form --------------------------------------------------------
 
 class Attention(torch.nn.Module):

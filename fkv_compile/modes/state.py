@@ -30,6 +30,7 @@ import torch
 from ..config import Choice, Config
 from ..plan import HeadPlan, PlanError
 from .calibration import Calibrator, Geometry
+from .deferred import DeferredClones
 from .dispatch import Kernels, kernels_for
 from .store import LayerStore
 
@@ -106,6 +107,7 @@ class Session:
         self.profile_records: list = []  # fkv_compile.modes.profile.MassRecord, in call order (mode "profile")
         self.stores: dict[int, LayerStore] = {}  # mode "compact"
         self.dense_bytes: dict[int, int] = {}  # per layer: K + V bytes of the dense buffers released
+        self.deferred = DeferredClones()  # LongLive's clone-and-defer caches (mode "compact")
         self.owned = False  # by a compiled module (else by the compiled functions)
         self._bindings: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
@@ -178,7 +180,7 @@ class Session:
 
     def store(self, layer: int, device: torch.device) -> LayerStore:
         if layer not in self.stores:
-            self.stores[layer] = LayerStore(self.plan, layer, self.kernels(device))
+            self.stores[layer] = LayerStore(self.plan, layer, self.kernels(device), self.config.kv_recache)
         return self.stores[layer]
 
     def release(self, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:

@@ -14,7 +14,13 @@ Life cycle, driven by the rewritten ops:
   the previous chunk becomes history, and for the window the upcoming calls read, the store keeps
   the sink and recent frames and selects the dynamic segments (lowest similarity, per batch item),
   dropping everything else. A write at position 0 starts a new video (reset);
-- ``attention(q, window)``: each head group attends over what it holds.
+- ``attention(q, window)``: each head group attends over what it holds;
+- a write *before* the current chunk rewinds: the pipeline recomputes its cache from there on
+  (LongLive's KV-recache after a prompt switch), keeping the model's attention sink ``[0, S)`` as
+  it was. The store then starts over from that sink as if it were the video's first chunk, which it
+  can only do if it held the sink whole for every head: with ``keep_protected`` (the default) it
+  keeps, per head group, the sink frames the keep rule would drop in a *reserve* that attention
+  never reads (costs ``S`` minus the plan's sink frames per static and dynamic head).
 
 Exactness: the candidates of the next window lie in the recent ring or the chunk being committed
 as long as ``candidate_frames <= chunk_frames`` and ``recent_frames >= 1`` for dynamic heads
@@ -43,7 +49,8 @@ class StoreError(RuntimeError):
 
 
 RECOMPUTE_HINT = ("; a pipeline that recomputes earlier cache positions (LongLive's KV-recache after a prompt "
-                  "switch) needs tokens compact has dropped: use mode='select' for it")
+                  "switch) needs tokens compact has dropped: compact serves it only for LongLive's cat(sink, window) "
+                  "attention with options kv_recache=True (the default); use mode='select' for other patterns")
 
 
 @dataclass
@@ -105,6 +112,7 @@ class _GroupStore:
         self.role, self.heads, self.params = role, heads, params
         self.held: _Held | None = None
         self.chunk_tokens = 0  # the current chunk is the last chunk_tokens of held
+        self.reserve: _Held | None = None  # protected sink tokens the keep rule dropped, kept for a rewind
 
     def history(self) -> _Held | None:
         if self.held is None:
@@ -132,7 +140,7 @@ class _GroupStore:
         self.held, self.chunk_tokens = history, 0
 
     def nbytes(self) -> int:
-        return self.held.nbytes() if self.held is not None else 0
+        return sum(h.nbytes() for h in (self.held, self.reserve) if h is not None)
 
 
 def compact_unsupported(plan: HeadPlan) -> str | None:
@@ -159,7 +167,7 @@ def compact_unsupported(plan: HeadPlan) -> str | None:
 class LayerStore:
     """The compact KV of one layer (all head groups), driven by ``write``/``roll``/``attention``."""
 
-    def __init__(self, plan: HeadPlan, layer: int, kernels: Kernels = TORCH):
+    def __init__(self, plan: HeadPlan, layer: int, kernels: Kernels = TORCH, keep_protected: bool = True):
         reason = compact_unsupported(plan)
         if reason:
             raise StoreError(reason)
@@ -173,11 +181,13 @@ class LayerStore:
         self.chunk: tuple[int, int] | None = None  # cache token range of the current chunk
         self.window: tuple[int, int] | None = None
         self.rolled = False
+        self.keep_protected = keep_protected
+        self.protected = 0  # the model's attention sink [0, protected), read in front of every window
 
     # -- driving ---------------------------------------------------------------------------------
     def reset(self) -> None:
         for g in self.groups:
-            g.held, g.chunk_tokens = None, 0
+            g.held, g.chunk_tokens, g.reserve = None, 0, None
         self.chunk = self.window = None
         self.rolled = False
 
@@ -195,13 +205,18 @@ class LayerStore:
             held.pos = torch.where(moved, held.pos - shift, torch.where(evicted, -2, held.pos))
         self.rolled = True  # the pipeline rolls only for a new chunk, possibly at the same slots as the last
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, start: int, end: int, window: tuple[int, int]) -> None:
-        """Store the chunk ``k``, ``v`` ``[B, L, H, D]`` written at cache tokens ``[start, end)``."""
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: int, end: int, window: tuple[int, int],
+              protected: int = 0) -> None:
+        """Store the chunk ``k``, ``v`` ``[B, L, H, D]`` written at cache tokens ``[start, end)``; ``protected``:
+        the model's attention sink ``[0, protected)`` read in front of the window (LongLive), else 0."""
+        self.protected = protected
         if start == 0 and self.chunk is not None and self.chunk[0] != 0:
             self.reset()  # the pipeline went back to the start of the cache: a new video
-        if self.chunk is not None and 0 < start < self.chunk[0] and not self.rolled:
-            raise StoreError(f"compact store: a write at cache token {start}, before the current chunk at "
-                             f"{self.chunk[0]}{RECOMPUTE_HINT}")
+        if self.chunk is not None and 0 < start and (start < self.chunk[0] or start == end) and not self.rolled:
+            self._rewind(start)  # an empty write: a recomputed chunk inside the protected sink
+        if start == end:  # a recomputation's first chunk lies in the protected sink: nothing is written
+            self.window = window
+            return
         again = self.chunk is not None and not self.rolled and (start, end) == self.chunk
         if self.chunk is not None and not again:
             self._commit(window)
@@ -218,6 +233,28 @@ class LayerStore:
         if self.chunk is not None:
             raise StoreError("compact store: only an unused store can adopt the dense history")
         self._put(k, v, start, again=False)
+
+    def _rewind(self, start: int) -> None:
+        """The pipeline recomputes its cache from ``start`` on and keeps ``[0, start)``: start over from there."""
+        f = self.plan.frame_tokens
+        if not self.keep_protected or start > self.protected or start % f:
+            if not self.protected:
+                reason = "the attention reads no protected sink in front of its window to start over from"
+            elif start > self.protected or start % f:
+                reason = f"the kept prefix [0, {start}) is not the model's attention sink [0, {self.protected})"
+            else:
+                reason = "options kv_recache=False dropped the sink frames the keep rule does not keep"
+            raise StoreError(f"compact store: a write at cache token {start}, before the current chunk at "
+                             f"{self.chunk[0]}: {reason}{RECOMPUTE_HINT}")
+        frames = list(range(start // f))
+        prefixes = []
+        for g in self.groups:
+            parts = [h for h in (g.history(), g.reserve) if h is not None]
+            held = _cat(parts)
+            prefixes.append(_gather(held, _frame_index(held, frames, f).expand(held.pos.shape[0], -1), self.kernels))
+        for g, prefix in zip(self.groups, prefixes):
+            g.held, g.chunk_tokens = prefix, start
+        self.chunk, self.window, self.rolled = (0, start), None, False
 
     def _put(self, k: torch.Tensor, v: torch.Tensor, start: int, again: bool) -> None:
         end = start + k.shape[1]
@@ -241,11 +278,25 @@ class LayerStore:
                 g.set_history(_Held(old.k[:, :, keep], old.v[:, :, keep], old.pos[:, keep]))
                 continue
             p = g.params
-            fixed = _frame_index(old, [first + j for j in (*layout.sink(p), *layout.recent(p))], f)
+            sink = [first + j for j in layout.sink(p)]
+            fixed = _frame_index(old, sink + [first + j for j in layout.recent(p)], f)
             index = fixed.expand(old.pos.shape[0], -1)
             if g.role == DYNAMIC:
                 index = torch.cat([index, self._select(old, layout, first, p)], 1)
+            self._reserve(g, old, sink)
             g.set_history(_gather(old, index, self.kernels))
+
+    def _reserve(self, g: _GroupStore, old: _Held, sink: list[int]) -> None:
+        """Keep the protected sink frames in ``old`` the keep rule may drop (all but the window's ``sink``)."""
+        if not self.keep_protected or self.chunk[0] >= self.protected:  # the chunk committed is past the sink
+            return
+        f = self.plan.frame_tokens
+        reserved = set() if g.reserve is None else {int(p) // f for p in g.reserve.pos[0].tolist()}
+        present = {int(p) // f for p in old.pos[0].tolist() if 0 <= p < self.protected}
+        frames = sorted(present - reserved - set(sink))
+        if frames:
+            new = _gather(old, _frame_index(old, frames, f).expand(old.pos.shape[0], -1), self.kernels)
+            g.reserve = new if g.reserve is None else _cat([g.reserve, new])
 
     def _select(self, old: _Held, layout: WindowLayout, first: int, p: RoleParams) -> torch.Tensor:
         """Indices ``[B, T]`` into ``old`` of the selected segments' tokens (``-1``: padding of short
@@ -302,6 +353,10 @@ class LayerStore:
 
     def nbytes(self) -> int:
         return sum(g.nbytes() for g in self.groups)
+
+    def reserve_nbytes(self) -> int:
+        """Of :meth:`nbytes`: the protected sink frames held only for a rewind (KV-recache)."""
+        return sum(g.reserve.nbytes() for g in self.groups if g.reserve is not None)
 
     def nbytes_per_head(self) -> dict[int, float]:
         return {h: g.nbytes() / len(g.heads) for g in self.groups for h in g.heads}

@@ -35,12 +35,13 @@ from ..modes.store import compact_unsupported
 from ..plan import PlanError
 from .attention import AttentionSite, CachePattern, Declined, find_attention_sites
 from .compact import CacheAccesses, GrownAccesses, match_compact, match_grown
+from .deferred import DeferredClone, elide_clones, erase_self_copies, find_deferred_clones
 from .frames import current_frame, recompile_limit
 from .geometry import traced_patch_geometry, watch_patch_embeddings
 from .rewrite import lint_and_recompile, rewrite_compact, rewrite_grown, rewrite_site
 
 __all__ = ["SiteError", "RecompileLimitWarning", "GeometryError", "run_passes", "AttentionSite", "Declined",
-           "find_attention_sites"]
+           "find_attention_sites", "DeferredClone", "elide_clones"]
 
 log = logging.getLogger("fkv_compile")
 
@@ -108,16 +109,12 @@ def _check_plan_fits(site: AttentionSite, session: Session) -> None:
         plan.validate_geometry(window_frames=cache_tokens // plan.frame_tokens)
 
 
-_NOT_OWNED = {
-    CachePattern.CAT_WINDOW: "the pipeline copies its per-layer clone back into the cache after all layers",
-    CachePattern.WINDOW_INPUT: "the window is read in an earlier graph, where its cache stays dense",
-}
-
-
 def _compact_pattern(site: AttentionSite) -> str | None:
     """Why ``compact`` cannot own this site's cache by its pattern alone, or ``None``."""
-    pattern = site.k_window.pattern
-    return f"NYI: compact for {pattern} caches ({_NOT_OWNED[pattern]})" if pattern in _NOT_OWNED else None
+    if site.k_window.pattern is CachePattern.WINDOW_INPUT:
+        return (f"NYI: compact for {CachePattern.WINDOW_INPUT} caches (the window is read in an earlier graph, where "
+                "its cache stays dense)")
+    return None
 
 
 def _record_declined(declined: list[Declined], session: Session, graph_id: int) -> None:
@@ -220,9 +217,10 @@ def _start_calibration(session: Session, traced: list[Geometry], sites: list[Att
         session.calibrator.geometry = geometry
 
 
-def run_passes(gm: fx.GraphModule, session: Session, model: nn.Module | None = None) -> None:
+def run_passes(gm: fx.GraphModule, session: Session, model: nn.Module | None = None) -> list[DeferredClone]:
     """Find the attention sites of ``gm``, record them in ``session``, and rewrite them per its mode. ``model``:
-    the module being compiled (its patch embedding tells a plan-less model's geometry)."""
+    the module being compiled (its patch embedding tells a plan-less model's geometry). Returns, in ``compact``,
+    the deferred clones the graph returns (LongLive v1, :mod:`.deferred`): the backend lowers it twice."""
     graph_id = session.graphs
     session.graphs += 1
     _count_compile(gm, session, graph_id)
@@ -242,5 +240,8 @@ def run_passes(gm: fx.GraphModule, session: Session, model: nn.Module | None = N
     _record_declined(declined, session, graph_id)
     for site in sites:
         _rewrite(gm, site, session, graph_id)
-    if sites and session.config.mode != "off":
+    erased = erase_self_copies(gm) if session.config.mode == "compact" else 0
+    session.deferred.write_backs_erased += erased
+    if (sites and session.config.mode != "off") or erased:
         lint_and_recompile(gm)
+    return find_deferred_clones(gm) if session.config.mode == "compact" else []

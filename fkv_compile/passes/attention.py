@@ -31,7 +31,7 @@ from ..config import Choice
 from .manual_attention import ManualAttention, match_manual_attention
 from .varlen_attention import VarlenAttention, arguments, is_flatten, match_varlen_attention
 
-__all__ = ["AttentionSite", "CachePattern", "CacheWindow", "Declined", "NotAWindow", "Miss", "find_attention_sites",
+__all__ = ["AttentionSite", "CachePattern", "CacheWindow", "Declined", "NotAWindow", "Miss", "find_attention_sites", "source_name",
            "is_attention"]
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
@@ -123,7 +123,7 @@ def is_attention(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
 
 
-def _source_name(node: fx.Node) -> str:
+def source_name(node: fx.Node) -> str:
     grapharg = node.meta.get("grapharg")
     name = getattr(getattr(grapharg, "source", None), "name", None)
     if callable(name):  # a method in older torch releases, a property in newer ones
@@ -170,9 +170,9 @@ def _trace_cat(cat: fx.Node) -> CacheWindow | NotAWindow:
         return NotAWindow(Miss.OTHER, "keys/values are a concatenation whose first part is not a cache input or a "
                           "slice of one along the concatenated dim")
     if base in _inputs_under(new):
-        return NotAWindow(Miss.OTHER, f"the new tokens of the concatenation with cache {_source_name(base)} are read "
+        return NotAWindow(Miss.OTHER, f"the new tokens of the concatenation with cache {source_name(base)} are read "
                           "from the cache too")
-    return CacheWindow(cache=base, read=cat, source=_source_name(base), dim=dim, pattern=CachePattern.CAT_GROWTH)
+    return CacheWindow(cache=base, read=cat, source=source_name(base), dim=dim, pattern=CachePattern.CAT_GROWTH)
 
 
 def _window_of_base(example: object) -> int | None:
@@ -210,7 +210,7 @@ def _cat_of_slices(cat: fx.Node, first: fx.Node, second: fx.Node, dim: int) -> C
     base = _slice_base(first, dim)
     if base is None or _slice_base(second, dim) is not base:
         return None
-    return CacheWindow(cache=base, read=cat, source=_source_name(base), dim=dim, pattern=CachePattern.CAT_WINDOW)
+    return CacheWindow(cache=base, read=cat, source=source_name(base), dim=dim, pattern=CachePattern.CAT_WINDOW)
 
 
 def _trace_window(node: fx.Node) -> CacheWindow | NotAWindow:
@@ -224,7 +224,7 @@ def _trace_window(node: fx.Node) -> CacheWindow | NotAWindow:
     if current.op == "placeholder":
         dim = _window_of_base(current.meta.get("example_value"))
         if dim is not None:
-            return CacheWindow(cache=current, read=current, source=_source_name(current), dim=dim,
+            return CacheWindow(cache=current, read=current, source=source_name(current), dim=dim,
                                pattern=CachePattern.WINDOW_INPUT)
         return NotAWindow(Miss.WHOLE_INPUT, "keys/values are a whole graph input, not a window of a cache (e.g. "
                           "cross-attention)")
@@ -233,13 +233,13 @@ def _trace_window(node: fx.Node) -> CacheWindow | NotAWindow:
         if isinstance(base, fx.Node) and base.op == "placeholder":
             dim = sliced_dim(index)
             if dim is not None:
-                return CacheWindow(cache=base, read=current, source=_source_name(base), dim=dim)
-            return NotAWindow(Miss.OTHER, f"cache {_source_name(base)} is read with an index the pass does not "
+                return CacheWindow(cache=base, read=current, source=source_name(base), dim=dim)
+            return NotAWindow(Miss.OTHER, f"cache {source_name(base)} is read with an index the pass does not "
                               f"support: {index!r}")
     written = [p for p in _inputs_under(current) if _writes_into(p)]
     if written:
         return NotAWindow(Miss.ORDER_DEPENDENT, f"{ORDER_DEPENDENT}: keys/values are recomputed from cache "
-                          f"{_source_name(written[0])} at every call (e.g. re-rotated to window-relative positions), "
+                          f"{source_name(written[0])} at every call (e.g. re-rotated to window-relative positions), "
                           "so which tokens a head keeps depends on the call")
     return NotAWindow(Miss.OTHER, "keys/values are not read from a cache input")
 

@@ -5,7 +5,10 @@ Accepted accesses of the K and V cache inputs of one graph (Self Forcing's code 
 
 - exactly one write pair ``cache[:, s:e] = new`` (same bounds for K and V), before the attention;
 - any number of roll pairs ``cache[:, d:d+n] = cache[:, a:b].clone()``;
-- the window read pair ``cache[:, w0:w1]`` feeding the site's attention.
+- the window read pair ``cache[:, w0:w1]`` feeding the site's attention, or (LongLive v1's
+  cat-window) the pair ``cat([cache[:, :S], cache[:, w0:w1]], 1)``: the model's attention sink, then
+  the window after it. The sink must end where the window starts (checked at run time: the store
+  serves ``[0, w1)``); LongLive's cache is as long as its attention window, so it always does.
 
 Anything else leaves the site to ``select`` with the reason in the report. The write is moved to
 the attention (one fused op): legal because nothing but the rewritten ops touches the caches.
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from .attention import AttentionSite, is_view_like, sliced_dim
+from .attention import AttentionSite, CachePattern, CacheWindow, is_view_like, sliced_dim
 
 __all__ = ["CacheAccesses", "GrownAccesses", "RollPair", "match_compact", "match_grown"]
 
@@ -44,6 +47,7 @@ class CacheAccesses:
     end: object
     window: tuple[object, object]
     rolls: tuple[RollPair, ...]
+    protected: object = 0  # end of the sink read in front of the window (cat-window), else 0
 
 
 @dataclass(frozen=True)
@@ -93,10 +97,10 @@ def _feeds_only_rolls(read: fx.Node, cache: fx.Node) -> bool:
     return True
 
 
-def _classify(cache: fx.Node, read: fx.Node) -> tuple[list[fx.Node], list[tuple[fx.Node, slice, slice]]] | str:
+def _classify(cache: fx.Node, reads: tuple[fx.Node, ...]) -> tuple[list[fx.Node], list[tuple[fx.Node, slice, slice]]] | str:
     writes, rolls = [], []
     for user in cache.users:
-        if user is read:
+        if user in reads:
             continue
         if _is_setitem(user) and user.args[0] is cache:
             dst = _slice_of(user.args[1])
@@ -136,12 +140,30 @@ def _before(a: fx.Node, b: fx.Node) -> bool:
     return False
 
 
+def _window_reads(window: CacheWindow) -> tuple[fx.Node, ...] | str:
+    """The getitems of ``window.cache`` its read consists of: the window slice, or the sink and window
+    slices a cat-window concatenates (each used by the concatenation only)."""
+    if window.pattern is not CachePattern.CAT_WINDOW:
+        return (window.read,)
+    parts = window.read.args[0] if window.read.args else window.read.kwargs.get("tensors")
+    for part in parts:
+        if not (part.op == "call_function" and part.target is operator.getitem and part.args[0] is window.cache
+                and len(part.users) == 1):
+            return "NYI: compact for a cat-window whose slices are not read straight from the cache"
+    return tuple(parts)
+
+
 def match_compact(site: AttentionSite) -> CacheAccesses | str:
     """The accesses to rewrite, or why the site's caches cannot be owned by the store."""
     k_read, v_read = site.k_window.read, site.v_window.read
     if site.k_window.dim != 1 or site.v_window.dim != 1:
         return "NYI: compact needs caches laid out [B, L, H, D] (token dim 1)"
-    found = [_classify(site.k_window.cache, k_read), _classify(site.v_window.cache, v_read)]
+    reads = [_window_reads(site.k_window), _window_reads(site.v_window)]
+    for r in reads:
+        if isinstance(r, str):
+            return r
+    k_reads, v_reads = reads
+    found = [_classify(site.k_window.cache, k_reads), _classify(site.v_window.cache, v_reads)]
     for f in found:
         if isinstance(f, str):
             return f
@@ -161,18 +183,25 @@ def match_compact(site: AttentionSite) -> CacheAccesses | str:
             node = next(iter(node.users))
         if not node.users or any(user not in (site.node, *site.internal) for user in node.users):
             return "the window read has uses besides the attention"
-    window = _slice_of(k_read.args[1])
-    if window is None or not _same(window, _slice_of(v_read.args[1])):
+    windows = [tuple(_slice_of(r.args[1]) for r in rs) for rs in (k_reads, v_reads)]
+    if any(w is None for w in windows[0]) or not all(_same(a, b) for a, b in zip(*windows)):
         return "K and V windows differ"
+    window = windows[0][-1]
     if window.stop is None:
         return "NYI: a window read without an end bound"
+    protected = 0
+    if len(windows[0]) == 2:  # cat-window: the sink [0, S), then the window
+        sink = windows[0][0]
+        if sink.start not in (None, 0) or sink.stop is None:
+            return f"NYI: a cat-window whose first part is not the cache's first tokens: {sink!r}"
+        protected = sink.stop
     write = _slice_of(wk.args[1])
     rolls = tuple(
         RollPair(setitems=(rk[0], rv[0]), dst=rk[1].start, src=rk[2].start, src_end=rk[2].stop)
         for rk, rv in zip(k_rolls, v_rolls)
     )
     return CacheAccesses(writes=(wk, wv), k_new=wk.args[2], v_new=wv.args[2], start=write.start or 0, end=write.stop,
-                         window=(window.start or 0, window.stop), rolls=rolls)
+                         window=(window.start or 0, window.stop), rolls=rolls, protected=protected)
 
 
 def _feeds_only(node: fx.Node, site: AttentionSite) -> bool:

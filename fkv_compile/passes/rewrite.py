@@ -114,7 +114,7 @@ def rewrite_compact(gm: fx.GraphModule, site: AttentionSite, acc: CacheAccesses,
             _erase_dead_chain(gm, source)
     (q,) = _heads_major(gm, site, (site.q,))
     args = (q, acc.k_new, acc.v_new, k_cache, v_cache, site.layer_key, tokens, acc.start, acc.end, *acc.window,
-            session, site_id, site.scale)
+            acc.protected, session, site_id, site.scale)
     with gm.graph.inserting_before(site.node):
         new = gm.graph.call_function(OPS["compact"], args=args)
     _with_example(new, q, lambda qx: qx.new_empty((*qx.shape[:-1], _example(acc.v_new).shape[-1])))
