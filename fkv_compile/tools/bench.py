@@ -12,6 +12,9 @@ Two levels, on the Self Forcing-style miniature with random weights:
   warm one) and graphs compiled after the warm-up (recompiles). On CUDA the clock is CUDA events
   and FPS is reported as the papers define it: 4 x latent frames / diffusion time.
 
+At ``longlive-window`` the miniature runs LongLive v1's clone-and-defer cache, and the time of the
+per-layer clones of one chunk (which ``compact`` removes) is measured on its own.
+
 Geometries are real sizes scaled by ``side`` (latent height and width divided by it; tokens per
 frame by its square); the model is ``layers`` layers of 12 heads x 128 (Self Forcing's 30 layers
 at real size). The plan defaults to the reference Self Forcing plan's share of static heads
@@ -53,6 +56,7 @@ class BenchGeometry:
     sink_frames: int
     chunks: int
     note: str
+    cache_style: str = "slots"  # the miniature's cache pattern (fkv_compile.models.MiniConfig.cache_style)
 
     @property
     def frame_tokens(self) -> int:
@@ -62,7 +66,8 @@ class BenchGeometry:
 
 GEOMETRIES = {
     "self-forcing-5s": BenchGeometry((60, 104), None, 3, 7, "Self Forcing 480p, 5 s = 21 latent frames, global"),
-    "longlive-window": BenchGeometry((60, 104), 12, 3, 10, "LongLive 480p, 12-frame window with a 3-frame sink"),
+    "longlive-window": BenchGeometry((60, 104), 12, 3, 10, "LongLive v1 480p, 12-frame window with a 3-frame sink, "
+                                     "clone-and-defer cache", "longlive"),
     "1080p": BenchGeometry((136, 240), None, 3, 7, "1080p-like (8160 tokens per frame), 21 frames, global"),
     "tiny": BenchGeometry((8, 12), 12, 3, 5, "a test geometry (24 tokens per frame)"),
 }
@@ -90,7 +95,7 @@ class BenchSettings:
         dim = self.heads * self.head_dim
         return MiniConfig(dim=dim, num_heads=self.heads, num_layers=self.layers, ffn_dim=dim, latent_height=h,
                           latent_width=w, num_frames=3 * g.chunks, window_frames=g.window_frames,
-                          sink_frames=g.sink_frames)
+                          sink_frames=g.sink_frames, cache_style=g.cache_style)
 
     def head_plan(self, cfg) -> HeadPlan:
         if self.plan:
@@ -233,6 +238,22 @@ def call_level(s: BenchSettings) -> list[dict[str, Any]]:
     return rows
 
 
+def clone_seconds_per_chunk(s: BenchSettings) -> float:
+    """LongLive v1's per-layer clone of the dense K and V cache, over every layer and forward of one chunk:
+    the time ``compact`` removes (it serves the cache from the store and returns the cache itself)."""
+    from ..models import new_caches
+    from ..models.rollout import DENOISING_STEPS
+
+    cfg, device = s.config(), torch.device(s.device)
+    caches = new_caches(cfg, batch=1, dtype=getattr(torch, s.dtype), device=device)[0]
+    for c in caches:  # not zeros: the same work as on a filled cache, whatever the allocator does with zeros
+        for name in ("k", "v"):
+            c[name].normal_()
+    per_forward = median_seconds(lambda: [c[n].clone() for c in caches for n in ("k", "v")],
+                                 repeats=max(5, s.repeats), device=device)
+    return per_forward * (len(DENOISING_STEPS) + 1)
+
+
 def median_seconds(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1,
                    device: torch.device | str = "cpu") -> float:
     """Median time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (CUDA events on a GPU)."""
@@ -275,6 +296,8 @@ def run_bench(s: BenchSettings, out_dir: Path, modes: tuple[str, ...] = MODES, a
               "machine": {"device": torch.cuda.get_device_name() if s.device == "cuda" else "cpu",
                           "threads": torch.get_num_threads(), "torch": torch.__version__},
               "call": calls, "rollout": rollouts}
+    if g.cache_style == "longlive":
+        result["clone_s_per_chunk"] = clone_seconds_per_chunk(s)
     if "dense" in rollouts:
         result["ratios_vs_dense"] = {m: {"video_time": r["video_s"] / rollouts["dense"]["video_s"],
                                          "kv_bytes": r["kv_bytes"] / rollouts["dense"]["kv_bytes"],

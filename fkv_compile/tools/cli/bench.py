@@ -43,6 +43,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              + f"  attention {100 * r['attention_share']:4.1f}%  KV {r['kv_bytes'] / 2**20:8.1f} MiB"
                              + f"  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB  compile {r['compile_s']:6.1f} s"
                              + f"  recompiles {r['graphs_after_warmup']}  FPS {r['fps']:.2f}")
+            if "clone_s_per_chunk" in result:
+                lines.append(f"  LongLive's per-layer cache clones: {1e3 * result['clone_s_per_chunk']:.1f} ms per chunk in "
+                             "dense and select, none in compact")
     lines.append(f"wrote {args.out}/bench_<geometry>.json, .csv" + ("" if args.no_png else ", .png"))
     emit(args, results, "\n".join(lines))
     return 0
