@@ -51,9 +51,9 @@ def forcing_kv(
     session.belong_to(compiled)
     graph_id = session.graphs
     clones = run_passes(gm, session, compiled._orig_mod if compiled is not None else None)
+    elided = elide_clones(gm, clones) if clones else None  # copied before a lowering's passes touch gm
     lowered = _lower(gm, example_inputs, config.lowering, mode)
-    if clones:  # LongLive's per-layer clone of the cache: a second lowering returns the cache itself
-        elided = _lower(elide_clones(gm, clones), example_inputs, config.lowering, mode)
-        lowered = session.deferred.dispatch(graph_id, [c.name for c in clones],
-                                            [c.output for c in clones], lowered, elided)
+    if elided is not None:  # LongLive's per-layer clone of the cache: a second lowering returns the cache itself
+        lowered = session.deferred.dispatch(graph_id, [c.name for c in clones], [c.output for c in clones], lowered,
+                                            _lower(elided, example_inputs, config.lowering, mode))
     return session.owns(lowered)

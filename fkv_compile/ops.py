@@ -211,8 +211,7 @@ def _serve(s: state.Session, site: int, layer: int, q: torch.Tensor, k_new: torc
         store.adopt(cache_k[:, window[0]:write[0]], cache_v[:, window[0]:write[0]], window[0])
     store.write(k_new, v_new, *write, window, protected)
     out = store.attention(q, window, scale)
-    mask = store.kept_mask(q.shape[1])
-    s.record(site, layer, tuple(mask.sum(-1).float().mean(0).tolist()), window[1] - window[0], True)
+    s.record(site, layer, store.kept_counts(q.shape[1]), window[1] - window[0], True)
     return out
 
 

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+import torch
+
 from .modes.state import FrameRecord, LayerStats, Session, SiteRecord, session_for_options, session_of_compiled
 from .plan import DENSE, DYNAMIC, STATIC, HeadPlan
 
@@ -179,7 +181,8 @@ def is_released(t: Any) -> bool:
 def _layer_row(session: Session, stats: LayerStats) -> LayerRow:
     calibrating = session.plan is None
     roles = [DENSE] * len(stats.kept) if calibrating else session.plan.roles[stats.layer]
-    kept = sum(stats.kept) / len(stats.kept) if stats.kept else 0.0
+    kept_per_head = tuple(stats.kept.tolist()) if isinstance(stats.kept, torch.Tensor) else stats.kept
+    kept = sum(kept_per_head) / len(kept_per_head) if kept_per_head else 0.0
     return LayerRow(
         layer=stats.layer,
         sites=tuple(sorted(stats.sites)),

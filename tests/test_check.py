@@ -108,9 +108,23 @@ def test_fkv_bench_runs_end_to_end_and_writes_its_files(tmp_path):
         assert 0 < r["attention_share"] < 1 and r["graphs_after_warmup"] == 0
     compact, dense = out["rollout"]["compact"], out["rollout"]["dense"]
     assert compact["kv_bytes"] < dense["kv_bytes"] == dense["dense_kv_bytes"]
+    assert set(out["ratios_vs_dense"]) == {"select", "compact"} and 0 < out["kept_fraction"] < 1
+    for ratio in out["ratios_vs_dense"].values():  # the limit: dense time with attention shrunk to the kept tokens
+        limit = 1 - dense["attention_share"] * (1 - out["kept_fraction"])
+        assert ratio["amdahl_limit"] == pytest.approx(limit)
+        assert ratio["saving_realised"] == pytest.approx((1 - ratio["video_time"]) / (1 - limit))
     assert out["call"][0]["kept_ratio"] < 1 and out["call"][0]["select_ms"] > 0
     assert (tmp_path / "bench_tiny.csv").read_text().count("\n") == 1 + 3 * 5
     assert (tmp_path / "bench_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_kept_fraction_counts_every_chunk_window():
+    from fkv_compile.tools.bench import kept_fraction
+
+    static = HeadPlan.from_roles([["static"] * 2], frame_tokens=4, chunk_frames=3)
+    # windows of 3, 6, 9 and then 12 frames for 7 more chunks; a static head keeps at most 1 + 1 + 3 frames
+    assert kept_fraction(static, 12, 10) == pytest.approx((3 + 5 + 5 + 7 * 5) / (3 + 6 + 9 + 7 * 12))
+    assert kept_fraction(HeadPlan.from_roles([["dense"]], frame_tokens=4, chunk_frames=3), None, 5) == 1.0
 
 
 # -- the check can fail: a dense or wrong result, in every dtype ---------------------------------------------------
@@ -129,10 +143,10 @@ def _store_one_frame_more(monkeypatch):
     from fkv_compile.modes import state
 
     class OneFrameMore(state.LayerStore):
-        def __init__(self, plan, layer, kernels):
+        def __init__(self, plan, layer, kernels, **options):
             more = {role: dataclasses.replace(p, recent_frames=p.recent_frames + 1)
                     for role, p in (("static", plan.static), ("dynamic", plan.dynamic))}
-            super().__init__(dataclasses.replace(plan, **more), layer, kernels)
+            super().__init__(dataclasses.replace(plan, **more), layer, kernels, **options)
 
     monkeypatch.setattr(state, "LayerStore", OneFrameMore)
 

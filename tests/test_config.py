@@ -18,6 +18,7 @@ BAD = [
     ("lowering", "cudagraphs", "option lowering expected one of"),
     ("strict", 1, "option strict expected a bool"),
     ("strict", "yes", "option strict expected a bool"),
+    ("kv_recache", "no", "option kv_recache expected a bool"),
     ("kernels", "cuda", "option kernels expected one of"),
     ("plan", 3, "option plan expected a HeadPlan or a path, got int"),
     ("plan", "/nonexistent/plan.json", "option plan: cannot load"),
@@ -68,7 +69,8 @@ def test_the_config_is_frozen():
         Config(PLAN).mode = "off"
 
 
-@pytest.mark.parametrize("fields", [{}, {"mode": "compact", "lowering": "aot_eager", "strict": True, "kernels": "torch"},
+@pytest.mark.parametrize("fields", [{}, {"mode": "compact", "lowering": "aot_eager", "strict": True, "kv_recache": False,
+                                         "kernels": "torch"},
                                     {"mode": "profile", "kernels": "triton"}])
 def test_json_round_trip_is_exact(fields):
     config = Config(PLAN, **fields)

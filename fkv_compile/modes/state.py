@@ -85,7 +85,7 @@ class LayerStats:
     sites: set[int] = field(default_factory=set)
     calls: int = 0
     dense_calls: int = 0  # calls whose shapes did not fit the plan's geometry
-    kept: tuple[float, ...] = ()  # key tokens per head in the last fitting call
+    kept: tuple[float, ...] | torch.Tensor = ()  # key tokens per head in the last fitting call (compact: on device)
     window: int = 0  # key tokens of the dense window in that call
 
 
@@ -180,7 +180,7 @@ class Session:
 
     def store(self, layer: int, device: torch.device) -> LayerStore:
         if layer not in self.stores:
-            self.stores[layer] = LayerStore(self.plan, layer, self.kernels(device), self.config.kv_recache)
+            self.stores[layer] = LayerStore(self.plan, layer, self.kernels(device), keep_protected=self.config.kv_recache)
         return self.stores[layer]
 
     def release(self, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
@@ -195,7 +195,8 @@ class Session:
             cache_k.untyped_storage().resize_(0)
             cache_v.untyped_storage().resize_(0)
 
-    def record(self, site: int, layer: int, kept: tuple[float, ...], window: int, fits: bool) -> None:
+    def record(self, site: int, layer: int, kept: tuple[float, ...] | torch.Tensor, window: int, fits: bool) -> None:
+        """Count a call of the rewritten attention; ``kept`` may be a device tensor (read only by the report)."""
         stats = self.layers.setdefault(layer, LayerStats(layer))
         stats.sites.add(site)
         stats.calls += 1

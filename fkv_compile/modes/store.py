@@ -336,6 +336,18 @@ class LayerStore:
                                          scale, q_heads=torch.tensor(g.heads, device=q.device), out=out)
         return out
 
+    def kept_counts(self, num_heads: int) -> torch.Tensor:
+        """Float ``[H]``: tokens of the last window each head attends to, averaged over the batch (no host sync)."""
+        a, e = self.window
+        counts = torch.zeros(num_heads, device=self.groups[0].held.pos.device)
+        for g in self.groups:
+            held = g.held
+            ok = (held.pos >= a) & (held.pos < e)
+            if held.valid is not None:
+                ok &= held.valid
+            counts[g.heads] = ok.sum(1).float().mean()
+        return counts
+
     def kept_mask(self, num_heads: int) -> torch.Tensor:
         """Bool ``[B, H, e - a]`` over the last window ``[a, e)``: the tokens each head attends to."""
         a, e = self.window

@@ -42,10 +42,9 @@ class DeferredClone:
 
 
 def _is_cache_like(node: fx.Node) -> bool:
-    """A graph input laid out like a KV cache ``[B, L, H, D]`` that is not a parameter or buffer of a module."""
+    """A graph input laid out like a KV cache ``[B, L, H, D]`` (only a store op's claim proves it is one)."""
     example = node.meta.get("example_value")
-    return (isinstance(example, torch.Tensor) and not isinstance(example, torch.nn.Parameter) and example.dim() == 4
-            and "_parameters" not in node.name and "_buffers" not in node.name)
+    return isinstance(example, torch.Tensor) and example.dim() == 4
 
 
 def _is_clone(node: fx.Node) -> bool:

@@ -12,6 +12,10 @@ Two levels, on the Self Forcing-style miniature with random weights:
   warm one) and graphs compiled after the warm-up (recompiles). On CUDA the clock is CUDA events
   and FPS is reported as the papers define it: 4 x latent frames / diffusion time.
 
+Each compressed rollout is set against its Amdahl limit: the dense run's attention share shrunk to the
+kept fraction of key tokens over the video (:func:`kept_fraction`), everything else unchanged; the
+row shows the share of that possible saving it realises.
+
 At ``longlive-window`` the miniature runs LongLive v1's clone-and-defer cache, and the time of the
 per-layer clones of one chunk (which ``compact`` removes) is measured on its own.
 
@@ -39,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..plan import DYNAMIC, STATIC, HeadPlan
+from ..plan import DENSE, DYNAMIC, STATIC, HeadPlan
 
 __all__ = ["BenchGeometry", "GEOMETRIES", "BenchSettings", "run_bench", "median_seconds", "in_fresh_process"]
 
@@ -238,6 +242,26 @@ def call_level(s: BenchSettings) -> list[dict[str, Any]]:
     return rows
 
 
+def kept_fraction(plan: HeadPlan, window_frames: int | None, chunks: int) -> float:
+    """Kept over dense key tokens, summed over every chunk's window, layer and head of a video: the share of dense
+    attention work the keep rule leaves (dynamic heads counted with their full candidate region)."""
+    kept = dense = 0.0
+    for chunk in range(chunks):
+        frames = (chunk + 1) * plan.chunk_frames
+        window = frames if window_frames is None else min(frames, window_frames)
+        for role in (role for row in plan.roles for role in row):
+            dense += window
+            kept += window if role == DENSE else min(window, plan.frames_kept(role))
+    return kept / dense
+
+
+def amdahl(ratio: float, attention_share: float, kept: float) -> dict[str, float]:
+    """The best video time ratio the kept tokens allow when only attention shrinks (``1 - a + a * kept``, ``a`` the
+    dense run's attention share), and the share of that saving a measured ``ratio`` realises."""
+    limit = 1 - attention_share + attention_share * kept
+    return {"amdahl_limit": limit, "saving_realised": (1 - ratio) / (1 - limit) if limit < 1 else math.nan}
+
+
 def clone_seconds_per_chunk(s: BenchSettings) -> float:
     """LongLive v1's per-layer clone of the dense K and V cache, over every layer and forward of one chunk:
     the time ``compact`` removes (it serves the cache from the store and returns the cache itself)."""
@@ -299,10 +323,14 @@ def run_bench(s: BenchSettings, out_dir: Path, modes: tuple[str, ...] = MODES, a
     if g.cache_style == "longlive":
         result["clone_s_per_chunk"] = clone_seconds_per_chunk(s)
     if "dense" in rollouts:
-        result["ratios_vs_dense"] = {m: {"video_time": r["video_s"] / rollouts["dense"]["video_s"],
-                                         "kv_bytes": r["kv_bytes"] / rollouts["dense"]["kv_bytes"],
-                                         "peak_rss": r["peak_rss_bytes"] / rollouts["dense"]["peak_rss_bytes"]}
-                                     for m, r in rollouts.items()}
+        dense = rollouts["dense"]
+        kept = kept_fraction(s.head_plan(s.config()), g.window_frames, g.chunks)
+        result["kept_fraction"] = kept
+        result["ratios_vs_dense"] = {m: {"video_time": r["video_s"] / dense["video_s"],
+                                         "kv_bytes": r["kv_bytes"] / dense["kv_bytes"],
+                                         "peak_rss": r["peak_rss_bytes"] / dense["peak_rss_bytes"],
+                                         **amdahl(r["video_s"] / dense["video_s"], dense["attention_share"], kept)}
+                                     for m, r in rollouts.items() if m != "dense"}
     stem = out_dir / f"bench_{s.geometry}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     with open(stem.with_suffix(".csv"), "w", newline="") as f:

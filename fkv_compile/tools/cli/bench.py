@@ -39,7 +39,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             for mode, r in result["rollout"].items():
                 ratio = result.get("ratios_vs_dense", {}).get(mode, {})
                 lines.append(f"  rollout {mode:<8} video {r['video_s']:8.3f} s"
-                             + (f" (x{ratio['video_time']:.3f})" if ratio else "")
+                             + (f" (x{ratio['video_time']:.3f} of dense; limit x{ratio['amdahl_limit']:.3f}, "
+                                f"{100 * ratio['saving_realised']:.0f}% of the saving realised)" if ratio else "")
                              + f"  attention {100 * r['attention_share']:4.1f}%  KV {r['kv_bytes'] / 2**20:8.1f} MiB"
                              + f"  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB  compile {r['compile_s']:6.1f} s"
                              + f"  recompiles {r['graphs_after_warmup']}  FPS {r['fps']:.2f}")
