@@ -1,7 +1,9 @@
 """One attention call at Self Forcing's last-chunk geometry: dense SDPA vs ``select`` (kept tokens only).
 
-The physical limit of the saving is the kept/dense token ratio; the design target is a time ratio
-within 15% of it. Real geometry: 1560 tokens per frame, 12 heads x 128, 21-frame window, 3-frame
+The physical limit of the saving is the kept/dense token ratio. Two measured references beside it:
+SDPA over the kept tokens gathered beforehand (one call per group of heads with equal kept counts:
+what a perfect gather would leave, the practical limit), and FlexAttention, compiled, with the same
+kept set as its block mask (the peer a user could write instead). Real geometry: 1560 tokens per frame, 12 heads x 128, 21-frame window, 3-frame
 chunk; on a CPU the frame is scaled down (``--frame-tokens``, default 390 = 1/4), which scales
 both sides alike.
 
@@ -19,6 +21,7 @@ from common import median_seconds, write_results
 
 from fkv_compile import HeadPlan
 from fkv_compile.modes.select import compressed_attention
+from fkv_compile.semantics import keep_mask
 
 REFERENCE_PLAN = Path(__file__).resolve().parents[1] / "fkv_compile" / "plans" / "forcingkv_heads_selfforcing.json"
 
@@ -34,6 +37,32 @@ def plans(frame_tokens: int, heads: int) -> dict[str, HeadPlan]:
         "all dynamic": HeadPlan.uniform("dynamic", num_layers=1, num_heads=heads, **geometry),
         f"self forcing layer {typical}": HeadPlan.from_roles([reference.roles[typical]], **geometry),
     }
+
+
+def pregathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """q, K and V of each group of heads with equal kept counts, the kept tokens gathered (batch 1)."""
+    counts = keep[0].sum(-1)
+    groups = []
+    for count in counts.unique().tolist():
+        heads = (counts == count).nonzero().flatten()
+        index = torch.stack([keep[0, h].nonzero().flatten() for h in heads.tolist()])  # [G, count]
+        gathered = [torch.gather(x[:, heads], 2, index[None, ..., None].expand(-1, -1, -1, x.shape[-1])).contiguous()
+                    for x in (k, v)]
+        groups.append((q[:, heads].contiguous(), *gathered))
+    return groups
+
+
+def flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor):
+    """FlexAttention, compiled, over the kept set as a block mask (blocks with no kept token are skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def kept(b, h, q_idx, kv_idx):
+        return keep[b, h, kv_idx]
+
+    mask = create_block_mask(kept, keep.shape[0], keep.shape[1], q.shape[2], k.shape[2], device=str(q.device))
+    compiled = torch.compile(flex_attention, dynamic=False)
+    qc, kc, vc = (x.contiguous() for x in (q, k, v))
+    return lambda: compiled(qc, kc, vc, block_mask=mask)
 
 
 def main() -> None:
@@ -55,14 +84,21 @@ def main() -> None:
     dense = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v), repeats=args.repeats)
     rows = []
     print(f"Lq={3 * f} Lk={n * f} H={h} D={d} {args.dtype}, threads={torch.get_num_threads()}")
-    print(f"{'plan':<26} {'kept/dense tokens':>18} {'time ratio':>10} {'select ms':>10} {'dense ms':>9}")
+    print(f"{'plan':<26} {'kept/dense tokens':>18} {'select':>7} {'pre-gathered SDPA':>18} {'flex':>6}   (time / dense; "
+          "select share of the pre-gathered limit)")
     for name, plan in plans(f, h).items():
         _, kept = compressed_attention(q, k, v, plan, 0)
-        token_ratio = sum(kept.kept) / (h * kept.window)
+        token_ratio = float(kept.kept.sum()) / (h * kept.window)
         t = median_seconds(lambda: compressed_attention(q, k, v, plan, 0), repeats=args.repeats)
-        rows.append({"plan": name, "token_ratio": token_ratio, "time_ratio": t / dense,
-                     "select_ms": 1e3 * t, "dense_ms": 1e3 * dense})
-        print(f"{name:<26} {token_ratio:>18.3f} {t / dense:>10.3f} {1e3 * t:>10.1f} {1e3 * dense:>9.1f}")
+        keep = keep_mask(k, plan, 0, q.shape[2])
+        groups = pregathered(q, k, v, keep)
+        limit = median_seconds(lambda: [F.scaled_dot_product_attention(*g) for g in groups], repeats=args.repeats)
+        flex = median_seconds(flex_call(q, k, v, keep), repeats=args.repeats, warmup=2)
+        rows.append({"plan": name, "token_ratio": token_ratio, "time_ratio": t / dense, "select_ms": 1e3 * t,
+                     "dense_ms": 1e3 * dense, "pregathered_sdpa_ms": 1e3 * limit, "flex_ms": 1e3 * flex,
+                     "select_share_of_limit": limit / t})
+        print(f"{name:<26} {token_ratio:>18.3f} {t / dense:>7.3f} {limit / dense:>18.3f} {flex / dense:>6.3f}   "
+              f"({100 * limit / t:.0f}%; dense {1e3 * dense:.1f} ms)")
     path = write_results(f"attention_cpu_{args.dtype}_F{f}", {"args": vars(args), "rows": rows})
     print(f"wrote {path}")
 

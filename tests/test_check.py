@@ -133,7 +133,7 @@ def _dense_select(q, k, v, plan, layer, scale=None, kernels=None):
     from fkv_compile.modes.select import KeptTokens
 
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-    return out, KeptTokens(kept=(float(k.shape[2]),) * q.shape[1], window=k.shape[2], layout_fits=True)
+    return out, KeptTokens(kept=torch.full((q.shape[1],), float(k.shape[2])), window=k.shape[2], layout_fits=True)
 
 
 def _store_one_frame_more(monkeypatch):

@@ -40,7 +40,7 @@ def test_layers_bind_in_order_of_first_use_and_stay_bound():
         for layer, key in enumerate(keys):
             out = torch.ops.fkv.select_attention(q, k, v, key, s.id, 0, None)
             torch.testing.assert_close(out, oracle_attention(q, k, v, plan, layer))
-    assert s.layers[0].kept == (12.0, 12.0) and s.layers[1].kept == (20.0, 20.0)
+    assert s.layers[0].kept.tolist() == [12.0, 12.0] and s.layers[1].kept.tolist() == [20.0, 20.0]
     assert s.layers[0].calls == 2
 
 

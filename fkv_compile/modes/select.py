@@ -24,9 +24,10 @@ __all__ = ["KeptTokens", "compressed_attention"]
 
 @dataclass(frozen=True)
 class KeptTokens:
-    """Key tokens visited per head in one call, for the report (``kept`` averaged over the batch)."""
+    """Key tokens visited per head in one call, for the report: ``kept`` ``[H]`` float64 averaged over the batch,
+    on the device (read by the report only, so the call does not wait for it)."""
 
-    kept: tuple[float, ...]
+    kept: torch.Tensor
     window: int
     layout_fits: bool
 
@@ -49,8 +50,9 @@ def compressed_attention(
     layout = window_layout(lq, lk, plan.frame_tokens, plan.chunk_frames)
     if layout is None or all(r == DENSE for r in plan.roles[layer]):
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return out, KeptTokens(kept=(float(lk),) * num_heads, window=lk, layout_fits=layout is not None)
+        kept = torch.full((num_heads,), float(lk), dtype=torch.float64, device=q.device)
+        return out, KeptTokens(kept=kept, window=lk, layout_fits=layout is not None)
     starts, ends = select_ranges(k, plan, layer, layout, kernels)
     kept_per_head = (ends - starts).sum(-1).double().mean(0)
     out = kernels.range_attention(q, k, v, starts, ends, scale)
-    return out, KeptTokens(kept=tuple(kept_per_head.tolist()), window=lk, layout_fits=True)
+    return out, KeptTokens(kept=kept_per_head, window=lk, layout_fits=True)

@@ -113,6 +113,8 @@ class _GroupStore:
         self.held: _Held | None = None
         self.chunk_tokens = 0  # the current chunk is the last chunk_tokens of held
         self.reserve: _Held | None = None  # protected sink tokens the keep rule dropped, kept for a rewind
+        # the ranges attention reads, for one window and one held.pos tensor (a new one whenever positions change)
+        self._runs: tuple[tuple[int, int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def history(self) -> _Held | None:
         if self.held is None:
@@ -141,6 +143,21 @@ class _GroupStore:
 
     def nbytes(self) -> int:
         return sum(h.nbytes() for h in (self.held, self.reserve) if h is not None)
+
+    def runs(self, window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``starts, ends`` ``[B, G, R]`` of the held tokens in ``window`` and the heads ``[G]``: made once per chunk
+        (the later calls of a chunk, its denoising steps, change the held values, not their positions)."""
+        held = self.held
+        if self._runs is None or self._runs[0] != window or self._runs[1] is not held.pos:
+            attendable = (held.pos >= window[0]) & (held.pos < window[1])  # padding: pos -1, evicted: -2
+            if not bool(attendable.any(1).all()):
+                raise StoreError(f"compact store: attention over window {window}, but the {self.role} heads hold none "
+                                 f"of its tokens{RECOMPUTE_HINT}")
+            starts, ends = mask_runs(attendable)
+            group = (-1, len(self.heads), -1)
+            self._runs = (window, held.pos, starts[:, None].expand(group), ends[:, None].expand(group),
+                          torch.tensor(self.heads, device=held.pos.device))
+        return self._runs[2:]
 
 
 def compact_unsupported(plan: HeadPlan) -> str | None:
@@ -325,27 +342,16 @@ class LayerStore:
             raise StoreError(f"compact store: attention over window {window} but the last write set up {self.window}")
         out = q.new_empty(q.shape[:3] + (self.groups[0].held.v.shape[-1],))
         for g in self.groups:
-            held = g.held
-            attendable = (held.pos >= window[0]) & (held.pos < window[1])  # padding: pos -1, evicted: -2
-            if not bool(attendable.any(1).all()):
-                raise StoreError(f"compact store: attention over window {window}, but the {g.role} heads hold none "
-                                 f"of its tokens{RECOMPUTE_HINT}")
-            starts, ends = mask_runs(attendable)
-            group = (-1, len(g.heads), -1)
-            self.kernels.range_attention(q, held.k, held.v, starts[:, None].expand(group), ends[:, None].expand(group),
-                                         scale, q_heads=torch.tensor(g.heads, device=q.device), out=out)
+            starts, ends, heads = g.runs(window)
+            self.kernels.range_attention(q, g.held.k, g.held.v, starts, ends, scale, q_heads=heads, out=out)
         return out
 
     def kept_counts(self, num_heads: int) -> torch.Tensor:
         """Float ``[H]``: tokens of the last window each head attends to, averaged over the batch (no host sync)."""
-        a, e = self.window
         counts = torch.zeros(num_heads, device=self.groups[0].held.pos.device)
         for g in self.groups:
-            held = g.held
-            ok = (held.pos >= a) & (held.pos < e)
-            if held.valid is not None:
-                ok &= held.valid
-            counts[g.heads] = ok.sum(1).float().mean()
+            starts, ends, _ = g.runs(self.window)
+            counts[g.heads] = (ends[:, 0] - starts[:, 0]).sum(-1).float().mean()
         return counts
 
     def kept_mask(self, num_heads: int) -> torch.Tensor:

@@ -235,7 +235,7 @@ def call_level(s: BenchSettings) -> list[dict[str, Any]]:
                                   device=device)
         compact_s = median_seconds(lambda: store.attention(q, (0, frames * f), None), repeats=repeats, device=device)
         kept = compressed_attention(q, k, v, plan, layer, kernels=kernels)[1]
-        ratio = sum(kept.kept) / (len(kept.kept) * kept.window)
+        ratio = float(kept.kept.mean()) / kept.window
         rows.append({"layer": layer, "kept_ratio": ratio, "dense_ms": 1e3 * dense_s, "select_ms": 1e3 * select_s,
                      "compact_ms": 1e3 * compact_s, "select_ratio": select_s / dense_s,
                      "compact_ratio": compact_s / dense_s, "kernels": kernels.name})
