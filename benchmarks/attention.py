@@ -22,6 +22,7 @@ from common import median_seconds, write_results
 from fkv_compile import HeadPlan
 from fkv_compile.modes.select import compressed_attention
 from fkv_compile.semantics import keep_mask
+from fkv_compile.tools.bench import flex_call, pregathered
 
 REFERENCE_PLAN = Path(__file__).resolve().parents[1] / "fkv_compile" / "plans" / "forcingkv_heads_selfforcing.json"
 
@@ -37,32 +38,6 @@ def plans(frame_tokens: int, heads: int) -> dict[str, HeadPlan]:
         "all dynamic": HeadPlan.uniform("dynamic", num_layers=1, num_heads=heads, **geometry),
         f"self forcing layer {typical}": HeadPlan.from_roles([reference.roles[typical]], **geometry),
     }
-
-
-def pregathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-    """q, K and V of each group of heads with equal kept counts, the kept tokens gathered (batch 1)."""
-    counts = keep[0].sum(-1)
-    groups = []
-    for count in counts.unique().tolist():
-        heads = (counts == count).nonzero().flatten()
-        index = torch.stack([keep[0, h].nonzero().flatten() for h in heads.tolist()])  # [G, count]
-        gathered = [torch.gather(x[:, heads], 2, index[None, ..., None].expand(-1, -1, -1, x.shape[-1])).contiguous()
-                    for x in (k, v)]
-        groups.append((q[:, heads].contiguous(), *gathered))
-    return groups
-
-
-def flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor):
-    """FlexAttention, compiled, over the kept set as a block mask (blocks with no kept token are skipped)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    def kept(b, h, q_idx, kv_idx):
-        return keep[b, h, kv_idx]
-
-    mask = create_block_mask(kept, keep.shape[0], keep.shape[1], q.shape[2], k.shape[2], device=str(q.device))
-    compiled = torch.compile(flex_attention, dynamic=False)
-    qc, kc, vc = (x.contiguous() for x in (q, k, v))
-    return lambda: compiled(qc, kc, vc, block_mask=mask)
 
 
 def main() -> None:

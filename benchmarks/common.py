@@ -27,7 +27,8 @@ def machine() -> dict[str, Any]:
 
 
 def write_results(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(exist_ok=True)
+    """``benchmarks/results/<name>.json`` (``name`` may hold a folder: ``gpu/kernels``) with the machine."""
     path = RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=1) + "\n")
     return path

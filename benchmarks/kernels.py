@@ -136,7 +136,7 @@ def main() -> None:
     rows = [r for g in args.geometry for r in bench_geometry(g, GEOMETRIES[g], dtype, limits)]
     payload = {"cuda": True, "device": torch.cuda.get_device_name(), "dtype": args.dtype, "ceilings": limits,
                "rows": rows}
-    print(f"wrote {write_results(f'kernels_cuda_{args.dtype}', payload)}")
+    print(f"wrote {write_results(f'gpu/kernels_{args.dtype}', payload)}")
 
 
 if __name__ == "__main__":

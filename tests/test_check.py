@@ -113,9 +113,22 @@ def test_fkv_bench_runs_end_to_end_and_writes_its_files(tmp_path):
         limit = 1 - dense["attention_share"] * (1 - out["kept_fraction"])
         assert ratio["amdahl_limit"] == pytest.approx(limit)
         assert ratio["saving_realised"] == pytest.approx((1 - ratio["video_time"]) / (1 - limit))
-    assert out["call"][0]["kept_ratio"] < 1 and out["call"][0]["select_ms"] > 0
+    call = out["call"][0]
+    assert call["kept_ratio"] < 1 and all(call[f"{name}_ms"] > 0 for name in ("select", "compact", "pregathered", "flex"))
     assert (tmp_path / "bench_tiny.csv").read_text().count("\n") == 1 + 3 * 5
     assert (tmp_path / "bench_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs")
+def test_the_gpu_script_says_what_it_needs_without_a_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr and not done.stdout
 
 
 def test_the_kept_fraction_counts_every_chunk_window():

@@ -4,7 +4,9 @@ Two levels, on the Self Forcing-style miniature with random weights:
 
 - ``call``: one attention call of a full window's last chunk: dense SDPA, ``select`` (kept tokens
   of the dense window) and ``compact`` (a store filled by a rollout of writes); ratios measured
-  side by side, against the kept/dense token ratio that bounds them.
+  side by side, against the kept/dense token ratio that bounds them, SDPA over the kept tokens
+  gathered beforehand (the practical limit) and FlexAttention with the kept set as its block mask
+  (the peer).
 - ``rollout``: a whole video per mode, each mode in its own process so that its peak RSS is its
   own: time per chunk (median over repeated videos after a warm-up video), the attention share of
   the time (one profiled video, last), KV bytes per chunk, peak RSS (compile and the timed videos,
@@ -43,9 +45,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..plan import DENSE, DYNAMIC, STATIC, HeadPlan
+from ..plan import DYNAMIC, STATIC, HeadPlan
+from ..semantics import kept_token_count
 
-__all__ = ["BenchGeometry", "GEOMETRIES", "BenchSettings", "run_bench", "median_seconds", "in_fresh_process"]
+__all__ = ["BenchGeometry", "GEOMETRIES", "BenchSettings", "run_bench", "median_seconds", "in_fresh_process",
+           "pregathered", "flex_call", "kept_fraction", "amdahl"]
 
 MODES = ("dense", "select", "compact")
 ATTENTION_OPS = ("fkv::select_attention", "fkv::store_attention", "fkv::oracle_attention")
@@ -213,6 +217,7 @@ def call_level(s: BenchSettings) -> list[dict[str, Any]]:
     from ..modes.dispatch import kernels_for
     from ..modes.select import compressed_attention
     from ..modes.store import LayerStore
+    from ..semantics import keep_mask
 
     cfg, device, dtype = s.config(), torch.device(s.device), getattr(torch, s.dtype)
     plan = s.head_plan(cfg)
@@ -236,22 +241,28 @@ def call_level(s: BenchSettings) -> list[dict[str, Any]]:
         compact_s = median_seconds(lambda: store.attention(q, (0, frames * f), None), repeats=repeats, device=device)
         kept = compressed_attention(q, k, v, plan, layer, kernels=kernels)[1]
         ratio = float(kept.kept.mean()) / kept.window
+        keep = keep_mask(k, plan, layer, q.shape[2])
+        groups = pregathered(q, k, v, keep)
+        limit_s = median_seconds(lambda: [F.scaled_dot_product_attention(*g) for g in groups], repeats=repeats,
+                                 device=device)
+        flex_s = median_seconds(flex_call(q, k, v, keep), repeats=repeats, warmup=2, device=device)
         rows.append({"layer": layer, "kept_ratio": ratio, "dense_ms": 1e3 * dense_s, "select_ms": 1e3 * select_s,
-                     "compact_ms": 1e3 * compact_s, "select_ratio": select_s / dense_s,
-                     "compact_ratio": compact_s / dense_s, "kernels": kernels.name})
+                     "compact_ms": 1e3 * compact_s, "pregathered_ms": 1e3 * limit_s, "flex_ms": 1e3 * flex_s,
+                     "select_ratio": select_s / dense_s, "compact_ratio": compact_s / dense_s,
+                     "pregathered_ratio": limit_s / dense_s, "flex_ratio": flex_s / dense_s, "kernels": kernels.name})
     return rows
 
 
 def kept_fraction(plan: HeadPlan, window_frames: int | None, chunks: int) -> float:
     """Kept over dense key tokens, summed over every chunk's window, layer and head of a video: the share of dense
-    attention work the keep rule leaves (dynamic heads counted with their full candidate region)."""
+    attention work the keep rule leaves."""
     kept = dense = 0.0
     for chunk in range(chunks):
         frames = (chunk + 1) * plan.chunk_frames
         window = frames if window_frames is None else min(frames, window_frames)
         for role in (role for row in plan.roles for role in row):
-            dense += window
-            kept += window if role == DENSE else min(window, plan.frames_kept(role))
+            dense += window * plan.frame_tokens
+            kept += kept_token_count(plan, role, window)
     return kept / dense
 
 
@@ -276,6 +287,32 @@ def clone_seconds_per_chunk(s: BenchSettings) -> float:
     per_forward = median_seconds(lambda: [c[n].clone() for c in caches for n in ("k", "v")],
                                  repeats=max(5, s.repeats), device=device)
     return per_forward * (len(DENOISING_STEPS) + 1)
+
+
+def pregathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """q, K and V of each group of heads with equal kept counts, the kept tokens gathered (batch 1)."""
+    counts = keep[0].sum(-1)
+    groups = []
+    for count in counts.unique().tolist():
+        heads = (counts == count).nonzero().flatten()
+        index = torch.stack([keep[0, h].nonzero().flatten() for h in heads.tolist()])  # [G, count]
+        gathered = [torch.gather(x[:, heads], 2, index[None, ..., None].expand(-1, -1, -1, x.shape[-1])).contiguous()
+                    for x in (k, v)]
+        groups.append((q[:, heads].contiguous(), *gathered))
+    return groups
+
+
+def flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor):
+    """FlexAttention, compiled, over the kept set as a block mask (blocks with no kept token are skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def kept(b, h, q_idx, kv_idx):
+        return keep[b, h, kv_idx]
+
+    mask = create_block_mask(kept, keep.shape[0], keep.shape[1], q.shape[2], k.shape[2], device=str(q.device))
+    compiled = torch.compile(flex_attention, dynamic=False)
+    qc, kc, vc = (x.contiguous() for x in (q, k, v))
+    return lambda: compiled(qc, kc, vc, block_mask=mask)
 
 
 def median_seconds(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1,
