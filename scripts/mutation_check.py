@@ -134,7 +134,7 @@ MUTATIONS = (
     Mutation("store: the ranges attention reads kept across a roll or a new chunk", "modes/store.py",
              "if self._runs is None or self._runs[0] != window or self._runs[1] is not held.pos:",
              "if self._runs is None or self._runs[0] != window:",
-             ("tests/test_compact.py::test_compact_matches_the_float64_oracle_over_two_videos",)),
+             ("tests/test_store.py::test_attention_follows_every_commit_at_a_full_rolling_window",)),
     Mutation("passes: an explicit attn_mask ignored by the matcher", "passes/attention.py",
              "    if mask is not None:\n        return None, Declined(node, \"attention has an explicit attn_mask\"",
              "    if False:\n        return None, Declined(node, \"attention has an explicit attn_mask\"",

@@ -129,3 +129,23 @@ def test_plans_the_store_cannot_serve_exactly_are_refused():
         assert match in compact_unsupported(plan)
         with pytest.raises(StoreError, match=match):
             LayerStore(plan, 0)
+
+
+def test_attention_follows_every_commit_at_a_full_rolling_window():
+    # ragged segments (5 tokens in 2 segments of 3 and 2): which segments a commit keeps changes where the padding
+    # of the held tokens lies, per batch item, from chunk to chunk at the same window
+    plan = HeadPlan.from_roles([["dynamic", "static"]], frame_tokens=5, chunk_frames=1, candidate_frames=1,
+                               segments_per_frame=2, retention=0.5)
+    gen = torch.Generator().manual_seed(0)
+    cache, store = DenseCache(2, 2, 4, 5, 5, 1), LayerStore(plan, 0)
+    kept_lengths = set()
+    for _ in range(12):
+        for step in range(2):
+            k = torch.randn(2, 5, 2, 4, generator=gen, dtype=torch.float64)
+            a, e = cache.write(k, torch.randn_like(k), step == 0, store)
+            wk, wv = cache.k[:, a:e].transpose(1, 2), cache.v[:, a:e].transpose(1, 2)
+            q = torch.randn(2, 2, 5, 4, generator=gen, dtype=torch.float64)
+            expected = oracle_attention(q, wk, wv, plan, 0)
+            torch.testing.assert_close(store.attention(q, (a, e), None), expected, rtol=1e-9, atol=1e-9)
+            kept_lengths.add(tuple(keep_mask(wk, plan, 0, 5)[:, 0].sum(-1).tolist()))
+    assert len(kept_lengths) > 2  # the selected segments' lengths did change between chunks and items
