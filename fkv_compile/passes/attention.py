@@ -31,8 +31,8 @@ from ..config import Choice
 from .manual_attention import ManualAttention, match_manual_attention
 from .varlen_attention import VarlenAttention, arguments, is_flatten, match_varlen_attention
 
-__all__ = ["AttentionSite", "CachePattern", "CacheWindow", "Declined", "NotAWindow", "Miss", "find_attention_sites", "source_name",
-           "is_attention"]
+__all__ = ["AttentionSite", "CachePattern", "CacheWindow", "Declined", "NotAWindow", "Miss", "find_attention_sites",
+           "source_name", "cat_operands", "is_attention"]
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 # methods and functions that neither move tokens between positions nor change values (bar casts)
@@ -152,10 +152,15 @@ def _through_views(node: object) -> object:
     return node
 
 
+def cat_operands(cat: fx.Node) -> tuple[object, object]:
+    """The tensors and the dim of a ``torch.cat`` node, given positionally or by keyword."""
+    parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+    return parts, cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
+
+
 def _trace_cat(cat: fx.Node) -> CacheWindow | NotAWindow:
     """``torch.cat([history, new], dim)`` with ``history`` a cache input (or a slice of it along ``dim``)."""
-    parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
-    dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
+    parts, dim = cat_operands(cat)
     if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not isinstance(dim, int):
         return NotAWindow(Miss.OTHER, "keys/values are a concatenation the pass does not support (expected [history, "
                           "new] along one dim)")

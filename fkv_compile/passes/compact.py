@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from .attention import AttentionSite, CachePattern, CacheWindow, is_view_like, sliced_dim
+from .attention import AttentionSite, CachePattern, CacheWindow, cat_operands, is_view_like, sliced_dim
 
 __all__ = ["CacheAccesses", "GrownAccesses", "RollPair", "match_compact", "match_grown"]
 
@@ -145,7 +145,7 @@ def _window_reads(window: CacheWindow) -> tuple[fx.Node, ...] | str:
     slices a cat-window concatenates (each used by the concatenation only)."""
     if window.pattern is not CachePattern.CAT_WINDOW:
         return (window.read,)
-    parts = window.read.args[0] if window.read.args else window.read.kwargs.get("tensors")
+    parts, _ = cat_operands(window.read)
     for part in parts:
         if not (part.op == "call_function" and part.target is operator.getitem and part.args[0] is window.cache
                 and len(part.users) == 1):
@@ -216,8 +216,7 @@ def _feeds_only(node: fx.Node, site: AttentionSite) -> bool:
 
 def _grown_part(cat: fx.Node, cache: fx.Node, site: AttentionSite) -> tuple[fx.Node, fx.Node, object] | str:
     """(history read, new tokens, start) of one concatenation, or why the store cannot own it."""
-    parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
-    dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
+    parts, dim = cat_operands(cat)
     if dim != 1 or not isinstance(parts, (list, tuple)) or len(parts) != 2:
         return "NYI: compact for a cache grown along another dim than 1"
     history, new = parts

@@ -13,7 +13,7 @@ since no single graph shows the whole chain:
 - a graph that returns clones of its inputs (:func:`find_deferred_clones`) is lowered twice, as
   traced and with each clone replaced by its input (:func:`elide_clones`); at run time it runs as
   traced until a compact store op received its clones as the caches of a site it owns (the session's
-  :class:`fkv_compile.modes.state.DeferredClones`), then it returns the cache itself;
+  :class:`fkv_compile.modes.deferred.DeferredClones`), then it returns the cache itself;
 - the write-back then copies a cache onto itself: dynamo passes the one tensor once, so the graph
   holds ``copy_(x, x)``, a no-op that :func:`erase_self_copies` removes (the buffer is released by
   then, and a functionalized self-copy would read it).
