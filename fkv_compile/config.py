@@ -73,6 +73,21 @@ def _check_geometry(values: Mapping[str, Any]) -> None:
             raise OptionsError(f"option {name} expected a positive int, got {value!r}")
 
 
+def _check_head_parallelism(process_group: Any, head_range: Any) -> None:
+    if process_group is not None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            raise OptionsError(f"option process_group expected a torch.distributed ProcessGroup, got "
+                               f"{type(process_group).__name__}")
+    if head_range is not None:
+        ok = (isinstance(head_range, tuple) and len(head_range) == 2
+              and all(isinstance(x, int) and not isinstance(x, bool) for x in head_range)
+              and 0 <= head_range[0] < head_range[1])
+        if not ok:
+            raise OptionsError(f"option head_range expected (start, stop) ints with 0 <= start < stop, got {head_range!r}")
+
+
 @dataclass(frozen=True)
 class Calibration:
     """How a model compiled without a plan makes its own (option ``calibration``, a mapping of these fields).
@@ -174,6 +189,14 @@ class Config:
     kernels:
         ``auto`` (Triton on CUDA, torch on CPU), ``torch``, or ``triton`` (on CPU through the
         interpreter); the default is ``$FKV_KERNELS`` or ``auto``.
+    process_group:
+        Head parallelism (Ulysses): the ``torch.distributed`` process group whose ranks split the heads
+        (default: the default group, when initialized). When the traced attention has ``num_heads / N`` of
+        the plan's heads, this rank uses its contiguous slice of them; a layer-level selection all-reduces
+        over this group. Not serializable (``to_dict`` refuses it).
+    head_range:
+        ``(start, stop)``: this rank's heads of the plan when they are not its contiguous slice by rank
+        (other layouts); the ranks of the group must cover the plan's heads exactly once.
     """
 
     plan: HeadPlan | None = None
@@ -186,6 +209,8 @@ class Config:
     strict: bool = False
     kv_recache: bool = True
     kernels: str = dataclasses.field(default_factory=default_kernels)
+    process_group: Any = None
+    head_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.plan is not None and not isinstance(self.plan, HeadPlan):
@@ -200,6 +225,7 @@ class Config:
         if not isinstance(self.calibration, Calibration):
             raise OptionsError(f"option calibration expected a mapping, got {type(self.calibration).__name__}")
         _check_geometry({name: getattr(self, name) for name in GEOMETRY_OPTIONS})
+        _check_head_parallelism(self.process_group, self.head_range)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> Config:
@@ -221,14 +247,20 @@ class Config:
         values["calibration"] = Calibration.from_mapping(values.get("calibration", {}))
         if values.get("kernels") is None:
             values.pop("kernels", None)
+        if isinstance(values.get("head_range"), list):
+            values["head_range"] = tuple(values["head_range"])
         return cls(**values)
 
     # -- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        if self.process_group is not None:
+            raise OptionsError("a config with option process_group cannot be serialized (a process group lives in "
+                               "one process); serialize it without and pass the group when compiling")
         plan = self.plan_name or (None if self.plan is None else self.plan.to_dict())
         return {"type": CONFIG_TYPE, "plan": plan, "frame_tokens": self.frame_tokens, "chunk_frames": self.chunk_frames,
                 "calibration": self.calibration.to_dict(), "mode": self.mode, "lowering": self.lowering,
-                "strict": self.strict, "kv_recache": self.kv_recache, "kernels": self.kernels}
+                "strict": self.strict, "kv_recache": self.kv_recache, "kernels": self.kernels,
+                "head_range": None if self.head_range is None else list(self.head_range)}
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> Config:

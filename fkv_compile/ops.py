@@ -52,6 +52,10 @@ def attention_backward(
     mask = None
     if masked:
         s = state.session(session)
+        if s.shard is not None and s.shard.spans(s.layer_of(site, layer_key)):
+            raise NotImplementedError(
+                "fkv backward under head parallelism with selection='layer': the selection spans ranks; train with "
+                "a plan of selection='head' (or without a process group)")
         mask = semantics.keep_mask(k, s.plan, s.layer_of(site, layer_key), q.shape[-2])
     return tuple(g.contiguous() for g in attention_grads(grad_out, q, k, v, mask, scale))
 
@@ -107,7 +111,7 @@ def _select(s: state.Session, site: int, layer: int, q, k, v, scale):
             "another site of this layer, but this site could not be served compactly (see fkv_compile.report); "
             "compile with mode='select' for this model"
         )
-    out, kept = compressed_attention(q, k, v, s.plan, layer, scale, s.kernels(q.device))
+    out, kept = compressed_attention(q, k, v, s.plan, layer, scale, s.kernels(q.device), s.shard)
     s.record(site, layer, kept.kept, kept.window, kept.layout_fits)
     return out
 

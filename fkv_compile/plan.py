@@ -223,7 +223,14 @@ class HeadPlan:
         if self.num_heads % world_size:
             raise PlanError(f"the plan's {self.num_heads} heads do not split evenly over {world_size} ranks")
         n = self.num_heads // world_size
-        return dataclasses.replace(self, roles=tuple(row[rank * n : (rank + 1) * n] for row in self.roles))
+        return self.head_slice(range(rank * n, (rank + 1) * n))
+
+    def head_slice(self, heads: range) -> HeadPlan:
+        """The plan of the heads ``heads`` (a contiguous range of this plan's) of every layer, the rest unchanged."""
+        if not isinstance(heads, range) or heads.step != 1 or not 0 <= heads.start < heads.stop <= self.num_heads:
+            raise PlanError(f"heads expected a non-empty contiguous range within the plan's {self.num_heads} heads, "
+                            f"got {heads!r}")
+        return dataclasses.replace(self, roles=tuple(row[heads.start : heads.stop] for row in self.roles))
 
     def frames_kept(self, role: str) -> float:
         """Frames' worth of tokens a head of ``role`` attends to once the window is long enough."""

@@ -29,6 +29,7 @@ The rule (Forcing-KV, arXiv 2605.09681; docs/design.md), for a window of
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,8 @@ __all__ = [
     "keep_mask",
     "oracle_attention",
     "kept_token_count",
+    "RankCosts",
+    "rank_costs",
 ]
 
 COSINE_EPS = 1e-8
@@ -277,3 +280,29 @@ def kept_token_count(plan: HeadPlan, role: str, frames: int) -> float:
         available = len(layout.candidates(p)) * p.segments_per_frame
         kept += selected_count(p, available) * f / p.segments_per_frame
     return float(kept)
+
+
+@dataclass(frozen=True)
+class RankCosts:
+    """Key tokens each rank attends to under head parallelism, per layer: ``per_layer[layer][rank]``."""
+
+    per_layer: tuple[tuple[float, ...], ...]
+
+    def per_rank(self) -> tuple[float, ...]:
+        return tuple(map(sum, zip(*self.per_layer)))
+
+    @property
+    def imbalance(self) -> float:
+        """Every layer waits for its slowest rank (the all-to-all after attention): the sum over layers of the
+        largest rank's tokens over the sum of the means (1.0: balanced)."""
+        slowest = sum(max(layer) for layer in self.per_layer)
+        mean = sum(sum(layer) / len(layer) for layer in self.per_layer)
+        return slowest / mean if mean else 1.0
+
+
+def rank_costs(plan: HeadPlan, shards: Sequence[range], window_frames: int) -> RankCosts:
+    """Key tokens per chunk of every rank holding the heads ``shards[rank]`` of ``plan``, at a window of
+    ``window_frames`` frames (:func:`kept_token_count` per head)."""
+    return RankCosts(tuple(
+        tuple(sum(kept_token_count(plan, plan.roles[layer][h], window_frames) for h in heads) for heads in shards)
+        for layer in range(plan.num_layers)))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..plan import DENSE, DYNAMIC, ROLES, HeadPlan
 from ..semantics import WindowLayout, fixed_scores, lowest_segments, segment_table, selected_count
 from .dispatch import Kernels
+from .sharding import HeadShard
 
 __all__ = ["select_ranges", "selection_groups", "mask_runs"]
 
@@ -26,15 +27,19 @@ def selection_groups(heads: tuple[int, ...], selection: str, device: torch.devic
     return torch.tensor([list(heads)] if selection == "layer" else [[h] for h in heads], device=device)
 
 
-def select_ranges(k: torch.Tensor, plan: HeadPlan, layer: int, layout: WindowLayout,
-                  kernels: Kernels) -> tuple[torch.Tensor, torch.Tensor]:
+def select_ranges(k: torch.Tensor, plan: HeadPlan, layer: int, layout: WindowLayout, kernels: Kernels,
+                  shard: HeadShard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept-token ranges ``starts, ends`` ``[B, H, R]`` (int64) of every head of ``layer`` in the window ``k``
-    ``[B, H, Lk, D]``; empty ranges ``(0, 0)`` pad the shorter lists."""
+    ``[B, H, Lk, D]``; empty ranges ``(0, 0)`` pad the shorter lists. ``shard``: the layer's selection spans
+    ranks (:mod:`.sharding`): the similarity is all-reduced, also when this rank holds no dynamic head."""
     b, num_heads, lk, _ = k.shape
     f = layout.frame_tokens
     dyn = plan.heads(layer, DYNAMIC)
     p_dyn = plan.dynamic
     cands = layout.candidates(p_dyn)
+    selects = selected_count(p_dyn, len(cands) * p_dyn.segments_per_frame) > 0
+    if shard is not None and not dyn and selects:
+        shard.layer_similarity(k, dyn, cands.start, len(cands), f, p_dyn.segments_per_frame)  # this rank's zeros
     count = selected_count(p_dyn, len(cands) * p_dyn.segments_per_frame) if dyn else 0
     starts = torch.zeros((b, num_heads, 2 + count), dtype=torch.long, device=k.device)
     ends = torch.zeros_like(starts)
@@ -53,7 +58,9 @@ def select_ranges(k: torch.Tensor, plan: HeadPlan, layer: int, layout: WindowLay
         if role == DYNAMIC and count:
             groups = selection_groups(tuple(heads), plan.selection, k.device)
             scores = fixed_scores(plan.segment_choice, p, len(cands), b, groups.shape[0], k.device)
-            if scores is None:
+            if scores is None and shard is not None:
+                scores = shard.layer_similarity(k, tuple(heads), cands.start, len(cands), f, p.segments_per_frame)
+            elif scores is None:
                 scores = kernels.segment_similarity(k, groups, cands.start, len(cands), f, p.segments_per_frame)
             chosen = lowest_segments(scores, p)  # [B, G, k] in window order: K/V read forward
             table = segment_table(f, p.segments_per_frame, len(cands), k.device)

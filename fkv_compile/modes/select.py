@@ -18,6 +18,7 @@ from ..plan import DENSE, HeadPlan
 from ..semantics import window_layout
 from .dispatch import TORCH, Kernels
 from .ranges import select_ranges
+from .sharding import HeadShard
 
 __all__ = ["KeptTokens", "compressed_attention"]
 
@@ -40,19 +41,21 @@ def compressed_attention(
     layer: int,
     scale: float | None = None,
     kernels: Kernels = TORCH,
+    shard: HeadShard | None = None,
 ) -> tuple[torch.Tensor, KeptTokens]:
     """Attention of every head over the tokens its role keeps in the dense window.
 
     q: ``[B, H, Lq, D]``, k and v: ``[B, H, Lk, D]`` (any strides); returns ``[B, H, Lq, D]`` and
-    the kept-token counts.
+    the kept-token counts. ``shard``: this rank's heads under head parallelism (``plan`` is their plan).
     """
     num_heads, lq, lk = q.shape[1], q.shape[2], k.shape[2]
     layout = window_layout(lq, lk, plan.frame_tokens, plan.chunk_frames)
-    if layout is None or all(r == DENSE for r in plan.roles[layer]):
+    spans = shard is not None and shard.spans(layer)  # the other ranks wait for this one's similarity share
+    if layout is None or (all(r == DENSE for r in plan.roles[layer]) and not spans):
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         kept = torch.full((num_heads,), float(lk), dtype=torch.float64, device=q.device)
         return out, KeptTokens(kept=kept, window=lk, layout_fits=layout is not None)
-    starts, ends = select_ranges(k, plan, layer, layout, kernels)
+    starts, ends = select_ranges(k, plan, layer, layout, kernels, shard if spans else None)
     kept_per_head = (ends - starts).sum(-1).double().mean(0)
     out = kernels.range_attention(q, k, v, starts, ends, scale)
     return out, KeptTokens(kept=kept_per_head, window=lk, layout_fits=True)

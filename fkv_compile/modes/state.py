@@ -32,6 +32,7 @@ from ..plan import HeadPlan, PlanError
 from .calibration import Calibrator, Geometry
 from .deferred import DeferredClones
 from .dispatch import Kernels, kernels_for
+from .sharding import HeadShard
 from .store import LayerStore
 
 __all__ = ["Session", "SiteAction", "SiteRecord", "FrameRecord", "LayerStats", "session", "open_session",
@@ -96,7 +97,8 @@ class Session:
         self.id = sid
         self.options = options  # held so that id(options) stays unique while the session lives
         self.config = config
-        self.plan: HeadPlan | None = config.plan  # the plan in use: None while calibrating
+        self.plan: HeadPlan | None = config.plan  # the plan in use: None while calibrating; this rank's heads of it
+        self.shard: HeadShard | None = None  # head parallelism: this rank's heads of config.plan (set by the pass)
         self.num_layers: int | None = None if config.plan is None else config.plan.num_layers
         self.calibrator: Calibrator | None = None  # set by the pass when the model calibrates itself
         self.patch_geometry: list[Geometry] = []  # of the patch embeddings traced in this session's graphs
@@ -180,7 +182,8 @@ class Session:
 
     def store(self, layer: int, device: torch.device) -> LayerStore:
         if layer not in self.stores:
-            self.stores[layer] = LayerStore(self.plan, layer, self.kernels(device), keep_protected=self.config.kv_recache)
+            self.stores[layer] = LayerStore(self.plan, layer, self.kernels(device), keep_protected=self.config.kv_recache,
+                                            shard=self.shard)
         return self.stores[layer]
 
     def release(self, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:

@@ -40,6 +40,7 @@ from ..plan import DENSE, DYNAMIC, ROLES, HeadPlan, RoleParams
 from ..semantics import WindowLayout, fixed_scores, lowest_segments, segment_table, window_layout
 from .dispatch import TORCH, Kernels
 from .ranges import mask_runs
+from .sharding import HeadShard
 
 __all__ = ["StoreError", "LayerStore", "compact_unsupported"]
 
@@ -184,11 +185,13 @@ def compact_unsupported(plan: HeadPlan) -> str | None:
 class LayerStore:
     """The compact KV of one layer (all head groups), driven by ``write``/``roll``/``attention``."""
 
-    def __init__(self, plan: HeadPlan, layer: int, kernels: Kernels = TORCH, keep_protected: bool = True):
-        reason = compact_unsupported(plan)
+    def __init__(self, plan: HeadPlan, layer: int, kernels: Kernels = TORCH, keep_protected: bool = True,
+                 shard: HeadShard | None = None):
+        reason = compact_unsupported(plan if shard is None else shard.plan)
         if reason:
             raise StoreError(reason)
         self.plan, self.layer = plan, layer
+        self.shard = shard if shard is not None and shard.spans(layer) else None  # this rank's heads' share
         self.kernels = kernels  # the implementation of the commit's gathers, the similarity and the attention
         self.groups = [
             _GroupStore(role, list(plan.heads(layer, role)), plan.params(role) if role != DENSE else None)
@@ -302,6 +305,8 @@ class LayerStore:
                 index = torch.cat([index, self._select(old, layout, first, p)], 1)
             self._reserve(g, old, sink)
             g.set_history(_gather(old, index, self.kernels))
+        if self.shard is not None and not self.plan.heads(self.layer, DYNAMIC):
+            self._similarity(self.groups[0].held, len(layout.candidates(self.plan.dynamic)))  # this rank's zeros
 
     def _reserve(self, g: _GroupStore, old: _Held, sink: list[int]) -> None:
         """Keep the protected sink frames in ``old`` the keep rule may drop (all but the window's ``sink``)."""
@@ -319,21 +324,32 @@ class LayerStore:
         """Indices ``[B, T]`` into ``old`` of the selected segments' tokens (``-1``: padding of short
         segments), one selection per batch item over all the group's heads."""
         cands = list(layout.candidates(p))
-        b, num_heads = old.pos.shape[0], old.k.shape[1]
+        b = old.pos.shape[0]
         if not cands or p.selected_segments == 0:
             return old.pos.new_empty((b, 0))
         f = layout.frame_tokens
         region_index = _frame_index(old, [first + j for j in cands] + [first + cands[-1] + 1], f)
         sim = fixed_scores(self.plan.segment_choice, p, len(cands), b, 1, old.k.device)
         if sim is None:
-            region = _gather(old, region_index.expand(b, -1), self.kernels).k
-            everyone = torch.arange(num_heads, device=old.k.device)[None]
-            sim = self.kernels.segment_similarity(region, everyone, 0, len(cands), f, p.segments_per_frame)
+            sim = self._similarity(_gather(old, region_index.expand(b, -1), self.kernels), len(cands))
         chosen = lowest_segments(sim, p)[:, 0]  # [B, k]
         table = segment_table(f, p.segments_per_frame, len(cands), old.k.device)
         tokens = table.start[chosen][..., None] + torch.arange(table.max_length, device=old.k.device)  # [B, k, Lseg]
         valid = tokens < table.end[chosen][..., None]
         return torch.where(valid, region_index[torch.where(valid, tokens, 0)], -1).flatten(1)
+
+    def _similarity(self, region: _Held, num_candidates: int) -> torch.Tensor:
+        """Similarity ``[B, 1, nc * P]`` of the candidate frames and the frame after them, ``region``'s tokens in
+        order, over all the group's heads (under head parallelism: every rank's dynamic heads)."""
+        p = self.plan.dynamic
+        if not num_candidates or p.selected_segments == 0:
+            return region.k.new_empty((region.k.shape[0], 1, 0), dtype=torch.float32)
+        f, heads = self.plan.frame_tokens, self.plan.heads(self.layer, DYNAMIC)
+        if self.shard is not None:
+            return self.shard.layer_similarity(region.k, tuple(range(len(heads))), 0, num_candidates, f,
+                                               p.segments_per_frame)
+        everyone = torch.arange(len(heads), device=region.k.device)[None]
+        return self.kernels.segment_similarity(region.k, everyone, 0, num_candidates, f, p.segments_per_frame)
 
     # -- reading ---------------------------------------------------------------------------------
     def attention(self, q: torch.Tensor, window: tuple[int, int], scale: float | None) -> torch.Tensor:

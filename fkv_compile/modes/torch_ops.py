@@ -7,7 +7,8 @@ runs is decided once per device and configuration in :mod:`.dispatch`.
   group's tokens are gathered (or sliced, for one range shared by the whole group) and attended
   with one SDPA call, so the time follows the kept tokens, not the window;
 - :func:`segment_similarity`: cosine of every token's key with the same token one frame later,
-  averaged per segment (:func:`fkv_compile.semantics.segment_table`), vectorized;
+  averaged per segment (:func:`fkv_compile.semantics.segment_table`), vectorized, from partial sums
+  (:func:`similarity_partials`) that head parallelism all-reduces across ranks;
 - :func:`gather_tokens`: the tokens of an index, zeros for padding slots.
 
 Shape legend: ``B`` batch, ``H`` heads of q, ``G`` heads of k/v, ``Lq``/``Lk`` tokens, ``D`` head dim,
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from ..semantics import COSINE_EPS, check_candidate_region, segment_table
 
-__all__ = ["range_attention", "segment_similarity", "gather_tokens"]
+__all__ = ["range_attention", "segment_similarity", "similarity_partials", "similarity_from_partials", "gather_tokens"]
 
 
 def _range_tokens(starts: torch.Tensor, ends: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +80,38 @@ def range_attention(
     return out
 
 
+def similarity_partials(
+    keys: torch.Tensor,
+    groups: torch.Tensor,
+    first_frame: int,
+    num_candidates: int,
+    frame_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums a similarity is made of, over the heads of each group and the head dim (fp32): ``dots``
+    ``[B, G, nc, F]`` (each candidate token's key with the same token one frame later) and ``squares``
+    ``[B, G, nc + 1, F]`` (squared key norms of the candidates and the frame after them). Sums of partial sums
+    over disjoint heads are the sums over all of them: head parallelism all-reduces these."""
+    f, nc = frame_tokens, num_candidates
+    g, hg = groups.shape
+    region = keys[:, groups.flatten().to(keys.device), first_frame * f : (first_frame + nc + 1) * f].float()
+    x = region.unflatten(1, (g, hg)).unflatten(3, (nc + 1, f))  # [B, G, Hg, nc + 1, F, D]
+    squares = x.square().sum((2, 5))  # [B, G, nc + 1, F]
+    dots = (x[:, :, :, :-1] * x[:, :, :, 1:]).sum((2, 5))  # [B, G, nc, F]
+    return dots, squares
+
+
+def similarity_from_partials(dots: torch.Tensor, squares: torch.Tensor, segments: int) -> torch.Tensor:
+    """Similarity ``[B, G, nc * P]`` (fp32, frame-major): the cosine of every token (norms clamped at
+    :data:`~fkv_compile.semantics.COSINE_EPS`) averaged over each segment."""
+    f = dots.shape[-1]
+    norms = squares.sqrt().clamp_min(COSINE_EPS)
+    cos = dots / (norms[:, :, :-1] * norms[:, :, 1:])  # [B, G, nc, F]
+    table = segment_table(f, segments, dots.shape[2], dots.device)
+    cum = F.pad(cos.flatten(2).cumsum(-1, dtype=torch.float64), (1, 0))  # prefix sums over the candidates' tokens
+    sums = cum[..., table.end] - cum[..., table.start]
+    return (sums / (table.end - table.start)).float()
+
+
 def segment_similarity(
     keys: torch.Tensor,
     groups: torch.Tensor,
@@ -90,21 +123,11 @@ def segment_similarity(
     """Similarity ``[B, G, num_candidates * P]`` (fp32, frame-major) of the candidate frames
     ``[first_frame, first_frame + num_candidates)`` of ``keys`` ``[B, H, L, D]``, each against the next
     frame; ``groups`` ``[G, Hg]``: the heads whose keys each selection concatenates."""
-    b, _, length, _ = keys.shape
-    f, nc = frame_tokens, num_candidates
-    check_candidate_region(length, first_frame, nc, f, segments)
-    g, hg = groups.shape
-    if nc == 0:
-        return keys.new_empty((b, g, 0), dtype=torch.float32)
-    region = keys[:, groups.flatten().to(keys.device), first_frame * f : (first_frame + nc + 1) * f].float()
-    x = region.unflatten(1, (g, hg)).unflatten(3, (nc + 1, f))  # [B, G, Hg, nc + 1, F, D]
-    x = x.permute(0, 1, 3, 4, 2, 5).flatten(4)  # [B, G, nc + 1, F, Hg * D]
-    norms = x.norm(dim=-1).clamp_min(COSINE_EPS)
-    cos = (x[:, :, :-1] * x[:, :, 1:]).sum(-1) / (norms[:, :, :-1] * norms[:, :, 1:])  # [B, G, nc, F]
-    table = segment_table(f, segments, nc, keys.device)
-    cum = F.pad(cos.flatten(2).cumsum(-1, dtype=torch.float64), (1, 0))  # prefix sums over the candidates' tokens
-    sums = cum[..., table.end] - cum[..., table.start]
-    return (sums / (table.end - table.start)).float()
+    check_candidate_region(keys.shape[2], first_frame, num_candidates, frame_tokens, segments)
+    if num_candidates == 0:
+        return keys.new_empty((keys.shape[0], groups.shape[0], 0), dtype=torch.float32)
+    dots, squares = similarity_partials(keys, groups, first_frame, num_candidates, frame_tokens)
+    return similarity_from_partials(dots, squares, segments)
 
 
 def gather_tokens(k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ from torch import nn
 from ..bundled import PLANS
 from ..config import OptionsError
 from ..modes.calibration import Calibrator, Geometry, GeometryError
+from ..modes.sharding import make_shard
 from ..modes.state import FrameRecord, Session, SiteAction
 from ..modes.store import compact_unsupported
 from ..plan import PlanError
@@ -86,13 +87,28 @@ def _traced_shape(site: AttentionSite) -> tuple[object, object, object]:
     return q[heads], q[tokens], k[tokens]
 
 
+def _shard_plan(session: Session, heads: int, where: str) -> None:
+    """Head parallelism: the site has ``heads`` of the plan's heads; from now on ``session.plan`` is this rank's."""
+    if session.shard is not None:
+        raise PlanError(f"plan does not match the model: {where} has {heads} heads, another attention of this rank "
+                        f"{session.plan.num_heads} (heads {session.shard.heads.start}-{session.shard.heads.stop - 1} "
+                        f"of the plan's {session.shard.plan.num_heads})")
+    shard = make_shard(session.plan, heads, session.config, where)
+    if session.config.mode == "oracle" and any(shard.spans(layer) for layer in range(shard.plan.num_layers)):
+        raise OptionsError("mode 'oracle' under head parallelism with selection='layer': the oracle is the "
+                           "single-process reference; compile it without a process group")
+    session.shard, session.plan = shard, shard.local
+    log.info("forcing_kv: head parallelism: rank %d of %d attends for heads %d-%d of the plan's %d", shard.rank,
+             shard.world_size, shard.heads.start, shard.heads.stop - 1, shard.plan.num_heads)
+
+
 def _check_plan_fits(site: AttentionSite, session: Session) -> None:
     """Heads and frame geometry of the plan against the shapes traced at this site (static sizes only)."""
-    plan = session.plan
     heads = _traced_shape(site)[0]
     where = f"the attention at {site.node.name} (keys from {site.k_window.source})"
-    if isinstance(heads, int) and heads != plan.num_heads:
-        raise PlanError(f"plan does not match the model: num_heads: plan has {plan.num_heads}, {where} has {heads}")
+    if isinstance(heads, int) and heads != session.plan.num_heads:
+        _shard_plan(session, heads, where)
+    plan = session.plan
     grown = site.k_window.grown
     # a preallocated cache's size is the longest window; a grown one's (or a window's from an earlier graph)
     # is only known per call
@@ -136,7 +152,8 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, session: Session, graph_id
         layer_key=site.layer_key_kind,
     )
     if config.mode == "compact":
-        unsupported = compact_unsupported(session.plan) if session.plan is not None else None
+        plan = session.shard.plan if session.shard is not None else session.plan
+        unsupported = compact_unsupported(plan) if plan is not None else None
         grown = site.k_window.pattern is CachePattern.CAT_GROWTH
         accesses = unsupported or _compact_pattern(site) or (match_grown(site) if grown else match_compact(site))
         if isinstance(accesses, CacheAccesses):

@@ -8,7 +8,7 @@ from typing import Any
 
 from ...bundled import PLANS, bundled_plan
 from ...plan import DENSE, PLAN_TYPE, REFERENCE_EMBEDDED, ROLES, HeadPlan, PlanError
-from ...semantics import kept_token_count
+from ...semantics import kept_token_count, rank_costs
 from .common import CliError, emit, load_plan
 from .targets import geometry_of
 
@@ -57,21 +57,17 @@ def _show_rows(plan: HeadPlan, window_frames: int, video_frames: int, head_dim: 
 
 
 def _rank_rows(plan: HeadPlan, world_size: int, window_frames: int) -> tuple[list[dict[str, Any]], float]:
-    """Kept tokens per rank under head parallelism (``plan.shard``), and the imbalance the per-layer all-to-all
-    makes visible: every layer waits for its slowest rank, so the time goes as the sum over layers of the largest
-    rank's kept tokens, against the sum of the means."""
+    """Kept tokens per rank under head parallelism (``plan.shard``) and their imbalance (``RankCosts``)."""
     try:
         shards = [plan.shard(r, world_size) for r in range(world_size)]
     except PlanError as exc:
         raise CliError(f"--ranks {world_size}: {exc}") from None
-    per_layer = [[sum(kept_token_count(s, role, window_frames) for role in s.roles[layer]) for s in shards]
-                 for layer in range(plan.num_layers)]
-    rows = [{"rank": r, "heads": f"{r * shards[0].num_heads}-{(r + 1) * shards[0].num_heads - 1}",
+    n = shards[0].num_heads
+    costs = rank_costs(plan, [range(r * n, (r + 1) * n) for r in range(world_size)], window_frames)
+    rows = [{"rank": r, "heads": f"{r * n}-{(r + 1) * n - 1}",
              "static": s.count("static"), "dynamic": s.count("dynamic"), "dense": s.count(DENSE),
-             "kept_tokens": sum(layer[r] for layer in per_layer)} for r, s in enumerate(shards)]
-    slowest = sum(max(layer) for layer in per_layer)
-    mean = sum(sum(layer) / world_size for layer in per_layer)
-    return rows, slowest / mean
+             "kept_tokens": kept} for r, (s, kept) in enumerate(zip(shards, costs.per_rank()))]
+    return rows, costs.imbalance
 
 
 def _mib(n: float) -> str:
