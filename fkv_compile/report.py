@@ -11,8 +11,9 @@ import torch
 
 from .modes.state import FrameRecord, LayerStats, Session, SiteRecord, session_for_options, session_of_compiled
 from .plan import DENSE, DYNAMIC, STATIC, HeadPlan
+from .semantics import rank_costs
 
-__all__ = ["Report", "LayerRow", "MemoryRow", "MemoryReport", "report", "memory_report", "is_released", "session_of",
+__all__ = ["Report", "LayerRow", "ShardRow", "MemoryRow", "MemoryReport", "report", "memory_report", "is_released", "session_of",
            "plan_of"]
 
 
@@ -37,6 +38,30 @@ class LayerRow:
 
 
 @dataclass(frozen=True)
+class ShardRow:
+    """Head parallelism (Ulysses): this rank's heads of the plan, the key tokens every rank attends to per chunk
+    at the longest window seen (from the global plan: the imbalance the all-to-all after attention waits on), and
+    the layer-level selection's all-reduces this rank took part in."""
+
+    rank: int
+    world_size: int
+    heads: tuple[int, int]  # [start, stop) of the plan's heads
+    plan_heads: int
+    window_frames: int
+    kept_per_rank: tuple[float, ...]
+    imbalance: float  # slowest rank over the mean, summed over layers (1.0: balanced)
+    reduce_calls: int
+    reduce_bytes: int
+
+    def line(self) -> str:
+        kept = ", ".join(f"{k:,.0f}" for k in self.kept_per_rank)
+        return (f"head parallel: rank {self.rank} of {self.world_size}, heads {self.heads[0]}-{self.heads[1] - 1} of "
+                f"{self.plan_heads}; key tokens per chunk by rank at a {self.window_frames}-frame window: [{kept}] "
+                f"(imbalance {self.imbalance:.3f}); selection all-reduces: {self.reduce_calls} "
+                f"({self.reduce_bytes:,} bytes)")
+
+
+@dataclass(frozen=True)
 class Report:
     mode: str
     graphs: int
@@ -46,6 +71,7 @@ class Report:
     frames: tuple[FrameRecord, ...] = ()  # code objects compiled, in order of first compile
     calibration: str = ""  # compiled without a plan: the calibration's state, else empty
     deferred: str = ""  # compact on LongLive's clone-and-defer caches: what became of the clones, else empty
+    shard: ShardRow | None = None  # head parallelism: this rank's share
 
     @property
     def recompiles(self) -> int:
@@ -65,6 +91,8 @@ class Report:
             lines.append(f"calibration: {self.calibration}")
         if self.deferred:
             lines.append(f"deferred cache clones: {self.deferred}")
+        if self.shard is not None:
+            lines.append(self.shard.line())
         for f in self.frames:
             if f.at_limit:
                 lines.append(f"WARNING: {f.function} hit torch._dynamo.config.recompile_limit ({f.compiles} compiles): "
@@ -210,10 +238,22 @@ def report(compiled: Any, *, print_table: bool = True, file: TextIO | None = Non
     memory = _memory(session) if session.stores else None
     result = Report(mode=session.config.mode, graphs=session.graphs, sites=tuple(session.sites), layers=rows, memory=memory,
                     frames=tuple(session.frames.values()), calibration=_calibration(session),
-                    deferred=session.deferred.summary())
+                    deferred=session.deferred.summary(), shard=_shard(session))
     if print_table:
         print(result.table(), file=file or sys.stdout)
     return result
+
+
+def _shard(session: Session) -> ShardRow | None:
+    shard = session.shard
+    if shard is None:
+        return None
+    plan = shard.plan
+    frames = max((stats.window for stats in session.layers.values()), default=0) // plan.frame_tokens
+    costs = rank_costs(plan, shard.all_heads, frames)
+    return ShardRow(rank=shard.rank, world_size=shard.world_size, heads=(shard.heads.start, shard.heads.stop),
+                    plan_heads=plan.num_heads, window_frames=frames, kept_per_rank=costs.per_rank(),
+                    imbalance=costs.imbalance, reduce_calls=shard.stats.calls, reduce_bytes=shard.stats.bytes)
 
 
 def _calibration(session: Session) -> str:
@@ -238,6 +278,8 @@ def _calibration(session: Session) -> str:
 
 def plan_of(compiled: Any, options: Mapping[str, Any] | None = None) -> HeadPlan | None:
     """The plan a model compiled with ``backend="forcing_kv"`` uses now: the one given, the bundled one at the
-    model's geometry, or the one it calibrated; ``None`` while it calibrates (save it with ``HeadPlan.save`` and
+    model's geometry (under head parallelism: the global plan, all ranks' heads), or the one it calibrated; ``None``
+    while it calibrates (save it with ``HeadPlan.save`` and
     pass it back as ``options={"plan": path}`` to skip calibration next time)."""
-    return session_of(compiled, "plan_of", options).plan
+    session = session_of(compiled, "plan_of", options)
+    return session.shard.plan if session.shard is not None else session.plan

@@ -142,7 +142,7 @@ def test_the_kept_fraction_counts_every_chunk_window():
 
 # -- the check can fail: a dense or wrong result, in every dtype ---------------------------------------------------
 
-def _dense_select(q, k, v, plan, layer, scale=None, kernels=None):
+def _dense_select(q, k, v, plan, layer, scale=None, kernels=None, shard=None):
     from fkv_compile.modes.select import KeptTokens
 
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -164,7 +164,8 @@ def _store_one_frame_more(monkeypatch):
     monkeypatch.setattr(state, "LayerStore", OneFrameMore)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+# float32 is the easy case (bf16 is what once passed a dense select): kept as an extra
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.slow), torch.bfloat16], ids=str)
 def test_the_check_fails_a_dense_select_and_a_compact_off_by_one_frame(dtype, monkeypatch):
     import fkv_compile.ops
 

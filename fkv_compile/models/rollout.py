@@ -58,7 +58,7 @@ def new_caches(
 ) -> tuple[list[KVCache], list[CrossCache]]:
     """Per-layer self-attention caches (dense, preallocated) and cross-attention caches."""
     lc = cfg.cache_frames * cfg.frame_tokens if cfg.cache_style != "cat" else 0  # "cat": grown per chunk
-    shape = (batch, lc, cfg.num_heads, cfg.head_dim)
+    shape = (batch, lc, cfg.rank_heads, cfg.head_dim)
     def index() -> torch.Tensor | int:
         return torch.tensor([0], dtype=torch.long, device=device) if cfg.index_style == "tensor" else 0
 
@@ -67,7 +67,7 @@ def new_caches(
          "global_end_index": index(), "local_end_index": index(), "recache": False}
         for _ in range(cfg.num_layers)
     ]
-    text_shape = (batch, cfg.text_len, cfg.num_heads, cfg.head_dim)
+    text_shape = (batch, cfg.text_len, cfg.num_heads, cfg.head_dim)  # cross-attention: every head, on its tokens
     cross = [
         {"k": torch.zeros(text_shape, dtype=dtype, device=device), "v": torch.zeros(text_shape, dtype=dtype, device=device),
          "is_init": False}

@@ -7,6 +7,12 @@ positions with a ``.tolist()`` loop, in-place slice writes, a rolling window wit
 ``fill_`` index updates, per-frame adaLN modulation, a cross-attention cache filled on first use,
 and SDPA in ``[B, H, L, D]`` after transposes. Every size comes from :class:`MiniConfig`, so the
 same classes run at real size (dim 1536, 12 heads, 30 layers, 1560 tokens per frame).
+
+``sequence_parallel=N`` runs it with Ulysses sequence parallelism over the ``N`` ranks of the default
+``torch.distributed`` group (as LongLive 2.0 and xDiT do): each rank embeds the whole chunk and keeps
+its ``1 / N`` of the tokens; in self-attention an all-to-all turns the token split into a head split
+(``[B, S/N, H, D] -> [B, S, H/N, D]``) before RoPE and the cache, so a rank's cache holds ``H / N``
+heads, and another turns it back after attention; the output tokens are gathered at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -59,6 +66,7 @@ class MiniConfig:
     # a graph break in the self-attention ("slots" caches): "after-write" (the window read and the attention
     # in the next graph), "before-attention" (the window arrives at the attention's graph as an input)
     graph_break: str = "none"
+    sequence_parallel: int = 1  # Ulysses over this many ranks of the default process group (see the module doc)
 
     def __post_init__(self) -> None:
         styles = ("slots", "absolute", "cat", "longlive", "rolling")
@@ -71,6 +79,15 @@ class MiniConfig:
             raise ValueError(f"lora_rank expected >= 0, got {self.lora_rank}")
         if self.cache_style in ("absolute", "cat") and self.window_frames is not None:
             raise ValueError(f"cache_style={self.cache_style!r} is global attention: window_frames must be None")
+        n = self.sequence_parallel
+        if n < 1 or self.num_heads % n or (self.chunk_frames * self.frame_tokens) % n:
+            raise ValueError(f"sequence_parallel expected a positive divisor of num_heads ({self.num_heads}) and of the "
+                             f"chunk's {self.chunk_frames * self.frame_tokens} tokens, got {n}")
+
+    @property
+    def rank_heads(self) -> int:
+        """Heads of one rank's attention and KV cache (all of them without sequence parallelism)."""
+        return self.num_heads // self.sequence_parallel
 
     @property
     def head_dim(self) -> int:
@@ -148,6 +165,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> torc
     return out.transpose(1, 2)
 
 
+def _all_to_all(send: torch.Tensor) -> torch.Tensor:
+    """Block ``j`` of ``send`` ``[N, ...]`` goes to rank ``j``; returns what each rank sent here, by rank."""
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send)
+    return received
+
+
+def sequence_to_heads(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Ulysses: ``[B, S/N, H, D]`` (this rank's tokens, all heads) -> ``[B, S, H/N, D]`` (all tokens, its heads)."""
+    b, s, h, d = x.shape
+    send = x.reshape(b, s, world_size, h // world_size, d).permute(2, 0, 1, 3, 4).contiguous()
+    return _all_to_all(send).permute(1, 0, 2, 3, 4).reshape(b, world_size * s, h // world_size, d)
+
+
+def heads_to_sequence(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Ulysses: ``[B, S, H/N, D]`` -> ``[B, S/N, H, D]``, the inverse of :func:`sequence_to_heads`."""
+    b, s, h, d = x.shape
+    send = x.reshape(b, world_size, s // world_size, h, d).permute(1, 0, 2, 3, 4).contiguous()
+    return _all_to_all(send).permute(1, 2, 0, 3, 4).reshape(b, s // world_size, world_size * h, d)
+
+
 def _read_index(kv_cache: KVCache, name: str) -> int:
     value = kv_cache[name]
     return value.item() if isinstance(value, torch.Tensor) else value
@@ -198,6 +236,7 @@ class CausalSelfAttention(nn.Module):
         self.rerotate = cfg.cache_style == "rolling"
         self.attention = cfg.attention
         self.graph_break = cfg.graph_break
+        self.sequence_parallel = cfg.sequence_parallel
         if cfg.attention == "varlen":
             register_flash_standin()
 
@@ -214,7 +253,9 @@ class CausalSelfAttention(nn.Module):
         q = self.norm_q(self.q(x)).view(b, s, n, d)
         k = self.norm_k(self.k(x)).view(b, s, n, d)
         v = self.v(x).view(b, s, n, d)
-
+        if self.sequence_parallel > 1:  # Ulysses: all tokens, this rank's heads
+            q, k, v = (sequence_to_heads(t, self.sequence_parallel) for t in (q, k, v))
+            s = q.shape[1]
         frame_tokens = math.prod(grid_sizes[0][1:]).item()
         current_start_frame = current_start // frame_tokens
         roped_q = rope_apply(q, grid_sizes, freqs, current_start_frame).type_as(v)
@@ -224,13 +265,13 @@ class CausalSelfAttention(nn.Module):
             k_all = torch.cat([kv_cache["k"][:, :current_start], roped_k], dim=1)
             v_all = torch.cat([kv_cache["v"][:, :current_start], v], dim=1)
             kv_cache["k"], kv_cache["v"] = k_all, v_all
-            return self.o(attend(roped_q, k_all, v_all, self.attention).flatten(2))
+            return self._project(attend(roped_q, k_all, v_all, self.attention))
         current_end = current_start + s
         if self.absolute:  # CausVid: the chunk's slots are its absolute positions
             kv_cache["k"][:, current_start:current_end] = roped_k
             kv_cache["v"][:, current_start:current_end] = v
             out = attend(roped_q, kv_cache["k"][:, :current_end], kv_cache["v"][:, :current_end], self.attention)
-            return self.o(out.flatten(2))
+            return self._project(out)
         sink_tokens = self.sink_size * frame_tokens
         # LongLive v1 works on clones and leaves the real cache to apply_deferred_cache_updates
         keys, values = (kv_cache[n].clone() for n in ("k", "v")) if self.defer else (kv_cache["k"], kv_cache["v"])
@@ -262,7 +303,7 @@ class CausalSelfAttention(nn.Module):
             k_w = torch.cat([keys[:, :sink_tokens], keys[:, start:local_end]], dim=1)
             v_w = torch.cat([values[:, :sink_tokens], values[:, start:local_end]], dim=1)
             kv_cache["deferred"] = (keys, values, current_end, local_end)
-            return self.o(attend(roped_q, k_w, v_w, self.attention).flatten(2))
+            return self._project(attend(roped_q, k_w, v_w, self.attention))
         window = slice(max(0, local_end - self.max_attention_tokens), local_end)
         if self.rerotate:  # positions relative to the window: every cached key is rotated anew at every call
             frames = (window.stop - window.start) // frame_tokens
@@ -279,6 +320,12 @@ class CausalSelfAttention(nn.Module):
             out = attend(roped_q, k_w, v_w, self.attention)
         write_index(kv_cache, "global_end_index", current_end)
         write_index(kv_cache, "local_end_index", local_end)
+        return self._project(out)
+
+    def _project(self, out: torch.Tensor) -> torch.Tensor:
+        """The output projection of the attention ``[B, S, H, D]`` (Ulysses: back to this rank's tokens first)."""
+        if self.sequence_parallel > 1:
+            out = heads_to_sequence(out, self.sequence_parallel)
         return self.o(out.flatten(2))
 
 
@@ -371,6 +418,12 @@ class CausalVideoDiT(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.in_channels * math.prod(cfg.patch))
         # a plain attribute, as in Wan: Module.to(dtype) would cast a complex buffer to real
         self.freqs = _rope_table(cfg.head_dim, cfg.rope_positions)
+        self.rank = 0
+        if cfg.sequence_parallel > 1:
+            if not (dist.is_initialized() and dist.get_world_size() == cfg.sequence_parallel):
+                raise ValueError(f"sequence_parallel={cfg.sequence_parallel} needs torch.distributed initialized with "
+                                 f"that many ranks")
+            self.rank = dist.get_rank()
 
     def forward(self, x, t, context, kv_cache, cross_cache, current_start: int):
         cfg = self.cfg
@@ -380,9 +433,17 @@ class CausalVideoDiT(nn.Module):
         h = h.flatten(2).transpose(1, 2)  # [B, F * h * w, C]
         e = self.time_embedding(_sinusoidal(cfg.freq_dim, t.flatten()).type_as(h))  # [B * F, C]
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (b, frames))  # [B, F, 6, C]
+        n = cfg.sequence_parallel
+        if n > 1:  # Ulysses: this rank's tokens, each with its frame's modulation (a "frame" of one token)
+            part = slice(self.rank * h.shape[1] // n, (self.rank + 1) * h.shape[1] // n)
+            h, e0 = h[:, part], e0.repeat_interleave(h.shape[1] // frames, dim=1)[:, part]
         ctx = self.text_embedding(context)
         for i, block in enumerate(self.blocks):
             h = block(h, e0, grid_sizes, self.freqs, ctx, kv_cache[i], cross_cache[i], current_start)
+        if n > 1:  # every rank's tokens, in order
+            gathered = h.new_empty((n * h.shape[0], *h.shape[1:]))  # [N * B, S/N, C], by rank
+            dist.all_gather_into_tensor(gathered, h.contiguous())
+            h = gathered.unflatten(0, (n, -1)).transpose(0, 1).flatten(1, 2)
         if cfg.cache_style == "longlive":
             apply_deferred_cache_updates(kv_cache)
         shift, scale = (self.head_modulation.unsqueeze(1) + e.unflatten(0, (b, frames)).unsqueeze(2)).chunk(2, dim=2)
