@@ -140,7 +140,7 @@ MUTATIONS = (
              "    if False:\n        return None, Declined(node, \"attention has an explicit attn_mask\"",
              ("tests/test_backend.py::test_unsupported_attention_is_left_alone_and_reported_or_raises_in_strict_mode",)),
     Mutation("passes: the plan's head count not checked", "passes/__init__.py",
-             "    if isinstance(heads, int) and heads != plan.num_heads:",
+             "    if isinstance(heads, int) and heads != session.plan.num_heads:",
              "    if False:",
              ("tests/test_backend.py::test_plan_for_another_model_is_rejected_naming_the_mismatch",)),
     Mutation("kernels: no softmax rescale of the accumulator", "kernels/attention.py",
@@ -151,6 +151,18 @@ MUTATIONS = (
              "c = tl.load(ptrs + F * s_kl, mask=ok, other=0.0).to(tl.float32)",
              "c = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)",
              ("tests/test_kernels.py::test_segment_similarity_matches_the_keep_rule",)),
+    Mutation("Ulysses: the layer selection's partial sums not all-reduced", "modes/sharding.py",
+             "        dist.all_reduce(sums, group=self.group)\n",
+             "",
+             ("tests/test_ulysses.py::test_two_ranks_select_and_compact_equal_the_single_device_oracle",)),
+    Mutation("Ulysses: every rank given the roles of the first heads", "modes/sharding.py",
+             "return self.plan.head_slice(self.heads)",
+             "return self.plan.head_slice(range(len(self.heads)))",
+             ("tests/test_ulysses.py::test_two_ranks_select_and_compact_equal_the_single_device_oracle",)),
+    Mutation("Ulysses: a rank without dynamic heads skips the all-reduce (a hang)", "modes/ranges.py",
+             "if shard is not None and not dyn and selects:",
+             "if False:",
+             ("tests/test_ulysses.py::test_two_ranks_select_and_compact_equal_the_single_device_oracle",)),
 )
 
 

@@ -35,6 +35,7 @@ class Scenario:
     chunks: int
     batch: int = 1
     options: tuple[tuple[str, Any], ...] = ()  # more backend options
+    explicit: bool = False  # name the layout: options process_group (a new group of every rank) and head_range
 
 
 def _free_port() -> int:
@@ -64,6 +65,9 @@ def _run(scenario: Scenario, world_size: int) -> dict[str, Any]:
     model = build(cfg)
     inputs = make_inputs(scenario.cfg, batch=scenario.batch, chunks=scenario.chunks)
     options = {"plan": scenario.plan, "mode": scenario.mode, "lowering": "aot_eager", **dict(scenario.options)}
+    if scenario.explicit:
+        per, rank = cfg.rank_heads, dist.get_rank()
+        options.update(process_group=dist.new_group(list(range(world_size))), head_range=(rank * per, (rank + 1) * per))
     compiled = torch.compile(model, backend="forcing_kv", options=options)
     try:
         outputs = rollout(compiled, cfg, inputs)

@@ -33,6 +33,10 @@ BAD = [
     ("calibration", {"frames": 3}, "option calibration: unknown keys \\['frames'\\]"),
     ("calibration", {"roles": {"retention": 2}}, "option calibration: roles: retention expected a float"),
     ("calibration", {"roles": {"recency": 2}}, "option calibration: roles: unknown plan parameter 'recency'"),
+    ("process_group", "world", "option process_group expected a torch.distributed ProcessGroup, got str"),
+    ("head_range", (3, 3), "option head_range expected \\(start, stop\\) ints with 0 <= start < stop"),
+    ("head_range", (0, 2.0), "option head_range expected"),
+    ("head_range", 4, "option head_range expected"),
 ]
 
 
@@ -70,7 +74,7 @@ def test_the_config_is_frozen():
 
 
 @pytest.mark.parametrize("fields", [{}, {"mode": "compact", "lowering": "aot_eager", "strict": True, "kv_recache": False,
-                                         "kernels": "torch"},
+                                         "kernels": "torch", "head_range": (2, 4)},
                                     {"mode": "profile", "kernels": "triton"}])
 def test_json_round_trip_is_exact(fields):
     config = Config(PLAN, **fields)
@@ -127,3 +131,16 @@ def test_geometry_options_apply_to_any_plan_and_are_checked_by_the_plan():
 def test_calibration_geometry_and_a_bundled_name_round_trip_through_json(options):
     config = Config.from_options(options)
     assert Config.from_json(config.to_json()) == config
+
+
+def test_a_config_with_a_process_group_refuses_to_serialize(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        config = Config.from_options({"plan": PLAN, "process_group": dist.group.WORLD, "head_range": [0, 2]})
+        assert config.head_range == (0, 2)
+        with pytest.raises(OptionsError, match="option process_group cannot be serialized"):
+            config.to_json()
+    finally:
+        dist.destroy_process_group()
