@@ -4,8 +4,9 @@ the single device.
 The ranks run the miniature with ``sequence_parallel=N`` (all-to-alls around the cache, per-rank caches of
 ``H / N`` heads) compiled with the global plan; the outputs they gather must match the single-process float64
 oracle of that plan within the single device's budget (:func:`rollouts.oracle_reference`, conclusive against
-dense attention and wrong kept sets). The plans are chosen so that in every layer some rank holds none of the
-dynamic heads (it must still take part in the selection's all-reduce, or the others hang).
+dense attention and wrong kept sets). The plans split some layer's dynamic heads over several ranks (only the
+all-reduce makes their selection) and leave some rank without a dynamic head in another layer (it must still take
+part in the all-reduce, or the others hang).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from rollouts import mixed_plan, oracle_reference
 WINDOWED = MiniConfig(dim=96, num_heads=6, num_layers=2, ffn_dim=96, window_frames=12, sink_frames=3)
 GLOBAL = dataclasses.replace(WINDOWED, window_frames=None, num_frames=15)
 CHUNKS = 5
-# layer 0: rank 1 of 2 holds no dynamic head, layer 1: rank 0 holds none
-ROLES = [["dynamic", "dynamic", "static", "static", "dense", "static"],
+# over 2 ranks: layer 0's dynamic heads sit on both (the all-reduce makes the selection), layer 1's on rank 1 only
+# (rank 0 must still join the all-reduce)
+ROLES = [["dynamic", "static", "static", "dynamic", "dense", "dynamic"],
          ["static", "dense", "static", "dynamic", "static", "dynamic"]]
 
 
