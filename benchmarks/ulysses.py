@@ -118,7 +118,8 @@ def main() -> None:
             out = str(Path(tmp) / f"allreduce{n}")
             mp.spawn(_time_all_reduce, args=(n, _port(), args.device, numel, args.repeats, out), nprocs=n)
             seconds = float(Path(out).read_text())
-            timings[n] = {"seconds_per_call": seconds, "select_ms_per_chunk": 1e3 * seconds * layers * FORWARDS_PER_CHUNK,
+            timings[n] = {"seconds_per_call": seconds,
+                          "select_ms_per_chunk": 1e3 * seconds * layers * FORWARDS_PER_CHUNK,
                           "compact_ms_per_chunk": 1e3 * seconds * layers}
             print(f"{n} ranks ({args.device}): all-reduce of {4 * numel:,} bytes {1e6 * seconds:.0f} us; per chunk "
                   f"({layers} layers with dynamic heads): select {timings[n]['select_ms_per_chunk']:.1f} ms "

@@ -85,7 +85,8 @@ def _check_head_parallelism(process_group: Any, head_range: Any) -> None:
               and all(isinstance(x, int) and not isinstance(x, bool) for x in head_range)
               and 0 <= head_range[0] < head_range[1])
         if not ok:
-            raise OptionsError(f"option head_range expected (start, stop) ints with 0 <= start < stop, got {head_range!r}")
+            raise OptionsError(f"option head_range expected (start, stop) ints with 0 <= start < stop, "
+                               f"got {head_range!r}")
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from .modes.state import FrameRecord, LayerStats, Session, SiteRecord, session_f
 from .plan import DENSE, DYNAMIC, STATIC, HeadPlan
 from .semantics import rank_costs
 
-__all__ = ["Report", "LayerRow", "ShardRow", "MemoryRow", "MemoryReport", "report", "memory_report", "is_released", "session_of",
-           "plan_of"]
+__all__ = ["Report", "LayerRow", "ShardRow", "MemoryRow", "MemoryReport", "report", "memory_report", "is_released",
+           "session_of", "plan_of"]
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,12 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed import HANG_TIMEOUT_S, Scenario, run_ranks
+from rollouts import mixed_plan, oracle_reference
+
 from fkv_compile import HeadPlan
 from fkv_compile.models import MiniConfig, build, make_inputs, rollout
 from fkv_compile.tools.testing import max_abs_error
-from rollouts import mixed_plan, oracle_reference
 
 WINDOWED = MiniConfig(dim=96, num_heads=6, num_layers=2, ffn_dim=96, window_frames=12, sink_frames=3)
 GLOBAL = dataclasses.replace(WINDOWED, window_frames=None, num_frames=15)
@@ -44,7 +44,8 @@ def _references(scenarios: list[Scenario]) -> dict[str, tuple[list[torch.Tensor]
     for s in scenarios:
         key = (s.cfg, json.dumps(s.plan.to_dict()), s.batch, s.chunks)
         if key not in made:
-            made[key] = oracle_reference(build(s.cfg), s.cfg, make_inputs(s.cfg, batch=s.batch, chunks=s.chunks), s.plan)
+            inputs = make_inputs(s.cfg, batch=s.batch, chunks=s.chunks)
+            made[key] = oracle_reference(build(s.cfg), s.cfg, inputs, s.plan)
         out[s.name] = made[key]
     return out
 
@@ -124,7 +125,8 @@ def test_a_group_of_one_is_bit_identical_to_no_group(tmp_path):
 
     alone = run()
     store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=HANG_TIMEOUT_S))
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=HANG_TIMEOUT_S))
     try:
         grouped = run()
         wrong = HeadPlan.from_roles([r * 2 for r in plan.roles], frame_tokens=cfg.frame_tokens, chunk_frames=3)

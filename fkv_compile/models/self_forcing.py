@@ -81,8 +81,8 @@ class MiniConfig:
             raise ValueError(f"cache_style={self.cache_style!r} is global attention: window_frames must be None")
         n = self.sequence_parallel
         if n < 1 or self.num_heads % n or (self.chunk_frames * self.frame_tokens) % n:
-            raise ValueError(f"sequence_parallel expected a positive divisor of num_heads ({self.num_heads}) and of the "
-                             f"chunk's {self.chunk_frames * self.frame_tokens} tokens, got {n}")
+            raise ValueError(f"sequence_parallel expected a positive divisor of num_heads ({self.num_heads}) and of "
+                             f"the chunk's {self.chunk_frames * self.frame_tokens} tokens, got {n}")
 
     @property
     def rank_heads(self) -> int:

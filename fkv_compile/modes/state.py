@@ -182,8 +182,8 @@ class Session:
 
     def store(self, layer: int, device: torch.device) -> LayerStore:
         if layer not in self.stores:
-            self.stores[layer] = LayerStore(self.plan, layer, self.kernels(device), keep_protected=self.config.kv_recache,
-                                            shard=self.shard)
+            self.stores[layer] = LayerStore(self.plan, layer, self.kernels(device),
+                                            keep_protected=self.config.kv_recache, shard=self.shard)
         return self.stores[layer]
 
     def release(self, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
