@@ -4,7 +4,7 @@ LongLive runs its own cache pattern (v1's per-layer clone, ``cat(sink, window)``
 layers) with its reference plan, in ``compact`` twice: with the KV-recache reserve (the default,
 exact after a prompt switch) and without it (``kv_recache=False``).
 
-Each configuration runs in its own process so that peak RSS (``ru_maxrss``) is its own. Both use
+Each configuration runs in its own process so that peak RSS (``VmHWM``) is its own. Both use
 ``aot_eager`` lowering (same compile overhead). Real size is 1560 tokens per frame, 30 layers,
 bf16; the scale used here is printed and KV bytes scale linearly in tokens, layers and bytes per
 element, so the real-size numbers follow by arithmetic (printed too).
@@ -23,7 +23,7 @@ from pathlib import Path
 from common import write_results
 
 from fkv_compile.tools.bench import GEOMETRIES as ALL_GEOMETRIES
-from fkv_compile.tools.bench import in_fresh_process
+from fkv_compile.tools.bench import in_fresh_process, peak_rss
 
 PLANS = Path(__file__).resolve().parents[1] / "fkv_compile" / "plans"
 GEOMETRIES = {name: ALL_GEOMETRIES[name] for name in ("self-forcing-5s", "longlive-window")}
@@ -59,7 +59,7 @@ def run_one(geometry: str, mode: str, layers: int, latent: tuple[int, int]) -> d
         rollout(compiled, cfg, inputs, caches=(kv, cross))
     kv_bytes = dense_bytes if mode == "dense" else fkv_compile.memory_report(compiled).compact_bytes
     return {"geometry": geometry, "mode": mode, "kv_bytes": kv_bytes, "dense_kv_bytes": dense_bytes,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss(),
             "frame_tokens": cfg.frame_tokens, "layers": layers, "static_heads": plan.count("static"),
             "heads": plan.num_layers * plan.num_heads}
 

@@ -106,6 +106,8 @@ def test_fkv_bench_runs_end_to_end_and_writes_its_files(tmp_path):
     for r in out["rollout"].values():
         assert len(r["chunk_s"]) == 5 and all(t > 0 for t in r["chunk_s"])
         assert 0 < r["attention_share"] < 1 and r["graphs_after_warmup"] == 0
+        shares = [o["share"] for o in r["top_ops"]]  # the per-op profile: most self time first
+        assert len(shares) == 8 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
     compact, dense = out["rollout"]["compact"], out["rollout"]["dense"]
     assert compact["kv_bytes"] < dense["kv_bytes"] == dense["dense_kv_bytes"]
     assert set(out["ratios_vs_dense"]) == {"select", "compact"} and 0 < out["kept_fraction"] < 1

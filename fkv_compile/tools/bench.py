@@ -49,7 +49,7 @@ from ..plan import DYNAMIC, STATIC, HeadPlan
 from ..semantics import kept_token_count
 
 __all__ = ["BenchGeometry", "GEOMETRIES", "BenchSettings", "run_bench", "median_seconds", "in_fresh_process",
-           "pregathered", "flex_call", "kept_fraction", "amdahl"]
+           "pregathered", "flex_call", "kept_fraction", "amdahl", "peak_rss"]
 
 MODES = ("dense", "select", "compact")
 ATTENTION_OPS = ("fkv::select_attention", "fkv::store_attention", "fkv::oracle_attention")
@@ -139,6 +139,16 @@ def _rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss() -> int:
+    """This process's peak resident bytes: the high-water mark of its own address space (``VmHWM``).
+    ``ru_maxrss`` is not that: Linux carries the parent's RSS at fork across ``exec`` into it."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _attention_seconds(prof: torch.profiler.profile) -> float:
     """Time in attention: top-level SDPA calls and the fkv ops (not their children twice)."""
     total = 0.0
@@ -152,6 +162,17 @@ def _attention_seconds(prof: torch.profiler.profile) -> float:
         if parent is None:
             total += (e.device_time_total if e.device_time_total else e.cpu_time_total) / 1e6
     return total
+
+
+def _top_ops(prof: torch.profiler.profile, seconds: float, count: int = 8) -> list[dict[str, Any]]:
+    """The ``count`` ops with the most self time over the profiled video (device time on GPUs), with their share."""
+    rows = []
+    for e in prof.key_averages():
+        self_us = e.self_device_time_total if e.self_device_time_total else e.self_cpu_time_total
+        name = "Inductor kernels (one compiled graph)" if e.key.startswith("## Call CompiledFxGraph") else e.key
+        rows.append({"op": name, "self_s": self_us / 1e6, "calls": e.count})
+    rows.sort(key=lambda r: -r["self_s"])
+    return [{**r, "share": r["self_s"] / seconds if seconds else math.nan} for r in rows[:count]]
 
 
 def rollout_one_mode(s: BenchSettings, mode: str) -> dict[str, Any]:
@@ -194,7 +215,7 @@ def rollout_one_mode(s: BenchSettings, mode: str) -> dict[str, Any]:
         kv_per_chunk, rss_per_chunk = kv_now, rss_now
     # before the profiled video: the profiler's event buffers grow with the number of ops run, which is
     # larger for the compressed modes (gathers, sorts) and would be counted as their memory
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if clock.cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         profiled = video()
@@ -205,8 +226,9 @@ def rollout_one_mode(s: BenchSettings, mode: str) -> dict[str, Any]:
         "compile_s": max(0.0, first - video_s), "fps": 4 * latent_frames / video_s,
         "chunk_s": [statistics.median(c) for c in zip(*chunk_times)],
         "attention_share": _attention_seconds(prof) / profiled if profiled else math.nan,
+        "top_ops": _top_ops(prof, profiled),
         "kv_bytes": kv_per_chunk[-1], "kv_bytes_per_chunk": kv_per_chunk, "rss_bytes_per_chunk": rss_per_chunk,
-        "dense_kv_bytes": dense_kv, "peak_rss_bytes": peak_rss,
+        "dense_kv_bytes": dense_kv, "peak_rss_bytes": peak,
         "graphs_after_warmup": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_after_warmup,
         "static_heads": plan.count(STATIC), "heads": plan.num_layers * plan.num_heads,
     }

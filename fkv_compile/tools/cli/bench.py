@@ -45,6 +45,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              + f"  attention {100 * r['attention_share']:4.1f}%  KV {r['kv_bytes'] / 2**20:8.1f} MiB"
                              + f"  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB  compile {r['compile_s']:6.1f} s"
                              + f"  recompiles {r['graphs_after_warmup']}  FPS {r['fps']:.2f}")
+                lines.append("    self time by op: " + ", ".join(f"{o['op']} {100 * o['share']:.1f}% ({o['calls']})"
+                                                           for o in r["top_ops"]))
             if "clone_s_per_chunk" in result:
                 lines.append(f"  LongLive's per-layer cache clones: {1e3 * result['clone_s_per_chunk']:.1f} ms per chunk in "
                              "dense and select, none in compact")
