@@ -160,7 +160,7 @@ MUTATIONS = (
              "return self.plan.head_slice(range(len(self.heads)))",
              ("tests/test_ulysses.py::test_two_ranks_select_and_compact_equal_the_single_device_oracle",)),
     Mutation("Ulysses: a rank without dynamic heads skips the all-reduce (a hang)", "modes/ranges.py",
-             "if shard is not None and not dyn and selects:",
+             "if shard is not None and not dyn and available:",
              "if False:",
              ("tests/test_ulysses.py::test_two_ranks_select_and_compact_equal_the_single_device_oracle",)),
 )

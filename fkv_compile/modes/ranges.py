@@ -37,10 +37,10 @@ def select_ranges(k: torch.Tensor, plan: HeadPlan, layer: int, layout: WindowLay
     dyn = plan.heads(layer, DYNAMIC)
     p_dyn = plan.dynamic
     cands = layout.candidates(p_dyn)
-    selects = selected_count(p_dyn, len(cands) * p_dyn.segments_per_frame) > 0
-    if shard is not None and not dyn and selects:
+    available = selected_count(p_dyn, len(cands) * p_dyn.segments_per_frame)
+    if shard is not None and not dyn and available:
         shard.layer_similarity(k, dyn, cands.start, len(cands), f, p_dyn.segments_per_frame)  # this rank's zeros
-    count = selected_count(p_dyn, len(cands) * p_dyn.segments_per_frame) if dyn else 0
+    count = available if dyn else 0
     starts = torch.zeros((b, num_heads, 2 + count), dtype=torch.long, device=k.device)
     ends = torch.zeros_like(starts)
     for role in ROLES:
