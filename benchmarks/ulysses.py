@@ -103,8 +103,7 @@ def main() -> None:
     plan = bundled_plan("self-forcing")
     imbalance = {}
     for n in (2, 3, 4, 6):
-        per = plan.num_heads // n
-        costs = rank_costs(plan, [range(r * per, (r + 1) * per) for r in range(n)], WINDOW_FRAMES)
+        costs = rank_costs(plan, plan.shard_heads(n), WINDOW_FRAMES)
         imbalance[n] = {"kept_tokens_per_rank": list(costs.per_rank()), "imbalance": costs.imbalance}
         print(f"self-forcing plan over {n} ranks: imbalance {costs.imbalance:.3f}, key tokens per chunk by rank "
               f"{[round(k) for k in costs.per_rank()]}")

@@ -212,18 +212,27 @@ class HeadPlan:
     def count(self, role: str) -> int:
         return sum(row.count(role) for row in self.roles)
 
+    def shard_heads(self, world_size: int) -> tuple[range, ...]:
+        """Every rank's heads under head parallelism (Ulysses): contiguous ``num_heads / world_size`` slices, by
+        rank."""
+        if isinstance(world_size, bool) or not isinstance(world_size, int):
+            raise PlanError(f"world_size expected an int, got {world_size!r}")
+        if world_size < 1:
+            raise PlanError(f"world_size expected >= 1, got {world_size}")
+        if self.num_heads % world_size:
+            raise PlanError(f"the plan's {self.num_heads} heads do not split evenly over {world_size} ranks")
+        n = self.num_heads // world_size
+        return tuple(range(r * n, (r + 1) * n) for r in range(world_size))
+
     def shard(self, rank: int, world_size: int) -> HeadPlan:
-        """The plan of one rank under head parallelism (Ulysses): its contiguous ``num_heads / world_size`` heads
-        of every layer, the rest unchanged. Layer-level selection still spans every rank's dynamic heads."""
+        """The plan of one rank under head parallelism (Ulysses): its slice of :meth:`shard_heads` in every layer,
+        the rest unchanged. Layer-level selection still spans every rank's dynamic heads."""
         for name, value in (("world_size", world_size), ("rank", rank)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise PlanError(f"{name} expected an int, got {value!r}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise PlanError(f"rank expected in [0, world_size), world_size >= 1; got rank {rank}, world_size {world_size}")
-        if self.num_heads % world_size:
-            raise PlanError(f"the plan's {self.num_heads} heads do not split evenly over {world_size} ranks")
-        n = self.num_heads // world_size
-        return self.head_slice(range(rank * n, (rank + 1) * n))
+        return self.head_slice(self.shard_heads(world_size)[rank])
 
     def head_slice(self, heads: range) -> HeadPlan:
         """The plan of the heads ``heads`` (a contiguous range of this plan's) of every layer, the rest unchanged."""

@@ -46,9 +46,12 @@ class HeadShard:
     heads: range
     group: dist.ProcessGroup
     rank: int
-    world_size: int
     all_heads: tuple[range, ...]  # every rank's slice, by rank in the group
     stats: ReduceStats = field(default_factory=ReduceStats, compare=False)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.all_heads)
 
     @property
     def local(self) -> HeadPlan:
@@ -109,7 +112,7 @@ def _local_slice(plan: HeadPlan, traced_heads: int, config: Config, rank: int, w
         raise PlanError(f"plan does not match the model: num_heads: plan has {plan.num_heads}, {where} has "
                         f"{traced_heads} on each of {world_size} ranks ({traced_heads * world_size} in all); a plan "
                         "for another model, or another head layout (options head_range, process_group)")
-    return range(rank * traced_heads, (rank + 1) * traced_heads)
+    return plan.shard_heads(world_size)[rank]
 
 
 def make_shard(plan: HeadPlan, traced_heads: int, config: Config, where: str) -> HeadShard:
@@ -137,5 +140,4 @@ def make_shard(plan: HeadPlan, traced_heads: int, config: Config, where: str) ->
     if covered != list(range(plan.num_heads)):
         raise PlanError(f"the ranks' heads {[(s.start, s.stop) for s in slices]} do not cover the plan's "
                         f"{plan.num_heads} heads exactly once; fix option head_range")
-    return HeadShard(plan=plan, heads=slices[rank], group=group, rank=rank, world_size=world_size,
-                     all_heads=tuple(slices))
+    return HeadShard(plan=plan, heads=slices[rank], group=group, rank=rank, all_heads=tuple(slices))

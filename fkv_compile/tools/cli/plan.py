@@ -59,14 +59,14 @@ def _show_rows(plan: HeadPlan, window_frames: int, video_frames: int, head_dim: 
 def _rank_rows(plan: HeadPlan, world_size: int, window_frames: int) -> tuple[list[dict[str, Any]], float]:
     """Kept tokens per rank under head parallelism (``plan.shard``) and their imbalance (``RankCosts``)."""
     try:
-        shards = [plan.shard(r, world_size) for r in range(world_size)]
+        heads = plan.shard_heads(world_size)
     except PlanError as exc:
         raise CliError(f"--ranks {world_size}: {exc}") from None
-    n = shards[0].num_heads
-    costs = rank_costs(plan, [range(r * n, (r + 1) * n) for r in range(world_size)], window_frames)
-    rows = [{"rank": r, "heads": f"{r * n}-{(r + 1) * n - 1}",
+    costs = rank_costs(plan, heads, window_frames)
+    shards = [plan.head_slice(h) for h in heads]
+    rows = [{"rank": r, "heads": f"{h.start}-{h.stop - 1}",
              "static": s.count("static"), "dynamic": s.count("dynamic"), "dense": s.count(DENSE),
-             "kept_tokens": kept} for r, (s, kept) in enumerate(zip(shards, costs.per_rank()))]
+             "kept_tokens": kept} for r, (h, s, kept) in enumerate(zip(heads, shards, costs.per_rank()))]
     return rows, costs.imbalance
 
 
