@@ -73,3 +73,29 @@ def attention_inputs(draw, plan: HeadPlan, *, batch: int | None = None, fits: bo
     k = torch.randn(b, plan.num_heads, lk, d, generator=gen, dtype=torch.float64)
     v = torch.randn(b, plan.num_heads, lk, d, generator=gen, dtype=torch.float64)
     return q, k, v
+
+
+def ranges_mask(starts: torch.Tensor, ends: torch.Tensor, lk: int) -> torch.Tensor:
+    """``[B, G, Lk]``: the key tokens inside any of the ranges ``[B, G, R]``."""
+    pos = torch.arange(lk)
+    return ((pos >= starts[..., None]) & (pos < ends[..., None])).any(-2)
+
+
+@st.composite
+def ragged_ranges(draw, b, heads, lk):
+    """Disjoint ranges per (batch item, head): one range, many small ones, or random cuts; never all empty."""
+    starts = torch.zeros(b, heads, 8, dtype=torch.int32)
+    ends = torch.zeros_like(starts)
+    for bi in range(b):
+        for h in range(heads):
+            kind = draw(st.sampled_from(["one", "many-small", "random"]))
+            if kind == "one":
+                s = draw(st.integers(0, lk - 1))
+                spans = [(s, draw(st.integers(s + 1, lk)))]
+            else:
+                cuts = sorted(draw(st.lists(st.integers(0, lk), min_size=2, max_size=16, unique=True)))
+                spans = [(a, e if kind == "random" else min(e, a + 3)) for a, e in zip(cuts[::2], cuts[1::2])]
+                spans = [(a, e) for a, e in spans if e > a] or [(0, 1)]
+            for r, (a, e) in enumerate(spans[:8]):
+                starts[bi, h, r], ends[bi, h, r] = a, e
+    return starts, ends

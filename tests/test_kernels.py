@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from strategies import attention_inputs, plans  # noqa: E402
+from strategies import attention_inputs, plans, ragged_ranges, ranges_mask  # noqa: E402
 
 from fkv_compile import HeadPlan, kernels  # noqa: E402
 from fkv_compile.config import Config, OptionsError  # noqa: E402
@@ -42,31 +42,6 @@ INTERPRETED = settings(settings.default, max_examples=min(settings.default.max_e
     if settings.default.max_examples <= 40 else settings.default
 
 
-def _ranges_mask(starts, ends, lk):
-    pos = torch.arange(lk)
-    return ((pos >= starts[..., None]) & (pos < ends[..., None])).any(-2)  # [B, G, Lk]
-
-
-@st.composite
-def ragged_ranges(draw, b, heads, lk):
-    """Disjoint ranges per (batch item, head): one range, many small ones, or random cuts; never all empty."""
-    starts = torch.zeros(b, heads, 8, dtype=torch.int32)
-    ends = torch.zeros_like(starts)
-    for bi in range(b):
-        for h in range(heads):
-            kind = draw(st.sampled_from(["one", "many-small", "random"]))
-            if kind == "one":
-                s = draw(st.integers(0, lk - 1))
-                spans = [(s, draw(st.integers(s + 1, lk)))]
-            else:
-                cuts = sorted(draw(st.lists(st.integers(0, lk), min_size=2, max_size=16, unique=True)))
-                spans = [(a, e if kind == "random" else min(e, a + 3)) for a, e in zip(cuts[::2], cuts[1::2])]
-                spans = [(a, e) for a, e in spans if e > a] or [(0, 1)]
-            for r, (a, e) in enumerate(spans[:8]):
-                starts[bi, h, r], ends[bi, h, r] = a, e
-    return starts, ends
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @INTERPRETED
 @given(data=st.data())
@@ -81,7 +56,7 @@ def test_range_attention_matches_the_float64_oracle(dtype, data):
     else:
         q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     starts, ends = data.draw(ragged_ranges(b, h, lk))
-    mask = _ranges_mask(starts, ends, lk)[:, :, None, :]
+    mask = ranges_mask(starts, ends, lk)[:, :, None, :]
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
     low = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     out, lse = range_attention(q, k, v, starts, ends, return_lse=True)
@@ -161,7 +136,7 @@ def test_mask_runs_cover_exactly_the_mask(rows):
     mask = torch.tensor(rows, dtype=torch.bool)
     starts, ends = mask_runs(mask)
     assert bool((starts <= ends).all())
-    assert torch.equal(_ranges_mask(starts, ends, mask.shape[1]), mask)
+    assert torch.equal(ranges_mask(starts, ends, mask.shape[1]), mask)
 
 
 @INTERPRETED
@@ -175,7 +150,7 @@ def test_select_ranges_are_the_keep_mask(data):
 
     layout = window_layout(q.shape[2], k.shape[2], plan.frame_tokens, plan.chunk_frames)
     starts, ends = select_ranges(k, plan, 0, layout, TRITON)
-    assert torch.equal(_ranges_mask(starts, ends, k.shape[2]), keep_mask(k, plan, 0, q.shape[2]))
+    assert torch.equal(ranges_mask(starts, ends, k.shape[2]), keep_mask(k, plan, 0, q.shape[2]))
     assert bool(((ends - starts).sum(-1) == keep_mask(k, plan, 0, q.shape[2]).sum(-1)).all()), "ranges overlap"
 
 

@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from strategies import attention_inputs, plans
+from strategies import attention_inputs, plans, ragged_ranges, ranges_mask
 
 from fkv_compile import HeadPlan
+from fkv_compile.modes import torch_ops
 from fkv_compile.modes.select import compressed_attention
 from fkv_compile.semantics import keep_mask, oracle_attention
 from fkv_compile.tools.testing import assert_within_budget, error_budget, selection_margin
@@ -69,3 +70,49 @@ def test_uneven_segments_with_strided_inputs(selection):
     ref = oracle_attention(q.double(), k.double(), v.double(), plan, 0)
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
     assert kept.kept[3].item() == 63.0 and kept.kept[1].item() == (1 + 1 + 2) * 7
+
+
+def _laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values ``[B, H, L, D]`` in the memory layouts a caller can hand the op."""
+    if layout == "model":  # [B, L, H, D] seen as [B, H, L, D]
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "window":  # a slice of a longer cache in the model's layout: a storage offset
+        cache = torch.randn(x.shape[0], x.shape[2] + 5, x.shape[1], x.shape[3], dtype=x.dtype)
+        cache[:, 3 : 3 + x.shape[2]] = x.transpose(1, 2)
+        return cache[:, 3 : 3 + x.shape[2]].transpose(1, 2)
+    if layout == "padded":  # rows of D + 3 elements whose last 3 belong to something else (a fused projection)
+        wide = torch.randn(x.shape[0], x.shape[2], x.shape[1], x.shape[3] + 3, dtype=x.dtype)
+        wide[..., : x.shape[3]] = x.transpose(1, 2)
+        return wide[..., : x.shape[3]].transpose(1, 2)
+    if layout == "head-dim strided":  # no unit stride in the last dim
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return x.contiguous()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@given(data=st.data())
+def test_torch_range_attention_matches_the_float64_oracle_in_any_layout(dtype, data):
+    b, h = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 4))
+    lq, lk, d = data.draw(st.integers(1, 20)), data.draw(st.integers(1, 60)), data.draw(st.sampled_from([4, 16]))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    q, k, v = (torch.randn(b, h, n, d, generator=gen).to(dtype) for n in (lq, lk, lk))
+    q, k, v = (_laid_out(x, data.draw(st.sampled_from(["contiguous", "model", "window", "padded", "head-dim strided"])))
+               for x in (q, k, v))
+    starts, ends = data.draw(ragged_ranges(b, h, lk))
+    if data.draw(st.booleans(), label="every head the same ranges (sliced, not gathered)"):
+        starts, ends = starts[:, :1].expand_as(starts), ends[:, :1].expand_as(ends)
+    mask = ranges_mask(starts, ends, lk)[:, :, None, :]
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    low = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = torch_ops.range_attention(q, k, v, starts, ends)
+    assert out.dtype == dtype and out.shape == q.shape
+    budget = error_budget(low, ref, floor=4 * torch.finfo(dtype).eps)
+    assert_within_budget(out, ref, budget, f"torch ranges {dtype}")
+    # a store's head group: k/v head g serves q head order[g] of a wider q, in place; the other q head is left alone
+    *order, other = data.draw(st.permutations(range(h + 1)))
+    wide_q = torch.randn(b, h + 1, lq, d, generator=gen).to(dtype)
+    wide_q[:, order] = q
+    served = torch.full_like(wide_q, 7.0)
+    torch_ops.range_attention(wide_q, k, v, starts, ends, q_heads=torch.tensor(order), out=served)
+    assert_within_budget(served[:, order], ref, budget, f"torch ranges into q heads {order} {dtype}")
+    assert bool((served[:, other] == 7.0).all())
