@@ -1,7 +1,9 @@
 """Registration of the custom ops the pass rewrites graphs into (bodies live in :mod:`fkv_compile.modes`).
 
 - ``fkv::select_attention``, ``fkv::oracle_attention``, ``fkv::profile_attention``: the SDPA operands
-  in ``[B, H, L, D]``, a per-layer key tensor and the (session, site) ids baked into the graph;
+  in ``[B, H, L, D]``, a per-layer key tensor, the (session, site) ids baked into the graph and, where the
+  graph writes the chunk into the cache itself, the write's and the window's start (``select`` chooses once
+  per chunk from them);
 - ``fkv::store_attention`` (``compact``): the chunk's cache write and the window's attention, served
   by the layer's compact store;
 - ``fkv::store_roll`` (``compact``): the pipeline's eviction of history, on the store;
@@ -23,7 +25,7 @@ from . import semantics
 from .modes import state
 from .modes.grad import attention_grads
 from .modes.profile import record_call
-from .modes.select import compressed_attention
+from .modes.select import History, compressed_attention
 from .modes.store import StoreError
 
 __all__ = ["select_attention", "oracle_attention", "profile_attention"]
@@ -33,7 +35,8 @@ def _fake_attention(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-AttentionBody = Callable[[state.Session, int, int, torch.Tensor, torch.Tensor, torch.Tensor, "float | None"], torch.Tensor]
+AttentionBody = Callable[[state.Session, int, int, torch.Tensor, torch.Tensor, torch.Tensor, "float | None",
+                          "History | None"], torch.Tensor]
 
 
 @torch.library.custom_op("fkv::attention_backward", mutates_args=())
@@ -66,9 +69,10 @@ def _(grad_out, q, k, v, layer_key, session, site, masked, scale=None):
 
 
 def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
-    """Define ``fkv::<name>(q, k, v, layer_key, session, site, scale)`` with its fake and its backward
-    (:mod:`fkv_compile.modes.grad`, over the kept tokens if ``masked``); ``body`` gets the session, site
-    and the layer resolved from ``layer_key``. While the session calibrates (no plan yet) the call runs
+    """Define ``fkv::<name>(q, k, v, layer_key, session, site, scale, write_start, window_start)`` with its fake
+    and its backward (:mod:`fkv_compile.modes.grad`, over the kept tokens if ``masked``); ``body`` gets the session,
+    site, the layer resolved from ``layer_key`` and the history (``write_start, window_start``; ``None`` when
+    ``write_start`` is -1: the graph cannot tell). While the session calibrates (no plan yet) the call runs
     :func:`_dense` instead."""
 
     def op(
@@ -79,18 +83,23 @@ def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
         session: int,
         site: int,
         scale: float | None = None,
+        write_start: int = -1,
+        window_start: int = -1,
     ) -> torch.Tensor:
         s = state.session(session)
         layer = s.layer_of(site, layer_key)
-        run = _dense if s.calibrating(layer, q, k, scale) else body
-        return run(s, site, layer, q, k, v, scale).contiguous()
+        if s.calibrating(layer, q, k, scale):
+            return _dense(s, site, layer, q, k, v, scale).contiguous()
+        history = (write_start, window_start) if write_start >= 0 else None
+        return body(s, site, layer, q, k, v, scale, history).contiguous()
 
     op.__doc__ = doc
     registered = torch.library.custom_op(f"fkv::{name}", op, mutates_args=())
-    registered.register_fake(lambda q, k, v, layer_key, session, site, scale=None: _fake_attention(q, v))
+    registered.register_fake(lambda q, k, v, layer_key, session, site, scale=None, write_start=-1, window_start=-1:
+                             _fake_attention(q, v))
 
     def setup_context(ctx, inputs, output) -> None:
-        q, k, v, layer_key, session, site, scale = inputs
+        q, k, v, layer_key, session, site, scale = inputs[:7]
         ctx.save_for_backward(q, k, v, layer_key)
         ctx.ids, ctx.scale = (session, site), scale
         ctx.masked = masked and state.session(session).plan is not None  # a calibrating call ran dense
@@ -98,25 +107,26 @@ def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
     def backward(ctx, grad_out):
         q, k, v, layer_key = ctx.saved_tensors
         dq, dk, dv = attention_backward(grad_out, q, k, v, layer_key, *ctx.ids, ctx.masked, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
     registered.register_autograd(backward, setup_context=setup_context)
     return registered
 
 
-def _select(s: state.Session, site: int, layer: int, q, k, v, scale):
+def _select(s: state.Session, site: int, layer: int, q, k, v, scale, history):
     if not k.untyped_storage().nbytes():
         raise RuntimeError(
             f"fkv select_attention (site {site}, layer {layer}): the KV cache buffer was released by compact mode at "
             "another site of this layer, but this site could not be served compactly (see fkv_compile.report); "
             "compile with mode='select' for this model"
         )
-    out, kept = compressed_attention(q, k, v, s.plan, layer, scale, s.kernels(q.device), s.shard)
+    out, kept = compressed_attention(q, k, v, s.plan, layer, scale, s.kernels(q.device), s.shard, s.selections,
+                                     history)
     s.record(site, layer, kept.kept, kept.window, kept.layout_fits)
     return out
 
 
-def _oracle(s: state.Session, site: int, layer: int, q, k, v, scale):
+def _oracle(s: state.Session, site: int, layer: int, q, k, v, scale, history):
     plan = s.plan
     mask = semantics.keep_mask(k, plan, layer, q.shape[-2])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, None, :], scale=scale)
@@ -132,7 +142,7 @@ def _dense(s: state.Session, site: int, layer: int, q, k, v, scale):
     return out
 
 
-def _profile(s: state.Session, site: int, layer: int, q, k, v, scale):
+def _profile(s: state.Session, site: int, layer: int, q, k, v, scale, history):
     record_call(s.profile_records, layer, q, k, scale, s.plan.frame_tokens, s.plan.chunk_frames)
     return _dense(s, site, layer, q, k, v, scale)
 

@@ -72,6 +72,7 @@ class Report:
     calibration: str = ""  # compiled without a plan: the calibration's state, else empty
     deferred: str = ""  # compact on LongLive's clone-and-defer caches: what became of the clones, else empty
     shard: ShardRow | None = None  # head parallelism: this rank's share
+    selections: tuple[int, int] = (0, 0)  # select: calls that chose their kept ranges, calls that reused their chunk's
 
     @property
     def recompiles(self) -> int:
@@ -93,6 +94,10 @@ class Report:
             lines.append(f"deferred cache clones: {self.deferred}")
         if self.shard is not None:
             lines.append(self.shard.line())
+        if any(self.selections):
+            chosen, reused = self.selections
+            lines.append(f"kept ranges: chosen in {chosen} calls, reused in {reused} (a chunk's later calls over the "
+                         "same history)")
         for f in self.frames:
             if f.at_limit:
                 lines.append(f"WARNING: {f.function} hit torch._dynamo.config.recompile_limit ({f.compiles} compiles): "
@@ -238,7 +243,8 @@ def report(compiled: Any, *, print_table: bool = True, file: TextIO | None = Non
     memory = _memory(session) if session.stores else None
     result = Report(mode=session.config.mode, graphs=session.graphs, sites=tuple(session.sites), layers=rows, memory=memory,
                     frames=tuple(session.frames.values()), calibration=_calibration(session),
-                    deferred=session.deferred.summary(), shard=_shard(session))
+                    deferred=session.deferred.summary(), shard=_shard(session),
+                    selections=(session.selections.chosen, session.selections.reused))
     if print_table:
         print(result.table(), file=file or sys.stdout)
     return result

@@ -87,6 +87,12 @@ class WindowLayout:
     def current(self) -> range:
         return range(self.history, self.frames)
 
+    def chosen_from_history(self, p: RoleParams) -> bool:
+        """Whether the role's segment choice reads history keys only: the similarity's partner frame after the last
+        candidate is a recent frame, not the current chunk's first (``recent_frames >= 1``, or no candidates)."""
+        candidates = self.candidates(p)
+        return not candidates or candidates.stop < self.history
+
     def tokens(self, frames: range) -> range:
         return range(frames.start * self.frame_tokens, frames.stop * self.frame_tokens) if frames else range(0)
 

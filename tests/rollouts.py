@@ -73,8 +73,8 @@ def record_select_calls(monkeypatch) -> list[Call]:
     """Record every ``select`` call the compiled model makes (its op body's inputs and output)."""
     calls, real = [], fkv_compile.ops.compressed_attention
 
-    def recording(q, k, v, plan, layer, scale=None, kernels=None, shard=None):
-        out, kept = real(q, k, v, plan, layer, scale, kernels, shard)
+    def recording(q, k, v, plan, layer, scale=None, *args):
+        out, kept = real(q, k, v, plan, layer, scale, *args)
         calls.append((q.clone(), k.clone(), v.clone(), layer, scale, out.clone()))
         return out, kept
 

@@ -17,7 +17,8 @@ from rollouts import (
 
 import fkv_compile
 from fkv_compile import HeadPlan, PlanError, SiteError
-from fkv_compile.models import rollout
+from fkv_compile.models import make_inputs, rollout
+from fkv_compile.models.rollout import DENOISING_STEPS
 from fkv_compile.tools.testing import assert_within_budget, max_abs_error
 
 
@@ -230,3 +231,26 @@ def test_select_keeps_the_right_tokens_in_low_precision_call_by_call(cfg, dtype,
     plan = mixed_plan(cfg)
     run_compiled(model, cfg, inputs, plan, "select")
     assert_calls_match_the_oracle_conclusively(calls, plan)
+
+
+def test_select_chooses_once_per_chunk_and_again_after_a_roll_a_recache_and_a_new_video(monkeypatch):
+    # a chunk's later calls reuse its layer's kept ranges; every call is checked against the float64 oracle on its
+    # own window, so a selection kept past a new chunk, a roll (chunks 4-6), a KV-recache (before chunk 5) or into a
+    # new video fails here; a plan whose choice reads the current chunk (no recent frame) never reuses
+    calls = record_select_calls(monkeypatch)
+    model, _ = setup(WINDOWED, torch.float32)
+    plan = mixed_plan(WINDOWED)
+    compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "mode": "select", "lowering": "aot_eager"})
+    for seed, chunks, switches in ((0, 7, (5,)), (1, 2, ())):
+        rollout(compiled, WINDOWED, make_inputs(WINDOWED, chunks=chunks, seed=seed, switch_at=switches))
+    assert_calls_match_the_oracle_conclusively(calls, plan)
+    rep = fkv_compile.report(compiled, print_table=False)
+    chosen, reused = rep.selections
+    assert chosen + reused == len(calls) and reused >= 0.6 * len(calls), rep.selections
+    assert f"kept ranges: chosen in {chosen} calls, reused in {reused}" in rep.table()
+
+    torch._dynamo.reset()
+    reading_the_chunk = mixed_plan(WINDOWED, dynamic_recent_frames=0)
+    compiled, _ = run_compiled(model, WINDOWED, make_inputs(WINDOWED, chunks=5, seed=2), reading_the_chunk, "select")
+    # only the first chunk's later calls (3 more steps, the clean pass) reuse: no candidate frame yet, no key read
+    assert fkv_compile.report(compiled, print_table=False).selections[1] == WINDOWED.num_layers * len(DENOISING_STEPS)

@@ -144,7 +144,7 @@ def test_the_kept_fraction_counts_every_chunk_window():
 
 # -- the check can fail: a dense or wrong result, in every dtype ---------------------------------------------------
 
-def _dense_select(q, k, v, plan, layer, scale=None, kernels=None, shard=None):
+def _dense_select(q, k, v, plan, layer, scale=None, *args):
     from fkv_compile.modes.select import KeptTokens
 
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)

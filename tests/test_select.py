@@ -9,7 +9,7 @@ from strategies import attention_inputs, plans, ragged_ranges, ranges_mask
 
 from fkv_compile import HeadPlan
 from fkv_compile.modes import torch_ops
-from fkv_compile.modes.select import compressed_attention
+from fkv_compile.modes.select import SelectionMemo, compressed_attention
 from fkv_compile.semantics import keep_mask, oracle_attention
 from fkv_compile.tools.testing import assert_within_budget, error_budget, selection_margin
 
@@ -116,3 +116,24 @@ def test_torch_range_attention_matches_the_float64_oracle_in_any_layout(dtype, d
     torch_ops.range_attention(wide_q, k, v, starts, ends, q_heads=torch.tensor(order), out=served)
     assert_within_budget(served[:, order], ref, budget, f"torch ranges into q heads {order} {dtype}")
     assert bool((served[:, other] == 7.0).all())
+
+
+def test_a_layer_reuses_its_ranges_only_for_the_same_history():
+    plan = HeadPlan.from_roles([["dynamic", "static", "dynamic"]], frame_tokens=6, chunk_frames=2, segments_per_frame=3,
+                               candidate_frames=3, dynamic_recent_frames=1, retention=0.34)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 3, n * 6, 8, generator=gen, dtype=torch.float64) for n in (2, 8, 8))
+    other = torch.randn(k.shape, generator=gen, dtype=torch.float64)  # another history, the same shape
+    assert not torch.equal(keep_mask(k, plan, 0, 12), keep_mask(other, plan, 0, 12))  # so a stale choice shows
+    steps = k.clone()
+    steps[:, :, -12:] = torch.randn(1, 3, 12, 8, generator=gen, dtype=torch.float64)  # a later step: a new chunk only
+    memo = SelectionMemo()
+    # a chunk's steps reuse; a call that cannot tell its history (a roll) chooses and makes the next one choose
+    # although it names the history of before, and so does a call that runs dense; a new position chooses
+    for keys, history, reused in ((k, (36, 0), 0), (steps, (36, 0), 1), (other, None, 1), (other, (36, 0), 1),
+                                  (other, (36, 0), 2), (k[:, :, :47], (36, 0), 2), (k, (36, 0), 2),
+                                  (other, (42, 0), 2)):
+        values = v[:, :, : keys.shape[2]]
+        out, _ = compressed_attention(q, keys, values, plan, 0, memo=memo, history=history)
+        torch.testing.assert_close(out, oracle_attention(q, keys, values, plan, 0), rtol=0, atol=1e-12)
+        assert memo.reused == reused, (history, memo.reused)

@@ -4,11 +4,15 @@ The keep rule (:mod:`fkv_compile.semantics`) becomes per-head token ranges (:mod
 ``range_attention`` op (:mod:`.dispatch`: Triton on GPUs, torch on CPU) attends over them, so time
 scales with kept tokens, not window length. A call that does not fit the plan's geometry runs dense.
 
+A chunk's denoising steps and its clean pass attend over the same history, so a layer's ranges are chosen
+once per chunk (:class:`SelectionMemo`) where the graph tells the history is unchanged.
+
 Shape legend: ``B`` batch, ``H`` heads, ``Lq``/``Lk`` query/key tokens, ``D`` head dim.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +24,10 @@ from .dispatch import TORCH, Kernels
 from .ranges import select_ranges
 from .sharding import HeadShard
 
-__all__ = ["KeptTokens", "compressed_attention"]
+__all__ = ["KeptTokens", "SelectionMemo", "History", "compressed_attention"]
+
+# what a selection was chosen from: (write start, window start) from the graph, then the window's shape
+History = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,42 @@ class KeptTokens:
     layout_fits: bool
 
 
+class SelectionMemo:
+    """Each layer's last kept ranges and the history they were chosen from, so the calls of one chunk choose once.
+
+    Sound because the pass gives a call a ``history`` only where the graph itself writes the chunk into the cache
+    and reads the window, with nothing else touching the cache, and no roll (:func:`fkv_compile.passes.compact.
+    match_compact` proves it); two calls of a layer with the same write position and window then see the same
+    history: a chunk's steps. A new chunk, a new video (position 0), a KV-recache (earlier positions) or a roll
+    changes the position or gives no history, and every call replaces or drops its layer's entry, so a stale
+    selection is never read.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[History, torch.Tensor, torch.Tensor]] = {}
+        self.chosen = 0  # calls that chose their ranges
+        self.reused = 0  # calls that reused their chunk's
+
+    def ranges(self, layer: int, history: History | None,
+               choose: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's ranges for ``history`` (``None``: unknown, choose and keep nothing)."""
+        last = self._last.get(layer)
+        if history is not None and last is not None and last[0] == history:
+            self.reused += 1
+            return last[1], last[2]
+        starts, ends = choose()
+        self.chosen += 1
+        if history is None:
+            self.forget(layer)
+        else:
+            self._last[layer] = (history, starts, ends)
+        return starts, ends
+
+    def forget(self, layer: int) -> None:
+        """Drop the layer's entry: this call's history is unknown (and may have changed)."""
+        self._last.pop(layer, None)
+
+
 def compressed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -42,20 +85,34 @@ def compressed_attention(
     scale: float | None = None,
     kernels: Kernels = TORCH,
     shard: HeadShard | None = None,
+    memo: SelectionMemo | None = None,
+    history: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, KeptTokens]:
     """Attention of every head over the tokens its role keeps in the dense window.
 
     q: ``[B, H, Lq, D]``, k and v: ``[B, H, Lk, D]`` (any strides); returns ``[B, H, Lq, D]`` and
     the kept-token counts. ``shard``: this rank's heads under head parallelism (``plan`` is their plan).
+    ``memo`` and ``history`` (the graph's write start and window start, ``None`` if it cannot tell): reuse the
+    ranges chosen for the same history (see :class:`SelectionMemo`).
     """
     num_heads, lq, lk = q.shape[1], q.shape[2], k.shape[2]
     layout = window_layout(lq, lk, plan.frame_tokens, plan.chunk_frames)
     spans = shard is not None and shard.spans(layer)  # the other ranks wait for this one's similarity share
     if layout is None or (all(r == DENSE for r in plan.roles[layer]) and not spans):
+        if memo is not None:
+            memo.forget(layer)
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         kept = torch.full((num_heads,), float(lk), dtype=torch.float64, device=q.device)
         return out, KeptTokens(kept=kept, window=lk, layout_fits=layout is not None)
-    starts, ends = select_ranges(k, plan, layer, layout, kernels, shard if spans else None)
+
+    def choose() -> tuple[torch.Tensor, torch.Tensor]:
+        return select_ranges(k, plan, layer, layout, kernels, shard if spans else None)
+
+    if memo is None:
+        starts, ends = choose()
+    else:  # the same history gives the same choice only if the choice reads no key of the current chunk
+        reusable = history is not None and layout.chosen_from_history(plan.dynamic)
+        starts, ends = memo.ranges(layer, (*history, *k.shape, lq) if reusable else None, choose)
     kept_per_head = (ends - starts).sum(-1).double().mean(0)
     out = kernels.range_attention(q, k, v, starts, ends, scale)
     return out, KeptTokens(kept=kept_per_head, window=lk, layout_fits=True)

@@ -32,6 +32,7 @@ from ..plan import HeadPlan, PlanError
 from .calibration import Calibrator, Geometry
 from .deferred import DeferredClones
 from .dispatch import Kernels, kernels_for
+from .select import SelectionMemo
 from .sharding import HeadShard
 from .store import LayerStore
 
@@ -108,6 +109,7 @@ class Session:
         self.layers: dict[int, LayerStats] = {}
         self.profile_records: list = []  # fkv_compile.modes.profile.MassRecord, in call order (mode "profile")
         self.stores: dict[int, LayerStore] = {}  # mode "compact"
+        self.selections = SelectionMemo()  # mode "select": each layer's ranges, chosen once per chunk
         self.dense_bytes: dict[int, int] = {}  # per layer: K + V bytes of the dense buffers released
         self.deferred = DeferredClones()  # LongLive's clone-and-defer caches (mode "compact")
         self.owned = False  # by a compiled module (else by the compiled functions)

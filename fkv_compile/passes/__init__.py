@@ -141,6 +141,18 @@ def _record_declined(declined: list[Declined], session: Session, graph_id: int) 
         log.info("graph %d: %s left alone: %s", graph_id, no.node.name, no.reason)
 
 
+def _graph_history(site: AttentionSite) -> tuple[object, object] | None:
+    """Where the site's graph writes the chunk into the cache and where its window starts, when the graph alone
+    writes and reads that cache and does not roll it (:func:`.compact.match_compact`); else ``None``. ``select``
+    reuses a layer's selection while these stay the same (:class:`fkv_compile.modes.select.SelectionMemo`)."""
+    if site.k_window.pattern in (CachePattern.CAT_GROWTH, CachePattern.WINDOW_INPUT):
+        return None  # the history is a graph input the pipeline may have changed in any way
+    accesses = match_compact(site)
+    if not isinstance(accesses, CacheAccesses) or accesses.rolls:
+        return None
+    return accesses.start, accesses.window[0]
+
+
 def _rewrite(gm: fx.GraphModule, site: AttentionSite, session: Session, graph_id: int) -> None:
     config = session.config
     record = session.new_site(
@@ -165,8 +177,10 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, session: Session, graph_id
         else:
             if config.strict:
                 raise SiteError(f"strict: attention {site.node.name} in graph {graph_id} not compact: {accesses}")
-            rewrite_site(gm, site, mode="select", session=session.id, site_id=record.site)
+            rewrite_site(gm, site, mode="select", session=session.id, site_id=record.site, history=_graph_history(site))
             record.action, record.reason = SiteAction.SELECT, f"compact fell back to select: {accesses}"
+    elif config.mode == "select":
+        rewrite_site(gm, site, mode="select", session=session.id, site_id=record.site, history=_graph_history(site))
     elif config.mode != "off":
         rewrite_site(gm, site, mode=config.mode, session=session.id, site_id=record.site)
     log.info("graph %d: %s over %s: %s %s", graph_id, site.node.name, record.cache, record.action, record.reason)

@@ -31,15 +31,17 @@ def _with_example(node: fx.Node, source: fx.Node, compute: Callable[[Any], Any])
     return node
 
 
-def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, mode: str, session: int, site_id: int) -> fx.Node:
-    """Replace ``site.node`` by ``fkv::<mode>_attention(q, k, v, layer_key, session, site_id, scale)``.
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, mode: str, session: int, site_id: int,
+                 history: tuple[object, object] | None = None) -> fx.Node:
+    """Replace ``site.node`` by ``fkv::<mode>_attention(q, k, v, layer_key, session, site_id, scale, write_start,
+    window_start)``; ``history``: the graph's cache write start and window start (ints or SymInt nodes), if known.
 
     The new node gets an ``example_value`` from the op's fake implementation, so later passes and
     Inductor see the right shape and strides; nothing else in the graph changes.
     """
     op = OPS[mode]
     q, k, v = _heads_major(gm, site, (site.q, site.k, site.v))
-    args = (q, k, v, site.layer_key, session, site_id, site.scale)
+    args = (q, k, v, site.layer_key, session, site_id, site.scale, *(history or (-1, -1)))
     with gm.graph.inserting_before(site.node):
         new = gm.graph.call_function(op, args=args)
     # the fake impl never reads layer_key; k stands in (a parameter's example may live in another fake mode)
