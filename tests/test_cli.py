@@ -1,22 +1,39 @@
-"""The ``fkv`` command, run as users run it: in subprocesses."""
+"""The ``fkv`` command: its entry point in this process (as ``fkv`` runs it, less a Python start-up and torch's
+import, about 4 s a call here), in a subprocess where a call needs its own directory or environment, and the
+installed console script once."""
 
 import dataclasses
+import io
 import json
 import subprocess
 import sys
 import textwrap
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
 
 from fkv_compile import HeadPlan
+from fkv_compile.tools.cli import main
 
 REFERENCE = Path(__file__).resolve().parents[1] / "fkv_compile" / "plans" / "forcingkv_heads_selfforcing.json"
 
 
-def fkv(*args, cwd=None, env=None, ok=True):
-    result = subprocess.run([sys.executable, "-m", "fkv_compile.tools.cli", *map(str, args)], capture_output=True, text=True,
-                            timeout=600, cwd=cwd, env=env)
+def fkv(*args, cwd=None, env=None, ok=True) -> subprocess.CompletedProcess:
+    argv = [str(a) for a in args]
+    if cwd is not None or env is not None:
+        result = subprocess.run([sys.executable, "-m", "fkv_compile.tools.cli", *argv], capture_output=True, text=True,
+                                timeout=600, cwd=cwd, env=env)
+    else:
+        torch._dynamo.reset()  # each command compiles as in a fresh process
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code
+        result = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
     if ok:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
