@@ -88,7 +88,7 @@ def test_memory_is_constant_over_a_long_rollout_and_within_budget():
     cfg = WINDOWED
     model, inputs = setup(cfg, torch.float32)
     long_inputs = setup(cfg, torch.float32, seed=1)[1]
-    long_inputs.noise = long_inputs.noise * 5  # 30 chunks
+    long_inputs.noise = long_inputs.noise * 3  # 18 chunks: 14 of them with the window full
     plan = mixed_plan(cfg)
     compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "mode": "compact", "lowering": "aot_eager"})
     rollout(compiled, cfg, inputs)  # warm-up video: append and roll branches compiled
@@ -99,7 +99,7 @@ def test_memory_is_constant_over_a_long_rollout_and_within_budget():
     assert fkv_compile.report(compiled, print_table=False).graphs == graphs
     assert len(set(sizes[4:])) == 1, sizes
     reference, budget = oracle_reference(model, cfg, long_inputs, plan)
-    assert_within_budget(out, reference, budget, "compact over 30 chunks")
+    assert_within_budget(out, reference, budget, "compact over 18 chunks")
     mem = fkv_compile.memory_report(compiled)
     # windowed Self Forcing miniature: 12 frames dense; static 5 frames, dynamic 5 + 6 segments of 4 tokens
     assert mem.saved_fraction > 0.5
