@@ -20,9 +20,9 @@ WINDOWED = MiniConfig(window_frames=12, sink_frames=3)  # what `fkv check mini-w
 def test_fkv_check_passes_on_the_bundled_miniature(tmp_path):
     plan = tmp_path / "plan.json"
     mixed_plan(WINDOWED).save(plan)
-    out = json.loads(fkv("check", "mini-windowed", "--plan", plan, "--lowering", "aot_eager", "--chunks", 4,
+    out = json.loads(fkv("check", "mini-windowed", "--plan", plan, "--lowering", "aot_eager", "--chunks", 3,
                          "--json").stdout)
-    assert out["passed"] and out["chunks"] == 8  # one output per chunk, two videos of 4
+    assert out["passed"] and out["chunks"] == 6  # one output per chunk, two videos of 3
     checks = {c["mode"]: c for c in out["checks"]}
     assert set(checks) == {"aot_eager", "off", "oracle", "select", "compact"}  # the plain run: reproducibility
     assert checks["off"]["max_abs_error"] == 0.0 and checks["off"]["budget"] == 0.0
@@ -116,7 +116,8 @@ def test_fkv_bench_runs_end_to_end_and_writes_its_files(tmp_path):
         assert ratio["amdahl_limit"] == pytest.approx(limit)
         assert ratio["saving_realised"] == pytest.approx((1 - ratio["video_time"]) / (1 - limit))
     call = out["call"][0]
-    assert call["kept_ratio"] < 1 and all(call[f"{name}_ms"] > 0 for name in ("select", "compact", "pregathered", "flex"))
+    assert call["kept_ratio"] < 1 and all(call[f"{name}_ms"] > 0 for name in ("select", "select_reused", "compact",
+                                                                            "pregathered", "flex"))
     assert (tmp_path / "bench_tiny.csv").read_text().count("\n") == 1 + 3 * 5
     assert (tmp_path / "bench_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

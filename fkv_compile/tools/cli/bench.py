@@ -34,7 +34,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          f"({g['real_frame_tokens']} at real size), {args.layers} layers x {args.heads} heads, {device}")
             for row in result["call"]:
                 lines.append(f"  call, layer {row['layer']}: kept/dense tokens {row['kept_ratio']:.3f}; time vs dense: "
-                             f"select {row['select_ratio']:.3f}, compact {row['compact_ratio']:.3f}, SDPA on the kept "
+                             f"select {row['select_ratio']:.3f} (ranges reused {row['select_reused_ratio']:.3f}), "
+                             f"compact {row['compact_ratio']:.3f}, SDPA on the kept "
                              f"tokens gathered beforehand {row['pregathered_ratio']:.3f}, FlexAttention "
                              f"{row['flex_ratio']:.3f} (dense {row['dense_ms']:.1f} ms, {row['kernels']} kernels)")
             for mode, r in result["rollout"].items():
