@@ -101,7 +101,8 @@ def test_a_frame_at_the_recompile_limit_fails_the_check_even_if_outputs_agree():
 
 def test_fkv_bench_runs_end_to_end_and_writes_its_files(tmp_path):
     out = json.loads(fkv("bench", "--geometry", "tiny", "--layers", 1, "--heads", 2, "--head-dim", 16,
-                         "--repeats", 1, "--out", tmp_path, "--json").stdout)["tiny"]
+                         "--repeats", 1, "--lowering", "aot_eager", "--out", tmp_path, "--json").stdout)["tiny"]
+    assert out["settings"]["lowering"] == "aot_eager"
     assert set(out["rollout"]) == {"dense", "select", "compact"}
     for r in out["rollout"].values():
         assert len(r["chunk_s"]) == 5 and all(t > 0 for t in r["chunk_s"])

@@ -93,6 +93,7 @@ class BenchSettings:
     repeats: int = 2
     device: str = "cpu"
     plan: str | None = None
+    lowering: str = "inductor"  # dense runs backend=lowering; the compressed modes lower with it too
 
     def config(self):
         from ..models import MiniConfig
@@ -187,9 +188,9 @@ def rollout_one_mode(s: BenchSettings, mode: str) -> dict[str, Any]:
     inputs = make_inputs(cfg, chunks=GEOMETRIES[s.geometry].chunks, dtype=dtype, device=device)
     plan = s.head_plan(cfg)
     if mode == "dense":
-        compiled = torch.compile(model, backend="inductor")
+        compiled = torch.compile(model, backend=s.lowering)
     else:
-        compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "mode": mode})
+        compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "mode": mode, "lowering": s.lowering})
     clock = _Clock(device)
 
     def video(on_chunk: Callable[[int], None] | None = None) -> float:

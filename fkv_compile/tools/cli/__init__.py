@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--modes", nargs="+", default=list(BENCH_MODES), choices=BENCH_MODES)
     b.add_argument("--device", choices=["cpu", "cuda"])
     b.add_argument("--plan", help="a plan (its first --layers layers); default: 37%% static heads, as the reference")
+    b.add_argument("--lowering", choices=LOWERINGS, default="inductor",
+                   help="dense is backend=<this>, select and compact lower with it (aot_eager: no Inductor compile)")
     b.add_argument("--out", default="bench_results")
     b.add_argument("--no-png", action="store_true")
     b.add_argument("--quiet", action="store_true")

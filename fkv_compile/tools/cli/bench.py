@@ -23,7 +23,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for name in args.geometry:
             settings = BenchSettings(geometry=name, side=1 if name == "tiny" else side, layers=args.layers,
                                      heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
-                                     repeats=args.repeats, device=device, plan=args.plan)
+                                     repeats=args.repeats, device=device, plan=args.plan, lowering=args.lowering)
             try:
                 result = run_bench(settings, Path(args.out), tuple(args.modes), bar.advance, png=not args.no_png)
             except (ValueError, RuntimeError) as exc:
