@@ -25,7 +25,7 @@ from . import semantics
 from .modes import state
 from .modes.grad import attention_grads
 from .modes.profile import record_call
-from .modes.select import History, compressed_attention
+from .modes.select import compressed_attention
 from .modes.store import StoreError
 
 __all__ = ["select_attention", "oracle_attention", "profile_attention"]
@@ -36,7 +36,7 @@ def _fake_attention(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 AttentionBody = Callable[[state.Session, int, int, torch.Tensor, torch.Tensor, torch.Tensor, "float | None",
-                          "History | None"], torch.Tensor]
+                          "tuple[int, int] | None"], torch.Tensor]
 
 
 @torch.library.custom_op("fkv::attention_backward", mutates_args=())

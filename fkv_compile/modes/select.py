@@ -26,7 +26,7 @@ from .sharding import HeadShard
 
 __all__ = ["KeptTokens", "SelectionMemo", "History", "compressed_attention"]
 
-# what a selection was chosen from: (write start, window start) from the graph, then the window's shape
+# a memo key, what a selection was chosen from: the graph's write start and window start, then the window's shape
 History = tuple[int, ...]
 
 
