@@ -4,9 +4,11 @@ The physical limit of the saving is the kept/dense token ratio. Two measured ref
 SDPA over the kept tokens gathered beforehand (one call per group of heads with equal kept counts:
 what a perfect gather would leave, the practical limit), and FlexAttention, compiled, with the same
 kept set as its block mask (the peer a user could write instead). ``select`` is timed twice: choosing its
-ranges (a chunk's first call) and reusing them (its later denoising steps and clean pass: 4 of 5 calls). Real geometry: 1560 tokens per frame, 12 heads x 128, 21-frame window, 3-frame
-chunk; on a CPU the frame is scaled down (``--frame-tokens``, default 390 = 1/4), which scales
-both sides alike.
+ranges (a chunk's first call) and reusing them (its later denoising steps and clean pass: 4 of 5 calls).
+All five take turns, once each per round (``--repeats`` rounds), and every ratio is the median over rounds of
+two times from the same round, so that a shared machine's drift does not fall on one of them. Real geometry:
+1560 tokens per frame, 12 heads x 128, 21-frame window, 3-frame chunk; on a CPU the frame is scaled down
+(``--frame-tokens``, default 390 = 1/4), which scales both sides alike.
 
     python benchmarks/attention.py [--frame-tokens 390] [--dtype float32] [--repeats 7]
 """
@@ -14,16 +16,17 @@ both sides alike.
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import median_seconds, write_results
+from common import write_results
 
 from fkv_compile import HeadPlan
 from fkv_compile.modes.select import SelectionMemo, compressed_attention
 from fkv_compile.semantics import keep_mask
-from fkv_compile.tools.bench import flex_call, pregathered
+from fkv_compile.tools.bench import flex_call, interleaved_times, paired_ratio, pregathered
 
 REFERENCE_PLAN = Path(__file__).resolve().parents[1] / "fkv_compile" / "plans" / "forcingkv_heads_selfforcing.json"
 
@@ -57,7 +60,6 @@ def main() -> None:
     q = torch.randn(1, 3 * f, h, d, dtype=dtype).transpose(1, 2)
     k = torch.randn(1, n * f, h, d, dtype=dtype).transpose(1, 2)
     v = torch.randn(1, n * f, h, d, dtype=dtype).transpose(1, 2)
-    dense = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v), repeats=args.repeats)
     rows = []
     print(f"Lq={3 * f} Lk={n * f} H={h} D={d} {args.dtype}, threads={torch.get_num_threads()}")
     print(f"{'plan':<26} {'kept/dense tokens':>18} {'select':>7} {'reused':>7} {'pre-gathered SDPA':>18} {'flex':>6}   "
@@ -65,19 +67,23 @@ def main() -> None:
     for name, plan in plans(f, h).items():
         _, kept = compressed_attention(q, k, v, plan, 0)
         token_ratio = float(kept.kept.sum()) / (h * kept.window)
-        t = median_seconds(lambda: compressed_attention(q, k, v, plan, 0), repeats=args.repeats)
-        memo = SelectionMemo()  # the same history at every call: a chunk's later calls
-        reused = median_seconds(lambda: compressed_attention(q, k, v, plan, 0, memo=memo, history=(0, 0)),
-                                repeats=args.repeats)
         keep = keep_mask(k, plan, 0, q.shape[2])
         groups = pregathered(q, k, v, keep)
-        limit = median_seconds(lambda: [F.scaled_dot_product_attention(*g) for g in groups], repeats=args.repeats)
-        flex = median_seconds(flex_call(q, k, v, keep), repeats=args.repeats, warmup=2)
-        rows.append({"plan": name, "token_ratio": token_ratio, "time_ratio": t / dense, "select_ms": 1e3 * t,
-                     "select_reused_ms": 1e3 * reused, "dense_ms": 1e3 * dense, "pregathered_sdpa_ms": 1e3 * limit,
-                     "flex_ms": 1e3 * flex, "select_share_of_limit": limit / t, "reused_share_of_limit": limit / reused})
-        print(f"{name:<26} {token_ratio:>18.3f} {t / dense:>7.3f} {reused / dense:>7.3f} {limit / dense:>18.3f} "
-              f"{flex / dense:>6.3f}   ({100 * limit / t:.0f}% / {100 * limit / reused:.0f}%; dense {1e3 * dense:.1f} ms)")
+        memo = SelectionMemo()  # the same history at every call: a chunk's later calls
+        times = interleaved_times({
+            "dense": lambda: F.scaled_dot_product_attention(q, k, v),
+            "select": lambda: compressed_attention(q, k, v, plan, 0),
+            "reused": lambda: compressed_attention(q, k, v, plan, 0, memo=memo, history=(0, 0)),
+            "limit": lambda: [F.scaled_dot_product_attention(*g) for g in groups],
+            "flex": flex_call(q, k, v, keep)}, repeats=args.repeats, warmup=2)
+        ms = {key: 1e3 * statistics.median(t) for key, t in times.items()}
+        ratio = {key: paired_ratio(times, key, "dense") for key in times}
+        share, share_reused = paired_ratio(times, "limit", "select"), paired_ratio(times, "limit", "reused")
+        rows.append({"plan": name, "token_ratio": token_ratio, "time_ratio": ratio["select"], "select_ms": ms["select"],
+                     "select_reused_ms": ms["reused"], "dense_ms": ms["dense"], "pregathered_sdpa_ms": ms["limit"],
+                     "flex_ms": ms["flex"], "select_share_of_limit": share, "reused_share_of_limit": share_reused})
+        print(f"{name:<26} {token_ratio:>18.3f} {ratio['select']:>7.3f} {ratio['reused']:>7.3f} {ratio['limit']:>18.3f} "
+              f"{ratio['flex']:>6.3f}   ({100 * share:.0f}% / {100 * share_reused:.0f}%; dense {ms['dense']:.1f} ms)")
     path = write_results(f"attention_cpu_{args.dtype}_F{f}", {"args": vars(args), "rows": rows})
     print(f"wrote {path}")
 

@@ -101,7 +101,7 @@ def test_a_frame_at_the_recompile_limit_fails_the_check_even_if_outputs_agree():
 
 def test_fkv_bench_runs_end_to_end_and_writes_its_files(tmp_path):
     out = json.loads(fkv("bench", "--geometry", "tiny", "--layers", 1, "--heads", 2, "--head-dim", 16,
-                         "--repeats", 1, "--lowering", "aot_eager", "--out", tmp_path, "--json").stdout)["tiny"]
+                         "--repeats", 2, "--lowering", "aot_eager", "--out", tmp_path, "--json").stdout)["tiny"]
     assert out["settings"]["lowering"] == "aot_eager"
     assert set(out["rollout"]) == {"dense", "select", "compact"}
     for r in out["rollout"].values():
@@ -112,15 +112,39 @@ def test_fkv_bench_runs_end_to_end_and_writes_its_files(tmp_path):
     compact, dense = out["rollout"]["compact"], out["rollout"]["dense"]
     assert compact["kv_bytes"] < dense["kv_bytes"] == dense["dense_kv_bytes"]
     assert set(out["ratios_vs_dense"]) == {"select", "compact"} and 0 < out["kept_fraction"] < 1
-    for ratio in out["ratios_vs_dense"].values():  # the limit: dense time with attention shrunk to the kept tokens
+    assert [set(times) for times in out["rounds"]] == [{"dense", "select", "compact"}] * 2
+    for mode, ratio in out["ratios_vs_dense"].items():  # each round's videos side by side, the median over rounds
+        assert ratio["video_time_by_round"] == [times[mode] / times["dense"] for times in out["rounds"]]
+        assert ratio["video_time"] == pytest.approx(sum(ratio["video_time_by_round"]) / 2)
+        # the limit: dense time with attention shrunk to the kept tokens
         limit = 1 - dense["attention_share"] * (1 - out["kept_fraction"])
         assert ratio["amdahl_limit"] == pytest.approx(limit)
         assert ratio["saving_realised"] == pytest.approx((1 - ratio["video_time"]) / (1 - limit))
     call = out["call"][0]
     assert call["kept_ratio"] < 1 and all(call[f"{name}_ms"] > 0 for name in ("select", "select_reused", "compact",
                                                                             "pregathered", "flex"))
+    assert all(call[f"{name}_share_of_limit"] > 0 for name in ("select", "select_reused", "compact"))
     assert (tmp_path / "bench_tiny.csv").read_text().count("\n") == 1 + 3 * 5
     assert (tmp_path / "bench_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interleaved_times_rotate_the_order_from_round_to_round():
+    from fkv_compile.tools.bench import interleaved_times, paired_ratio
+
+    calls = []
+    times = interleaved_times({name: (lambda name=name: calls.append(name)) for name in "abc"}, repeats=3, warmup=1)
+    assert calls == list("abc" "abc" "bca" "cab") and all(len(t) == 3 for t in times.values())
+    assert paired_ratio({"a": [1.0, 4.0, 9.0], "b": [2.0, 2.0, 3.0]}, "a", "b") == 2.0
+
+
+def test_a_bench_rollout_that_fails_names_its_mode_and_the_error():
+    from fkv_compile.tools.bench import BenchSettings, alternating_rollouts
+
+    settings = BenchSettings(geometry="tiny", side=1, layers=1, heads=2, head_dim=16, plan="no-such-plan.json")
+    with pytest.raises(RuntimeError, match=r"(?s)the select rollout failed.*no-such-plan.json"):
+        alternating_rollouts(settings, ("select",))
+    with pytest.raises(ValueError, match=r"unknown bench mode 'slow'"):
+        alternating_rollouts(settings, ("dense", "slow"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs")

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--heads", type=int, default=12)
     b.add_argument("--head-dim", type=int, default=128)
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    b.add_argument("--repeats", type=int, default=2, help="timed videos per mode after a warm-up video")
+    b.add_argument("--repeats", type=int, default=3,
+                   help="rounds of timed videos (one per mode, taking turns) after a warm-up video per mode")
     b.add_argument("--modes", nargs="+", default=list(BENCH_MODES), choices=BENCH_MODES)
     b.add_argument("--device", choices=["cpu", "cuda"])
     b.add_argument("--plan", help="a plan (its first --layers layers); default: 37%% static heads, as the reference")

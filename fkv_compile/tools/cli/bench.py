@@ -15,10 +15,12 @@ __all__ = ["cmd_bench"]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise CliError(f"--repeats must be at least 1, got {args.repeats}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     side = args.side if args.side is not None else (1 if device == "cuda" else 2)
     results, lines = {}, []
-    with Progress(len(args.geometry) * (1 + len(args.modes)), "benchmarking",
+    with Progress(len(args.geometry) * (1 + len(args.modes) + args.repeats), "benchmarking",
                   enabled=not (args.quiet or args.json)) as bar:
         for name in args.geometry:
             settings = BenchSettings(geometry=name, side=1 if name == "tiny" else side, layers=args.layers,
@@ -37,11 +39,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              f"select {row['select_ratio']:.3f} (ranges reused {row['select_reused_ratio']:.3f}), "
                              f"compact {row['compact_ratio']:.3f}, SDPA on the kept "
                              f"tokens gathered beforehand {row['pregathered_ratio']:.3f}, FlexAttention "
-                             f"{row['flex_ratio']:.3f} (dense {row['dense_ms']:.1f} ms, {row['kernels']} kernels)")
+                             f"{row['flex_ratio']:.3f} (dense {row['dense_ms']:.1f} ms, {row['kernels']} kernels); "
+                             f"share of the pre-gathered limit: select {100 * row['select_share_of_limit']:.0f}% "
+                             f"(reusing {100 * row['select_reused_share_of_limit']:.0f}%), "
+                             f"compact {100 * row['compact_share_of_limit']:.0f}%")
             for mode, r in result["rollout"].items():
                 ratio = result.get("ratios_vs_dense", {}).get(mode, {})
                 lines.append(f"  rollout {mode:<8} video {r['video_s']:8.3f} s"
-                             + (f" (x{ratio['video_time']:.3f} of dense; limit x{ratio['amdahl_limit']:.3f}, "
+                             + (f" (x{ratio['video_time']:.3f} of dense, rounds "
+                                + "/".join(f"{x:.3f}" for x in ratio["video_time_by_round"])
+                                + f"; limit x{ratio['amdahl_limit']:.3f}, "
                                 f"{100 * ratio['saving_realised']:.0f}% of the saving realised)" if ratio else "")
                              + f"  attention {100 * r['attention_share']:4.1f}%  KV {r['kv_bytes'] / 2**20:8.1f} MiB"
                              + f"  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB  compile {r['compile_s']:6.1f} s"
