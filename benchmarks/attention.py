@@ -82,7 +82,8 @@ def main() -> None:
         rows.append({"plan": name, "token_ratio": token_ratio, "time_ratio": ratio["select"], "select_ms": ms["select"],
                      "select_reused_ms": ms["reused"], "dense_ms": ms["dense"], "pregathered_sdpa_ms": ms["limit"],
                      "flex_ms": ms["flex"], "select_share_of_limit": share, "reused_share_of_limit": share_reused})
-        print(f"{name:<26} {token_ratio:>18.3f} {ratio['select']:>7.3f} {ratio['reused']:>7.3f} {ratio['limit']:>18.3f} "
+        print(f"{name:<26} {token_ratio:>18.3f} {ratio['select']:>7.3f} {ratio['reused']:>7.3f} "
+              f"{ratio['limit']:>18.3f} "
               f"{ratio['flex']:>6.3f}   ({100 * share:.0f}% / {100 * share_reused:.0f}%; dense {ms['dense']:.1f} ms)")
     path = write_results(f"attention_cpu_{args.dtype}_F{f}", {"args": vars(args), "rows": rows})
     print(f"wrote {path}")

@@ -243,7 +243,9 @@ class ModeRollouts:
         # larger for the compressed modes (gathers, sorts) and would be counted as their memory
         peak = peak_rss()
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - self.graphs_after_warmup
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if self.clock.cuda else [])
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.clock.cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
             profiled = self._video()
         video_s = statistics.median(map(sum, self.chunk_times))
