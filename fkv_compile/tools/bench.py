@@ -249,6 +249,10 @@ class ModeRollouts:
         with torch.profiler.profile(activities=activities) as prof:
             profiled = self._video()
         video_s = statistics.median(map(sum, self.chunk_times))
+        if self.mode != "dense":  # select's kept ranges chosen and reused, over every video of this process
+            from ..report import report
+
+            selections = report(self.compiled, print_table=False).selections
         latent_frames = 3 * GEOMETRIES[self.settings.geometry].chunks
         return {
             "mode": self.mode, "frame_tokens": self.cfg.frame_tokens, "video_s": video_s,
@@ -258,7 +262,7 @@ class ModeRollouts:
             "top_ops": _top_ops(prof, profiled),
             "kv_bytes": self.kv_per_chunk[-1], "kv_bytes_per_chunk": self.kv_per_chunk,
             "rss_bytes_per_chunk": self.rss_per_chunk, "dense_kv_bytes": self.dense_kv, "peak_rss_bytes": peak,
-            "graphs_after_warmup": graphs,
+            "graphs_after_warmup": graphs, "selections": None if self.mode == "dense" else list(selections),
             "static_heads": self.plan.count(STATIC), "heads": self.plan.num_layers * self.plan.num_heads,
         }
 
