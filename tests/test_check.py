@@ -122,6 +122,10 @@ def test_fkv_bench_runs_end_to_end_and_writes_its_files(tmp_path):
         limit = 1 - dense["attention_share"] * (1 - out["kept_fraction"])
         assert ratio["amdahl_limit"] == pytest.approx(limit)
         assert ratio["saving_realised"] == pytest.approx((1 - ratio["video_time"]) / (1 - limit))
+        mode = out["rollout"][mode]  # the same within the profiled attention time alone
+        assert ratio["attention_time"] == pytest.approx(mode["attention_s"] / dense["attention_s"])
+        assert ratio["attention_saving_realised"] == pytest.approx((1 - ratio["attention_time"])
+                                                                   / (1 - out["kept_fraction"]))
     call = out["call"][0]
     assert call["kept_ratio"] < 1 and all(call[f"{name}_ms"] > 0 for name in ("select", "select_reused", "compact",
                                                                             "pregathered", "flex"))

@@ -49,7 +49,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              + (f" (x{ratio['video_time']:.3f} of dense, rounds "
                                 + "/".join(f"{x:.3f}" for x in ratio["video_time_by_round"])
                                 + f"; limit x{ratio['amdahl_limit']:.3f}, "
-                                f"{100 * ratio['saving_realised']:.0f}% of the saving realised)" if ratio else "")
+                                f"{100 * ratio['saving_realised']:.0f}% of the saving realised; attention "
+                                f"x{ratio['attention_time']:.3f}, {100 * ratio['attention_saving_realised']:.0f}% "
+                                "of its saving)" if ratio else "")
                              + f"  attention {100 * r['attention_share']:4.1f}%  KV {r['kv_bytes'] / 2**20:8.1f} MiB"
                              + f"  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB  compile {r['compile_s']:6.1f} s"
                              + f"  recompiles {r['graphs_after_warmup']}  FPS {r['fps']:.2f}"
