@@ -116,6 +116,7 @@ class _GroupStore:
         self.reserve: _Held | None = None  # protected sink tokens the keep rule dropped, kept for a rewind
         # the ranges attention reads, for one window and one held.pos tensor (a new one whenever positions change)
         self._runs: tuple[tuple[int, int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._head_index: torch.Tensor | None = None
 
     def history(self) -> _Held | None:
         if self.held is None:
@@ -124,19 +125,28 @@ class _GroupStore:
         h = self.held
         return _Held(h.k[:, :, :n], h.v[:, :, :n], h.pos[:, :n], None if h.valid is None else h.valid[:, :n])
 
+    def head_index(self, device: torch.device) -> torch.Tensor:
+        """The group's heads as an index tensor on ``device`` (made once)."""
+        if self._head_index is None or self._head_index.device != device:
+            self._head_index = torch.tensor(self.heads, device=device)
+        return self._head_index
+
     def put_chunk(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, again: bool) -> None:
-        """The chunk's K, V ``[B, G, L, D]`` (any strides) at cache positions ``pos`` ``[B, L]``; ``again``:
-        the chunk put last, once more (a later denoising step or the clean pass)."""
+        """The chunk's K, V ``[B, L, H, D]`` (any strides; the group's heads are taken) at cache positions ``pos``
+        ``[B, L]``; ``again``: the chunk put last, once more (a later denoising step or the clean pass), written
+        over the tail of the held buffer with one copy."""
+        heads = self.head_index(k.device)
+        k_heads, v_heads = k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D] views
         if again:
             n = self.chunk_tokens
-            self.held.k[:, :, -n:].copy_(k)
-            self.held.v[:, :, -n:].copy_(v)
+            torch.index_select(k_heads, 1, heads, out=self.held.k[:, :, -n:])
+            torch.index_select(v_heads, 1, heads, out=self.held.v[:, :, -n:])
             return
         history = self.history()
         if history is None:
             history = _empty(k.shape[0], len(self.heads), k.shape[-1], k)
-        self.held = _cat([history, _Held(k, v, pos)])
-        self.chunk_tokens = k.shape[2]
+        self.held = _cat([history, _Held(k_heads.index_select(1, heads), v_heads.index_select(1, heads), pos)])
+        self.chunk_tokens = k.shape[1]
 
     def set_history(self, history: _Held) -> None:
         """After a commit: only the history remains until the next chunk is put."""
@@ -157,7 +167,7 @@ class _GroupStore:
             starts, ends = mask_runs(attendable)
             group = (-1, len(self.heads), -1)
             self._runs = (window, held.pos, starts[:, None].expand(group), ends[:, None].expand(group),
-                          torch.tensor(self.heads, device=held.pos.device))
+                          self.head_index(held.pos.device))
         return self._runs[2:]
 
 
@@ -280,7 +290,7 @@ class LayerStore:
         end = start + k.shape[1]
         pos = torch.arange(start, end, device=k.device).expand(k.shape[0], -1)
         for g in self.groups:
-            g.put_chunk(k[:, :, g.heads].transpose(1, 2), v[:, :, g.heads].transpose(1, 2), pos, again)
+            g.put_chunk(k, v, pos, again)
         self.chunk = (start, end)
 
     def _commit(self, window: tuple[int, int]) -> None:
