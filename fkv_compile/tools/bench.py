@@ -250,10 +250,11 @@ class ModeRollouts:
             profiled = self._video()
         attention_s = _attention_seconds(prof)
         video_s = statistics.median(map(sum, self.chunk_times))
-        if self.mode != "dense":  # select's kept ranges chosen and reused, over every video of this process
+        selections = None  # select's kept ranges chosen and reused, over every video of this process
+        if self.mode != "dense":
             from ..report import report
 
-            selections = report(self.compiled, print_table=False).selections
+            selections = list(report(self.compiled, print_table=False).selections)
         latent_frames = 3 * GEOMETRIES[self.settings.geometry].chunks
         return {
             "mode": self.mode, "frame_tokens": self.cfg.frame_tokens, "video_s": video_s,
@@ -263,7 +264,7 @@ class ModeRollouts:
             "top_ops": _top_ops(prof, profiled),
             "kv_bytes": self.kv_per_chunk[-1], "kv_bytes_per_chunk": self.kv_per_chunk,
             "rss_bytes_per_chunk": self.rss_per_chunk, "dense_kv_bytes": self.dense_kv, "peak_rss_bytes": peak,
-            "graphs_after_warmup": graphs, "selections": None if self.mode == "dense" else list(selections),
+            "graphs_after_warmup": graphs, "selections": selections,
             "static_heads": self.plan.count(STATIC), "heads": self.plan.num_layers * self.plan.num_heads,
         }
 
@@ -276,13 +277,14 @@ def _serve(s: BenchSettings, mode: str) -> None:
     rollouts = ModeRollouts(s, mode)
     print(_REPLY + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        if line.strip() == "video":
+        request = line.strip()
+        if request == "video":
             print(_REPLY + json.dumps({"video_s": rollouts.timed_video()}), flush=True)
-        elif line.strip() == "summary":
+        elif request == "summary":
             print(_REPLY + json.dumps(rollouts.summary()), flush=True)
             return
         else:
-            raise ValueError(f"fkv bench: the {mode} rollout got an unknown request {line.strip()!r}")
+            raise ValueError(f"fkv bench: the {mode} rollout got an unknown request {request!r}")
 
 
 class _ModeProcess:
