@@ -72,7 +72,8 @@ class Report:
     calibration: str = ""  # compiled without a plan: the calibration's state, else empty
     deferred: str = ""  # compact on LongLive's clone-and-defer caches: what became of the clones, else empty
     shard: ShardRow | None = None  # head parallelism: this rank's share
-    selections: tuple[int, int] = (0, 0)  # select: calls that chose their kept ranges, calls that reused their chunk's
+    # select: calls that chose their kept ranges, that reused their chunk's, that needed none (all heads kept all)
+    selections: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def recompiles(self) -> int:
@@ -95,9 +96,9 @@ class Report:
         if self.shard is not None:
             lines.append(self.shard.line())
         if any(self.selections):
-            chosen, reused = self.selections
+            chosen, reused, whole = self.selections
             lines.append(f"kept ranges: chosen in {chosen} calls, reused in {reused} (a chunk's later calls over the "
-                         "same history)")
+                         f"same history), none needed in {whole} (every head kept its whole window)")
         for f in self.frames:
             if f.at_limit:
                 lines.append(f"WARNING: {f.function} hit torch._dynamo.config.recompile_limit ({f.compiles} compiles): "
@@ -244,7 +245,7 @@ def report(compiled: Any, *, print_table: bool = True, file: TextIO | None = Non
     result = Report(mode=session.config.mode, graphs=session.graphs, sites=tuple(session.sites), layers=rows, memory=memory,
                     frames=tuple(session.frames.values()), calibration=_calibration(session),
                     deferred=session.deferred.summary(), shard=_shard(session),
-                    selections=(session.selections.chosen, session.selections.reused))
+                    selections=(session.selections.chosen, session.selections.reused, session.selections.whole))
     if print_table:
         print(result.table(), file=file or sys.stdout)
     return result

@@ -93,6 +93,11 @@ class WindowLayout:
         candidates = self.candidates(p)
         return not candidates or candidates.stop < self.history
 
+    def keeps_all(self, p: RoleParams) -> bool:
+        """Whether a head of the role keeps every token of this window: its sink and recent frames cover the whole
+        history (then no frame is a candidate either), as in a video's first chunks."""
+        return self.history <= p.sink_frames + p.recent_frames
+
     def tokens(self, frames: range) -> range:
         return range(frames.start * self.frame_tokens, frames.stop * self.frame_tokens) if frames else range(0)
 

@@ -110,7 +110,7 @@ def test_fkv_bench_runs_end_to_end_and_writes_its_files(tmp_path):
         shares = [o["share"] for o in r["top_ops"]]  # the per-op profile: most self time first
         assert len(shares) == 8 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
     compact, dense = out["rollout"]["compact"], out["rollout"]["dense"]
-    chosen, reused = out["rollout"]["select"]["selections"]  # a chunk's later calls reuse its layer's ranges
+    chosen, reused, _ = out["rollout"]["select"]["selections"]  # a chunk's later calls reuse its layer's ranges
     assert dense["selections"] is None and reused > chosen > 0
     assert compact["kv_bytes"] < dense["kv_bytes"] == dense["dense_kv_bytes"]
     assert set(out["ratios_vs_dense"]) == {"select", "compact"} and 0 < out["kept_fraction"] < 1

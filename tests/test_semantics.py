@@ -34,6 +34,11 @@ def test_keep_rule_invariants(data):
             assert mask[:, head].all()
             continue
         p = plan.params(role)
+        # keeps_all (select's dense shortcut) holds only where the rule keeps everything; static heads keep
+        # everything exactly then
+        whole = window_layout(q.shape[2], k.shape[2], f, c).keeps_all(p)
+        assert not whole or frames.all()
+        assert role != "static" or whole == bool(frames.all())
         sink = set(range(min(p.sink_frames, h)))
         recent = set(range(max(p.sink_frames, h - p.recent_frames), h))
         candidates = list(range(max(p.sink_frames, h - p.recent_frames - p.candidate_frames), h - p.recent_frames))

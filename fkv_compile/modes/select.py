@@ -2,7 +2,8 @@
 
 The keep rule (:mod:`fkv_compile.semantics`) becomes per-head token ranges (:mod:`.ranges`), and one
 ``range_attention`` op (:mod:`.dispatch`: Triton on GPUs, torch on CPU) attends over them, so time
-scales with kept tokens, not window length. A call that does not fit the plan's geometry runs dense.
+scales with kept tokens, not window length. A call that does not fit the plan's geometry runs dense, and so does
+one whose heads all keep their whole window (a video's first chunk): the same result without the ranges.
 
 A chunk's denoising steps and its clean pass attend over the same history, so a layer's ranges are chosen
 once per chunk (:class:`SelectionMemo`) where the graph tells the history is unchanged.
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import DENSE, HeadPlan
-from ..semantics import window_layout
+from ..semantics import WindowLayout, window_layout
 from .dispatch import TORCH, Kernels
 from .ranges import select_ranges
 from .sharding import HeadShard
@@ -55,6 +56,7 @@ class SelectionMemo:
         self._last: dict[int, tuple[History, torch.Tensor, torch.Tensor]] = {}
         self.chosen = 0  # calls that chose their ranges
         self.reused = 0  # calls that reused their chunk's
+        self.whole = 0  # calls that needed none: every head kept the whole window
 
     def ranges(self, layer: int, history: History | None,
                choose: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +76,16 @@ class SelectionMemo:
     def forget(self, layer: int) -> None:
         """Drop the layer's entry: this call's history is unknown (and may have changed)."""
         self._last.pop(layer, None)
+
+    def dense(self, layer: int, whole_window: bool) -> None:
+        """A call ran dense (``whole_window``: because its heads keep everything, else it did not fit the plan)."""
+        self.forget(layer)
+        self.whole += whole_window
+
+
+def _keeps_whole_window(plan: HeadPlan, layer: int, layout: WindowLayout) -> bool:
+    """Whether every head of ``layer`` keeps every token of the window (dense heads, or roles that drop nothing yet)."""
+    return all(layout.keeps_all(plan.params(role)) for role in set(plan.roles[layer]) - {DENSE})
 
 
 def compressed_attention(
@@ -98,9 +110,9 @@ def compressed_attention(
     num_heads, lq, lk = q.shape[1], q.shape[2], k.shape[2]
     layout = window_layout(lq, lk, plan.frame_tokens, plan.chunk_frames)
     spans = shard is not None and shard.spans(layer)  # the other ranks wait for this one's similarity share
-    if layout is None or (all(r == DENSE for r in plan.roles[layer]) and not spans):
+    if layout is None or (not spans and _keeps_whole_window(plan, layer, layout)):
         if memo is not None:
-            memo.forget(layer)
+            memo.dense(layer, whole_window=layout is not None)
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         kept = torch.full((num_heads,), float(lk), dtype=torch.float64, device=q.device)
         return out, KeptTokens(kept=kept, window=lk, layout_fits=layout is not None)

@@ -55,7 +55,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              + f"  attention {100 * r['attention_share']:4.1f}%  KV {r['kv_bytes'] / 2**20:8.1f} MiB"
                              + f"  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB  compile {r['compile_s']:6.1f} s"
                              + f"  recompiles {r['graphs_after_warmup']}  FPS {r['fps']:.2f}"
-                             + (f"  kept ranges chosen {r['selections'][0]}, reused {r['selections'][1]}"
+                             + ("  kept ranges chosen {}, reused {}, none needed {}".format(*r["selections"])
                                 if r["selections"] and any(r["selections"]) else ""))
                 lines.append("    self time by op: " + ", ".join(f"{o['op']} {100 * o['share']:.1f}% ({o['calls']})"
                                                            for o in r["top_ops"]))
