@@ -104,7 +104,7 @@ def range_attention(
         a, z = s.gather(-1, first), e.gather(-1, first)
         if bool(single.all()) and bool((a == a[0, 0]).all()) and bool((z == z[0, 0]).all()):
             lo, hi = int(a[0, 0]), int(z[0, 0])
-            kg, vg, mask = _heads_of(k, heads)[:, :, lo:hi], _heads_of(v, heads)[:, :, lo:hi], None
+            kg, vg, mask = _heads_of(k[:, :, lo:hi], heads), _heads_of(v[:, :, lo:hi], heads), None  # copy the range only
         else:
             tokens, valid = _range_tokens(s, e, max(per_item))
             tables = tables or (_token_rows(k), _token_rows(v))
