@@ -115,6 +115,7 @@ def test_fkv_bench_runs_end_to_end_and_writes_its_files(tmp_path):
     assert compact["kv_bytes"] < dense["kv_bytes"] == dense["dense_kv_bytes"]
     assert set(out["ratios_vs_dense"]) == {"select", "compact"} and 0 < out["kept_fraction"] < 1
     assert [set(times) for times in out["rounds"]] == [{"dense", "select", "compact"}] * 2
+    assert out["compact_vs_select"] == pytest.approx(sum(t["compact"] / t["select"] for t in out["rounds"]) / 2)
     for mode, ratio in out["ratios_vs_dense"].items():  # each round's videos side by side, the median over rounds
         assert ratio["video_time_by_round"] == [times[mode] / times["dense"] for times in out["rounds"]]
         assert ratio["video_time"] == pytest.approx(sum(ratio["video_time_by_round"]) / 2)

@@ -137,10 +137,13 @@ def similarity_partials(
     over disjoint heads are the sums over all of them: head parallelism all-reduces these."""
     f, nc = frame_tokens, num_candidates
     g, hg = groups.shape
-    region = keys[:, groups.flatten().to(keys.device), first_frame * f : (first_frame + nc + 1) * f].float()
-    x = region.unflatten(1, (g, hg)).unflatten(3, (nc + 1, f))  # [B, G, Hg, nc + 1, F, D]
-    squares = x.square().sum((2, 5))  # [B, G, nc + 1, F]
-    dots = (x[:, :, :, :-1] * x[:, :, :, 1:]).sum((2, 5))  # [B, G, nc, F]
+    # token-major, a group's heads and dims as one contiguous row, the sums as dot products along it (einsum: no
+    # product tensor is made): a layer's choice 2.5x faster on CPU than products summed over two dims of a copy
+    region = keys.transpose(1, 2)[:, first_frame * f : (first_frame + nc + 1) * f]  # [B, T, H, D], a view
+    x = region.index_select(2, groups.flatten().to(keys.device)).float().flatten(2)  # [B, T, G * Hg * D]
+    x = x.unflatten(1, (nc + 1, f)).unflatten(3, (g, -1))  # [B, nc + 1, F, G, Hg * D]
+    squares = torch.einsum("...e,...e->...", x, x).permute(0, 3, 1, 2)  # [B, G, nc + 1, F]
+    dots = torch.einsum("...e,...e->...", x[:, :-1], x[:, 1:]).permute(0, 3, 1, 2)  # [B, G, nc, F]
     return dots, squares
 
 

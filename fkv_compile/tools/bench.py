@@ -532,6 +532,8 @@ def run_bench(s: BenchSettings, out_dir: Path, modes: tuple[str, ...] = MODES, a
                                             "peak_rss": r["peak_rss_bytes"] / dense["peak_rss_bytes"],
                                             **amdahl(ratio, dense["attention_share"], kept),
                                             **attention_saving(r["attention_s"] / dense["attention_s"], kept)}
+    if {"select", "compact"} <= set(rollouts):  # the goal "compact no slower than select", side by side too
+        result["compact_vs_select"] = statistics.median(times["compact"] / times["select"] for times in rounds)
     stem = out_dir / f"bench_{s.geometry}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     with open(stem.with_suffix(".csv"), "w", newline="") as f:

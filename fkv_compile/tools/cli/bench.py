@@ -59,6 +59,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                 if r["selections"] and any(r["selections"]) else ""))
                 lines.append("    self time by op: " + ", ".join(f"{o['op']} {100 * o['share']:.1f}% ({o['calls']})"
                                                            for o in r["top_ops"]))
+            if "compact_vs_select" in result:
+                lines.append(f"  compact / select video time: x{result['compact_vs_select']:.3f} (median of same-round "
+                             "pairs)")
             if "clone_s_per_chunk" in result:
                 lines.append(f"  LongLive's per-layer cache clones: {1e3 * result['clone_s_per_chunk']:.1f} ms per chunk in "
                              "dense and select, none in compact")
