@@ -104,7 +104,8 @@ def range_attention(
         a, z = s.gather(-1, first), e.gather(-1, first)
         if bool(single.all()) and bool((a == a[0, 0]).all()) and bool((z == z[0, 0]).all()):
             lo, hi = int(a[0, 0]), int(z[0, 0])
-            kg, vg, mask = _heads_of(k[:, :, lo:hi], heads), _heads_of(v[:, :, lo:hi], heads), None  # copy the range only
+            # heads after tokens: a scattered group copies only the range, not the window
+            kg, vg, mask = _heads_of(k[:, :, lo:hi], heads), _heads_of(v[:, :, lo:hi], heads), None
         else:
             tokens, valid = _range_tokens(s, e, max(per_item))
             tables = tables or (_token_rows(k), _token_rows(v))
