@@ -6,7 +6,8 @@
 #   2. range attention against SDPA/FlashAttention on the same kept tokens and against dense, at 1560 and 8160
 #      tokens per frame, with the GPU's measured copy and matmul ceilings: benchmarks/kernels.py
 #   3. real-size Self Forcing (30 layers, 12 heads x 128, random weights, bf16, 1560 tokens per frame) dense vs
-#      select vs compact, whole videos timed with CUDA events, per chunk: fkv bench --device cuda --side 1
+#      select vs compact, whole videos timed with CUDA events, per chunk: fkv bench --device cuda --side 1 (the
+#      modes compile at the same time; its JSON holds the call level as soon as that is measured)
 # On a machine without a CUDA GPU it says what it needs and exits with status 2. Each step has its own time
 # limit; a step that fails or runs out is reported and the next one runs; the exit status is 1 if any failed.
 set -uo pipefail

@@ -1,5 +1,6 @@
 """Equivalence checking for users' CI: ``fkv check`` and ``fkv_compile.tools.testing.assert_equivalent``."""
 
+import dataclasses
 import json
 import textwrap
 
@@ -152,6 +153,22 @@ def test_a_bench_rollout_that_fails_names_its_mode_and_the_error():
         alternating_rollouts(settings, ("select",))
     with pytest.raises(ValueError, match=r"unknown bench mode 'slow'"):
         alternating_rollouts(settings, ("dense", "slow"))
+    # compiling side by side (a GPU run's default): the first to fail is named, the other process is closed
+    with pytest.raises(RuntimeError, match=r"(?s)the select rollout failed.*no-such-plan.json"):
+        alternating_rollouts(settings, ("select", "dense"), concurrent_compile=True)
+
+
+def test_a_bench_keeps_its_call_level_when_the_rollouts_fail_and_checks_its_modes_first(tmp_path):
+    from fkv_compile.tools.bench import BenchSettings, run_bench
+
+    settings = BenchSettings(geometry="tiny", side=1, layers=1, heads=2, head_dim=16, repeats=1)
+    with pytest.raises(ValueError, match=r"unknown bench mode 'slow'"):
+        run_bench(settings, tmp_path / "none", modes=("dense", "slow"))
+    assert not (tmp_path / "none").exists()  # bad input changes nothing
+    with pytest.raises(RuntimeError, match=r"(?s)the dense rollout failed.*no-such-backend"):
+        run_bench(dataclasses.replace(settings, lowering="no-such-backend"), tmp_path, modes=("dense",))
+    partial = json.loads((tmp_path / "bench_tiny.json").read_text())  # what a run stopped by its time limit leaves
+    assert "rollout" not in partial and partial["call"][0]["select_share_of_limit"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs")

@@ -10,8 +10,8 @@ Two levels, on the Self Forcing-style miniature with random weights:
 - ``rollout``: a whole video per mode, each mode in its own process so that its peak RSS is its
   own: time per chunk (median over the timed videos after a warm-up video), the attention share of
   the time (one profiled video, last), KV bytes per chunk, peak RSS (compile and the timed videos,
-  not the profiled one), compile time (first video minus a
-  warm one) and graphs compiled after the warm-up (recompiles). On CUDA the clock is CUDA events
+  not the profiled one), compile time (first video minus a warm one; on a GPU the modes compile at the
+  same time) and graphs compiled after the warm-up (recompiles). On CUDA the clock is CUDA events
   and FPS is reported as the papers define it: 4 x latent frames / diffusion time.
 
 Both levels measure side by side: in rounds, each contender once per round in an order rotated from round
@@ -289,18 +289,17 @@ def _serve(s: BenchSettings, mode: str) -> None:
 
 class _ModeProcess:
     """A :class:`ModeRollouts` in a fresh process (its peak RSS its own), one video per request, so that the modes'
-    videos can take turns while the other processes wait."""
+    videos can take turns while the other processes wait. Started here, compiled once :meth:`ready` returns."""
 
     def __init__(self, s: BenchSettings, mode: str):
         self.mode = mode
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self._process = subprocess.Popen([sys.executable, "-m", "fkv_compile.tools.bench", json.dumps(asdict(s)), mode],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
-        try:
-            self._answer()  # compiled and warm
-        except BaseException:
-            self.close()
-            raise
+
+    def ready(self) -> None:
+        """Wait until the mode is compiled and warm."""
+        self._answer()
 
     def ask(self, request: str) -> dict[str, Any]:
         self._process.stdin.write(request + "\n")
@@ -328,19 +327,36 @@ class _ModeProcess:
         self.close()
 
 
-def alternating_rollouts(s: BenchSettings, modes: tuple[str, ...], advance: Callable[[], None] = lambda: None,
-                         ) -> tuple[dict[str, dict[str, Any]], list[dict[str, float]]]:
-    """Each mode's rollout numbers (:meth:`ModeRollouts.summary`) and the seconds of each round of videos: one
-    process per mode, compiled one after the other, then ``s.repeats`` rounds in which every mode runs one video
-    in turn (the order rotated from round to round), so that the modes' times are measured side by side."""
+def _check_modes(modes: tuple[str, ...]) -> None:
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown bench mode {mode!r}; expected some of {MODES}")
+
+
+def alternating_rollouts(s: BenchSettings, modes: tuple[str, ...], advance: Callable[[], None] = lambda: None,
+                         concurrent_compile: bool | None = None,
+                         ) -> tuple[dict[str, dict[str, Any]], list[dict[str, float]]]:
+    """Each mode's rollout numbers (:meth:`ModeRollouts.summary`) and the seconds of each round of videos: one
+    process per mode, compiled, then ``s.repeats`` rounds in which every mode runs one video in turn (the order
+    rotated from round to round), so that the modes' times are measured side by side.
+
+    ``concurrent_compile`` (default: on a GPU): the processes compile at the same time, which is CPU work and
+    saves minutes of a time-boxed GPU run, but each mode's compile time is then taken while the others compile;
+    else one after the other, each on a quiet machine (a small CPU machine has no cores to spare)."""
+    _check_modes(modes)
+    if concurrent_compile is None:
+        concurrent_compile = torch.device(s.device).type == "cuda"
     with contextlib.ExitStack() as stack:
         processes = []
         for mode in modes:
             processes.append(stack.enter_context(_ModeProcess(s, mode)))
-            advance()
+            if not concurrent_compile:
+                processes[-1].ready()
+                advance()
+        if concurrent_compile:
+            for process in processes:
+                process.ready()
+                advance()
         rounds = []
         for r in range(s.repeats):
             turn = processes[r % len(processes):] + processes[: r % len(processes)]
@@ -504,17 +520,23 @@ def in_fresh_process(argv: list[str], what: str) -> dict[str, Any]:
 
 def run_bench(s: BenchSettings, out_dir: Path, modes: tuple[str, ...] = MODES, advance: Callable[[], None] = lambda: None,
               png: bool = True) -> dict[str, Any]:
-    """Both levels at one geometry; writes ``bench_<geometry>.json``/``.csv`` (and ``.png``) into ``out_dir``."""
+    """Both levels at one geometry; writes ``bench_<geometry>.json``/``.csv`` (and ``.png``) into ``out_dir``.
+
+    The JSON is written once the call level is measured (without ``rollout``) and again at the end, so that a run
+    stopped by a time limit (a GPU run's) still leaves its call level."""
+    _check_modes(modes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    calls = call_level(s)
-    advance()
-    rollouts, rounds = alternating_rollouts(s, modes, advance)
+    stem = out_dir / f"bench_{s.geometry}"
     g = GEOMETRIES[s.geometry]
-    result = {"settings": asdict(s), "geometry": {**asdict(g), "frame_tokens": rollouts[modes[0]]["frame_tokens"],
+    result = {"settings": asdict(s), "geometry": {**asdict(g), "frame_tokens": s.config().frame_tokens,
                                                     "real_frame_tokens": g.frame_tokens},
               "machine": {"device": torch.cuda.get_device_name() if s.device == "cuda" else "cpu",
                           "threads": torch.get_num_threads(), "torch": torch.__version__},
-              "call": calls, "rollout": rollouts, "rounds": rounds}
+              "call": call_level(s)}
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    advance()
+    rollouts, rounds = alternating_rollouts(s, modes, advance)
+    result.update(rollout=rollouts, rounds=rounds)
     if g.cache_style == "longlive":
         result["clone_s_per_chunk"] = clone_seconds_per_chunk(s)
     video_times = {m: [times[m] for times in rounds] for m in rollouts}  # per mode, round by round
@@ -535,7 +557,6 @@ def run_bench(s: BenchSettings, out_dir: Path, modes: tuple[str, ...] = MODES, a
                                             **attention_saving(r["attention_s"] / dense["attention_s"], kept)}
     if {"select", "compact"} <= set(rollouts):  # the goal "compact no slower than select", side by side too
         result["compact_vs_select"] = paired_ratio(video_times, "compact", "select")
-    stem = out_dir / f"bench_{s.geometry}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.writer(f)
