@@ -59,9 +59,12 @@ def _run(heads: list[int]) -> slice | None:
 
 
 def _heads_of(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
-    """``x[:, heads]``: a view for consecutive heads, else a copy."""
+    """``x[:, heads]``: a view for consecutive heads, else a copy stacked from each head's view.
+
+    Why stacked: the models' q, K and V are ``[B, L, H, D]`` buffers viewed as ``[B, H, L, D]``, and
+    ``index_select`` along dim 1 of such a view first copies all of it (2.7x slower on CPU)."""
     run = _run(heads)
-    return x[:, run] if run else x.index_select(1, torch.tensor(heads, device=x.device))
+    return x[:, run] if run else torch.stack([x[:, h] for h in heads], 1)
 
 
 def _put_heads(out: torch.Tensor, heads: list[int], values: torch.Tensor) -> None:
