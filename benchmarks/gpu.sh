@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU run in one script (about 8 minutes on one H100/H200), results as JSON in benchmarks/results/gpu/
+# The GPU run in one script (at most 8 minutes on one H100/H200: the step limits sum to 470 s), results as JSON in benchmarks/results/gpu/
 # (and copied to $OUT when set, as the device machines of this project want):
 #   1. the Triton kernels on CUDA tensors against the float64 oracle in bf16, fp16 and fp32, and the autotune
 #      cache (tuned once, then read by a fresh process): benchmarks/gpu_check.py
@@ -33,9 +33,9 @@ step() {  # step <seconds> <what> <command...>
   echo "== $what: $((SECONDS - start)) s"
 }
 "$PY" -c 'import torch, triton; print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)'
-step 120 "kernels against the float64 oracle, autotune cache" "$PY" benchmarks/gpu_check.py
-step 120 "kernels against SDPA/FlashAttention and dense" "$PY" benchmarks/kernels.py --dtype bfloat16
-step 300 "real-size Self Forcing, dense vs select vs compact" "$PY" -m fkv_compile.tools.cli bench \
+step 100 "kernels against the float64 oracle, autotune cache" "$PY" benchmarks/gpu_check.py
+step 100 "kernels against SDPA/FlashAttention and dense" "$PY" benchmarks/kernels.py --dtype bfloat16
+step 270 "real-size Self Forcing, dense vs select vs compact" "$PY" -m fkv_compile.tools.cli bench \
   --geometry self-forcing-5s --device cuda --side 1 --layers 30 --dtype bfloat16 --repeats 1 --no-png \
   --out benchmarks/results/gpu
 if [ -n "${OUT:-}" ]; then
