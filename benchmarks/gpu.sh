@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU run in one script (at most 8 minutes on one H100/H200: the step limits sum to 470 s), results as JSON in benchmarks/results/gpu/
-# (and copied to $OUT when set, as the device machines of this project want):
+# The GPU run in one script (at most 8 minutes on one H100/H200: the step limits sum to 470 s), results as JSON
+# in benchmarks/results/gpu/ (and copied to $OUT when set, as the device machines of this project want):
 #   1. the Triton kernels on CUDA tensors against the float64 oracle in bf16, fp16 and fp32, and the autotune
 #      cache (tuned once, then read by a fresh process): benchmarks/gpu_check.py
 #   2. range attention against SDPA/FlashAttention on the same kept tokens and against dense, at 1560 and 8160
