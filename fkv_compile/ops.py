@@ -1,9 +1,10 @@
 """Registration of the custom ops the pass rewrites graphs into (bodies live in :mod:`fkv_compile.modes`).
 
 - ``fkv::select_attention``, ``fkv::oracle_attention``, ``fkv::profile_attention``: the SDPA operands
-  in ``[B, H, L, D]``, a per-layer key tensor, the (session, site) ids baked into the graph and, where the
-  graph writes the chunk into the cache itself, the write's and the window's start (``select`` chooses once
-  per chunk from them);
+  in ``[B, H, L, D]``, a per-layer key tensor and the (session, site) ids baked into the graph;
+- ``fkv::select_cache_attention`` (``select`` where the graph alone writes the chunk and reads the window): the
+  chunk's cache write, made by the op, and the attention over the window; the buffers' version counters prove
+  when a layer's kept ranges can be reused (:class:`fkv_compile.modes.select.SelectionMemo`);
 - ``fkv::store_attention`` (``compact``): the chunk's cache write and the window's attention, served
   by the layer's compact store;
 - ``fkv::store_roll`` (``compact``): the pipeline's eviction of history, on the store;
@@ -25,8 +26,9 @@ from . import semantics
 from .modes import state
 from .modes.grad import attention_grads
 from .modes.profile import record_call
-from .modes.select import compressed_attention
+from .modes.select import History, compressed_attention
 from .modes.store import StoreError
+from .modes.watch import storage_id
 
 __all__ = ["select_attention", "oracle_attention", "profile_attention"]
 
@@ -35,8 +37,8 @@ def _fake_attention(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-AttentionBody = Callable[[state.Session, int, int, torch.Tensor, torch.Tensor, torch.Tensor, "float | None",
-                          "tuple[int, int] | None"], torch.Tensor]
+AttentionBody = Callable[[state.Session, int, int, torch.Tensor, torch.Tensor, torch.Tensor, "float | None"],
+                         torch.Tensor]
 
 
 @torch.library.custom_op("fkv::attention_backward", mutates_args=())
@@ -69,11 +71,10 @@ def _(grad_out, q, k, v, layer_key, session, site, masked, scale=None):
 
 
 def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
-    """Define ``fkv::<name>(q, k, v, layer_key, session, site, scale, write_start, window_start)`` with its fake
-    and its backward (:mod:`fkv_compile.modes.grad`, over the kept tokens if ``masked``); ``body`` gets the session,
-    site, the layer resolved from ``layer_key`` and the history (``write_start, window_start``; ``None`` when
-    ``write_start`` is -1: the graph cannot tell). While the session calibrates (no plan yet) the call runs
-    :func:`_dense` instead."""
+    """Define ``fkv::<name>(q, k, v, layer_key, session, site, scale)`` with its fake and its backward
+    (:mod:`fkv_compile.modes.grad`, over the kept tokens if ``masked``); ``body`` gets the session, site and the
+    layer resolved from ``layer_key``. While the session calibrates (no plan yet) the call runs :func:`_dense`
+    instead."""
 
     def op(
         q: torch.Tensor,
@@ -83,20 +84,16 @@ def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
         session: int,
         site: int,
         scale: float | None = None,
-        write_start: int = -1,
-        window_start: int = -1,
     ) -> torch.Tensor:
         s = state.session(session)
         layer = s.layer_of(site, layer_key)
         if s.calibrating(layer, q, k, scale):
             return _dense(s, site, layer, q, k, v, scale).contiguous()
-        history = (write_start, window_start) if write_start >= 0 else None
-        return body(s, site, layer, q, k, v, scale, history).contiguous()
+        return body(s, site, layer, q, k, v, scale).contiguous()
 
     op.__doc__ = doc
     registered = torch.library.custom_op(f"fkv::{name}", op, mutates_args=())
-    registered.register_fake(lambda q, k, v, layer_key, session, site, scale=None, write_start=-1, window_start=-1:
-                             _fake_attention(q, v))
+    registered.register_fake(lambda q, k, v, layer_key, session, site, scale=None: _fake_attention(q, v))
 
     def setup_context(ctx, inputs, output) -> None:
         q, k, v, layer_key, session, site, scale = inputs[:7]
@@ -107,13 +104,13 @@ def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
     def backward(ctx, grad_out):
         q, k, v, layer_key = ctx.saved_tensors
         dq, dk, dv = attention_backward(grad_out, q, k, v, layer_key, *ctx.ids, ctx.masked, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None
 
     registered.register_autograd(backward, setup_context=setup_context)
     return registered
 
 
-def _select(s: state.Session, site: int, layer: int, q, k, v, scale, history):
+def _select(s: state.Session, site: int, layer: int, q, k, v, scale, history: History | None = None):
     if not k.untyped_storage().nbytes():
         raise RuntimeError(
             f"fkv select_attention (site {site}, layer {layer}): the KV cache buffer was released by compact mode at "
@@ -126,7 +123,7 @@ def _select(s: state.Session, site: int, layer: int, q, k, v, scale, history):
     return out
 
 
-def _oracle(s: state.Session, site: int, layer: int, q, k, v, scale, history):
+def _oracle(s: state.Session, site: int, layer: int, q, k, v, scale):
     plan = s.plan
     mask = semantics.keep_mask(k, plan, layer, q.shape[-2])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, None, :], scale=scale)
@@ -142,7 +139,7 @@ def _dense(s: state.Session, site: int, layer: int, q, k, v, scale):
     return out
 
 
-def _profile(s: state.Session, site: int, layer: int, q, k, v, scale, history):
+def _profile(s: state.Session, site: int, layer: int, q, k, v, scale):
     record_call(s.profile_records, layer, q, k, scale, s.plan.frame_tokens, s.plan.chunk_frames)
     return _dense(s, site, layer, q, k, v, scale)
 
@@ -163,6 +160,59 @@ OPS = {
     "oracle": torch.ops.fkv.oracle_attention.default,
     "profile": torch.ops.fkv.profile_attention.default,
 }
+
+
+def _window(cache: torch.Tensor, start: int, end: int, protected: int) -> torch.Tensor:
+    """The window ``cache[:, start:end]`` ``[B, L, H, D]`` as the attention reads it, ``[B, H, L, D]``: after the sink
+    ``cache[:, :protected]`` when ``protected`` (LongLive's cat-window)."""
+    window = cache[:, start:end]
+    if protected:
+        window = torch.cat([cache[:, :protected], window], 1)
+    return window.transpose(1, 2)
+
+
+@torch.library.custom_op("fkv::select_cache_attention", mutates_args=())
+def select_cache_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    layer_key: torch.Tensor,
+    write_start: int,
+    write_end: int,
+    window_start: int,
+    window_end: int,
+    protected: int,
+    session: int,
+    site: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``select`` where the graph's only accesses of its caches are the chunk's write and the window read: the op
+    makes the write ``cache[:, write_start:write_end] = k_new`` itself, then attends over the window. Between its
+    writes the buffers' version counters prove whether the history is the one the layer's kept ranges were chosen
+    from; anything else that wrote them (eager code, another graph, another video's buffers) makes the call choose
+    anew.
+
+    No mutation is declared, as for ``store_attention``: the pass erased the graph's own write, so the graph neither
+    reads nor writes the caches but through this op, and the pipeline sees them written as before.
+    """
+    s = state.session(session)
+    layer = s.layer_of(site, layer_key)
+    s.selections.before_write(layer, cache_k, cache_v)
+    cache_k[:, write_start:write_end] = k_new
+    cache_v[:, write_start:write_end] = v_new
+    s.selections.after_write(layer, cache_k, cache_v)
+    k, v = (_window(c, window_start, window_end, protected) for c in (cache_k, cache_v))
+    if s.calibrating(layer, q, k, scale):
+        return _dense(s, site, layer, q, k, v, scale).contiguous()
+    return _select(s, site, layer, q, k, v, scale, (storage_id(cache_k), write_start, window_start)).contiguous()
+
+
+@select_cache_attention.register_fake
+def _(q, k_new, v_new, cache_k, cache_v, layer_key, write_start, write_end, window_start, window_end, protected,
+      session, site, scale=None):
+    return _fake_attention(q, v_new)
 
 
 @torch.library.custom_op("fkv::store_attention", mutates_args=())
@@ -269,6 +319,14 @@ def _no_autograd_in_compact(ctx, inputs, output) -> None:
     )
 
 
+def _no_autograd_over_own_writes(ctx, inputs, output) -> None:
+    raise RuntimeError(
+        "fkv select_cache_attention writes the chunk into the cache itself and is chosen only for graphs traced "
+        "without autograd, but it ran with an input that requires grad; compile the model anew (dynamo traces a "
+        "graph per grad mode)"
+    )
+
+
 @torch.library.custom_op("fkv::store_grown_attention", mutates_args=())
 def store_grown_attention(
     q: torch.Tensor,
@@ -307,7 +365,9 @@ def _(q, k_new, v_new, cache_k, cache_v, layer_key, start, session, site, scale=
 
 for _op in (store_attention, store_grown_attention):
     _op.register_autograd(lambda ctx, *grads: None, setup_context=_no_autograd_in_compact)
+select_cache_attention.register_autograd(lambda ctx, *grads: None, setup_context=_no_autograd_over_own_writes)
 
 OPS["compact"] = torch.ops.fkv.store_attention.default
 GROWN_OP = torch.ops.fkv.store_grown_attention.default
 ROLL_OP = torch.ops.fkv.store_roll.default
+SELECT_CACHE_OP = torch.ops.fkv.select_cache_attention.default

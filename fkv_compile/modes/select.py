@@ -6,7 +6,7 @@ scales with kept tokens, not window length. A call that does not fit the plan's 
 one whose heads all keep their whole window (a video's first chunk): the same result without the ranges.
 
 A chunk's denoising steps and its clean pass attend over the same history, so a layer's ranges are chosen
-once per chunk (:class:`SelectionMemo`) where the graph tells the history is unchanged.
+once per chunk (:class:`SelectionMemo`) where the buffers' version counters prove the history unchanged.
 
 Shape legend: ``B`` batch, ``H`` heads, ``Lq``/``Lk`` query/key tokens, ``D`` head dim.
 """
@@ -24,10 +24,12 @@ from ..semantics import WindowLayout, window_layout
 from .dispatch import TORCH, Kernels
 from .ranges import select_ranges
 from .sharding import HeadShard
+from .watch import CacheMark, Touch
 
 __all__ = ["KeptTokens", "SelectionMemo", "History", "compressed_attention"]
 
-# a memo key, what a selection was chosen from: the graph's write start and window start, then the window's shape
+# a memo key, what a selection was chosen from: the cache's storage, the chunk's write start and the window start,
+# then the window's shape
 History = tuple[int, ...]
 
 
@@ -44,16 +46,18 @@ class KeptTokens:
 class SelectionMemo:
     """Each layer's last kept ranges and the history they were chosen from, so the calls of one chunk choose once.
 
-    Sound because the pass gives a call a ``history`` only where the graph itself writes the chunk into the cache
-    and reads the window, with nothing else touching the cache, and no roll (:func:`fkv_compile.passes.compact.
-    match_compact` proves it); two calls of a layer with the same write position and window then see the same
-    history: a chunk's steps. A new chunk, a new video (position 0), a KV-recache (earlier positions) or a roll
-    changes the position or gives no history, and every call replaces or drops its layer's entry, so a stale
-    selection is never read.
+    Only the op that writes the chunk into the cache itself (``fkv::select_cache_attention``, where the pass proved
+    the graph's only cache accesses are that write and the window read, with no roll) gives a ``history``: the
+    cache's storage and the write's and window's starts. It asks :meth:`before_write` and
+    :meth:`after_write`, so the layer's :class:`~.watch.CacheMark` proves through the buffers' version counters
+    that nothing but this op wrote them in between; if anything did (a pipeline that zeroes and rebuilds its
+    cache, another video's buffers, a KV-recache), the entry is dropped and the call chooses anew. Two calls with
+    the same history key and untouched buffers then see the same history: a chunk's denoising steps.
     """
 
     def __init__(self) -> None:
         self._last: dict[int, tuple[History, torch.Tensor, torch.Tensor]] = {}
+        self._marks: dict[int, CacheMark] = {}  # per layer: the buffers the op last wrote, right after
         self.chosen = 0  # calls that chose their ranges
         self.reused = 0  # calls that reused their chunk's
         self.whole = 0  # calls that needed none: every head kept the whole window
@@ -72,6 +76,17 @@ class SelectionMemo:
         else:
             self._last[layer] = (history, starts, ends)
         return starts, ends
+
+    def before_write(self, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
+        """Before the op's write: unless the layer's last write went into these buffers and nothing wrote them
+        since, drop the layer's entry (its history is not the one in the buffers)."""
+        mark = self._marks.get(layer)
+        if mark is None or mark.compare(cache_k, cache_v) is not Touch.SAME:
+            self.forget(layer)
+
+    def after_write(self, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
+        """After the op's write: mark the buffers (their version counters now)."""
+        self._marks[layer] = CacheMark.of(cache_k, cache_v)
 
     def forget(self, layer: int) -> None:
         """Drop the layer's entry: this call's history is unknown (and may have changed)."""
@@ -98,14 +113,14 @@ def compressed_attention(
     kernels: Kernels = TORCH,
     shard: HeadShard | None = None,
     memo: SelectionMemo | None = None,
-    history: tuple[int, int] | None = None,
+    history: History | None = None,
 ) -> tuple[torch.Tensor, KeptTokens]:
     """Attention of every head over the tokens its role keeps in the dense window.
 
     q: ``[B, H, Lq, D]``, k and v: ``[B, H, Lk, D]`` (any strides); returns ``[B, H, Lq, D]`` and
     the kept-token counts. ``shard``: this rank's heads under head parallelism (``plan`` is their plan).
-    ``memo`` and ``history`` (the graph's write start and window start, ``None`` if it cannot tell): reuse the
-    ranges chosen for the same history (see :class:`SelectionMemo`).
+    ``memo`` and ``history`` (the cache's storage, the write start and the window start, ``None`` if the caller
+    cannot tell): reuse the ranges chosen for the same history (see :class:`SelectionMemo`).
     """
     num_heads, lq, lk = q.shape[1], q.shape[2], k.shape[2]
     layout = window_layout(lq, lk, plan.frame_tokens, plan.chunk_frames)

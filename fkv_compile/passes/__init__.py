@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import warnings
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -39,7 +40,7 @@ from .compact import CacheAccesses, GrownAccesses, match_compact, match_grown
 from .deferred import DeferredClone, elide_clones, erase_self_copies, find_deferred_clones
 from .frames import current_frame, recompile_limit
 from .geometry import traced_patch_geometry, watch_patch_embeddings
-from .rewrite import lint_and_recompile, rewrite_compact, rewrite_grown, rewrite_site
+from .rewrite import lint_and_recompile, rewrite_compact, rewrite_grown, rewrite_select_cache, rewrite_site
 
 __all__ = ["SiteError", "RecompileLimitWarning", "GeometryError", "run_passes", "AttentionSite", "Declined",
            "find_attention_sites", "DeferredClone", "elide_clones"]
@@ -141,16 +142,18 @@ def _record_declined(declined: list[Declined], session: Session, graph_id: int) 
         log.info("graph %d: %s left alone: %s", graph_id, no.node.name, no.reason)
 
 
-def _graph_history(site: AttentionSite) -> tuple[object, object] | None:
-    """Where the site's graph writes the chunk into the cache and where its window starts, when the graph alone
-    writes and reads that cache and does not roll it (:func:`.compact.match_compact`); else ``None``. ``select``
-    reuses a layer's selection while these stay the same (:class:`fkv_compile.modes.select.SelectionMemo`)."""
-    if site.k_window.pattern in (CachePattern.CAT_GROWTH, CachePattern.WINDOW_INPUT):
-        return None  # the history is a graph input the pipeline may have changed in any way
-    accesses = match_compact(site)
-    if not isinstance(accesses, CacheAccesses) or accesses.rolls:
-        return None
-    return accesses.start, accesses.window[0]
+def _rewrite_select(gm: fx.GraphModule, site: AttentionSite, session: Session, site_id: int) -> None:
+    """``select``: where the graph alone writes the chunk into the cache and reads the window, without a roll
+    (:func:`.compact.match_compact`), and autograd is off, the op makes the write itself, so that the buffers'
+    version counters tell it when a layer's kept ranges can be reused
+    (:class:`fkv_compile.modes.select.SelectionMemo`); elsewhere every call chooses its ranges."""
+    accesses = None
+    if site.k_window.pattern not in (CachePattern.CAT_GROWTH, CachePattern.WINDOW_INPUT) and not torch.is_grad_enabled():
+        accesses = match_compact(site)
+    if isinstance(accesses, CacheAccesses) and not accesses.rolls:
+        rewrite_select_cache(gm, site, accesses, session=session.id, site_id=site_id)
+    else:
+        rewrite_site(gm, site, mode="select", session=session.id, site_id=site_id)
 
 
 def _rewrite(gm: fx.GraphModule, site: AttentionSite, session: Session, graph_id: int) -> None:
@@ -177,10 +180,10 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, session: Session, graph_id
         else:
             if config.strict:
                 raise SiteError(f"strict: attention {site.node.name} in graph {graph_id} not compact: {accesses}")
-            rewrite_site(gm, site, mode="select", session=session.id, site_id=record.site, history=_graph_history(site))
+            _rewrite_select(gm, site, session, record.site)
             record.action, record.reason = SiteAction.SELECT, f"compact fell back to select: {accesses}"
     elif config.mode == "select":
-        rewrite_site(gm, site, mode="select", session=session.id, site_id=record.site, history=_graph_history(site))
+        _rewrite_select(gm, site, session, record.site)
     elif config.mode != "off":
         rewrite_site(gm, site, mode=config.mode, session=session.id, site_id=record.site)
     log.info("graph %d: %s over %s: %s %s", graph_id, site.node.name, record.cache, record.action, record.reason)

@@ -9,11 +9,11 @@ from typing import Any
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..ops import GROWN_OP, OPS, ROLL_OP
+from ..ops import GROWN_OP, OPS, ROLL_OP, SELECT_CACHE_OP
 from .attention import AttentionSite
 from .compact import CacheAccesses, GrownAccesses
 
-__all__ = ["rewrite_site", "rewrite_compact", "rewrite_grown", "lint_and_recompile"]
+__all__ = ["rewrite_site", "rewrite_compact", "rewrite_select_cache", "rewrite_grown", "lint_and_recompile"]
 
 
 def _example(node: fx.Node) -> object:
@@ -31,17 +31,15 @@ def _with_example(node: fx.Node, source: fx.Node, compute: Callable[[Any], Any])
     return node
 
 
-def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, mode: str, session: int, site_id: int,
-                 history: tuple[object, object] | None = None) -> fx.Node:
-    """Replace ``site.node`` by ``fkv::<mode>_attention(q, k, v, layer_key, session, site_id, scale, write_start,
-    window_start)``; ``history``: the graph's cache write start and window start (ints or SymInt nodes), if known.
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, mode: str, session: int, site_id: int) -> fx.Node:
+    """Replace ``site.node`` by ``fkv::<mode>_attention(q, k, v, layer_key, session, site_id, scale)``.
 
     The new node gets an ``example_value`` from the op's fake implementation, so later passes and
     Inductor see the right shape and strides; nothing else in the graph changes.
     """
     op = OPS[mode]
     q, k, v = _heads_major(gm, site, (site.q, site.k, site.v))
-    args = (q, k, v, site.layer_key, session, site_id, site.scale, *(history or (-1, -1)))
+    args = (q, k, v, site.layer_key, session, site_id, site.scale)
     with gm.graph.inserting_before(site.node):
         new = gm.graph.call_function(op, args=args)
     # the fake impl never reads layer_key; k stands in (a parameter's example may live in another fake mode)
@@ -103,6 +101,23 @@ def _erase_dead_chain(gm: fx.GraphModule, node: object) -> None:
 
 def rewrite_compact(gm: fx.GraphModule, site: AttentionSite, acc: CacheAccesses, *, session: int, site_id: int) -> None:
     """Replace the site's rolls, write and attention by ``fkv::store_roll`` and ``fkv::store_attention``."""
+    tokens = _rewrite_rolls(gm, site, acc, session, site_id)
+    _rewrite_write_and_attention(gm, site, acc, OPS["compact"], (tokens,), session, site_id)
+    counters["fkv_compile"]["compact_attention"] += 1
+
+
+def rewrite_select_cache(gm: fx.GraphModule, site: AttentionSite, acc: CacheAccesses, *, session: int,
+                         site_id: int) -> None:
+    """Replace the site's write and attention (no rolls) by ``fkv::select_cache_attention``, which makes the write."""
+    if acc.rolls:
+        raise ValueError("select_cache_attention takes a site whose graph does not roll its cache")
+    _rewrite_write_and_attention(gm, site, acc, SELECT_CACHE_OP, (), session, site_id)
+    counters["fkv_compile"]["select_attention"] += 1
+
+
+def _rewrite_rolls(gm: fx.GraphModule, site: AttentionSite, acc: CacheAccesses, session: int,
+                   site_id: int) -> list[fx.Node]:
+    """Each roll pair becomes a ``fkv::store_roll``; returns their tokens (the attention op takes them)."""
     k_cache, v_cache = site.k_window.cache, site.v_window.cache
     tokens = []
     for roll in acc.rolls:
@@ -114,11 +129,18 @@ def rewrite_compact(gm: fx.GraphModule, site: AttentionSite, acc: CacheAccesses,
             source = setitem.args[2]
             gm.graph.erase_node(setitem)
             _erase_dead_chain(gm, source)
+    return tokens
+
+
+def _rewrite_write_and_attention(gm: fx.GraphModule, site: AttentionSite, acc: CacheAccesses, op: Any,
+                                 ordering: tuple, session: int, site_id: int) -> None:
+    """Replace the site's cache write and attention by ``op(q, k_new, v_new, k_cache, v_cache, layer_key,
+    *ordering, write start, write end, window start, window end, protected, session, site, scale)``."""
     (q,) = _heads_major(gm, site, (site.q,))
-    args = (q, acc.k_new, acc.v_new, k_cache, v_cache, site.layer_key, tokens, acc.start, acc.end, *acc.window,
-            acc.protected, session, site_id, site.scale)
+    args = (q, acc.k_new, acc.v_new, site.k_window.cache, site.v_window.cache, site.layer_key, *ordering, acc.start,
+            acc.end, *acc.window, acc.protected, session, site_id, site.scale)
     with gm.graph.inserting_before(site.node):
-        new = gm.graph.call_function(OPS["compact"], args=args)
+        new = gm.graph.call_function(op, args=args)
     _with_example(new, q, lambda qx: qx.new_empty((*qx.shape[:-1], _example(acc.v_new).shape[-1])))
     old_k, old_v = site.k, site.v
     _replace_site(gm, site, new)
@@ -126,7 +148,6 @@ def rewrite_compact(gm: fx.GraphModule, site: AttentionSite, acc: CacheAccesses,
         _erase_dead_chain(gm, read)
     for setitem in acc.writes:
         gm.graph.erase_node(setitem)
-    counters["fkv_compile"]["compact_attention"] += 1
 
 
 def rewrite_grown(gm: fx.GraphModule, site: AttentionSite, acc: GrownAccesses, *, session: int, site_id: int) -> None:
