@@ -27,7 +27,7 @@ from .modes import state
 from .modes.grad import attention_grads
 from .modes.profile import record_call
 from .modes.select import History, compressed_attention
-from .modes.store import StoreError
+from .modes.store import LayerStore, StoreError
 from .modes.watch import storage_id
 
 __all__ = ["select_attention", "oracle_attention", "profile_attention"]
@@ -199,14 +199,28 @@ def select_cache_attention(
     """
     s = state.session(session)
     layer = s.layer_of(site, layer_key)
+    return _select_over_cache(s, site, layer, q, k_new, v_new, cache_k, cache_v, (write_start, write_end),
+                              (window_start, window_end), protected, scale)
+
+
+def _write(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, start: int,
+           end: int) -> None:
+    """The pipeline's own write of the chunk into its dense buffers."""
+    cache_k[:, start:end] = k_new
+    cache_v[:, start:end] = v_new
+
+
+def _select_over_cache(s: state.Session, site: int, layer: int, q: torch.Tensor, k_new: torch.Tensor,
+                       v_new: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, write: tuple[int, int],
+                       window: tuple[int, int], protected: int, scale: float | None) -> torch.Tensor:
+    """The chunk's write, made here between the memo's two looks at the buffers, then ``select`` over the window."""
     s.selections.before_write(layer, cache_k, cache_v)
-    cache_k[:, write_start:write_end] = k_new
-    cache_v[:, write_start:write_end] = v_new
+    _write(cache_k, cache_v, k_new, v_new, *write)
     s.selections.after_write(layer, cache_k, cache_v)
-    k, v = (_window(c, window_start, window_end, protected) for c in (cache_k, cache_v))
+    k, v = (_window(c, *window, protected) for c in (cache_k, cache_v))
     if s.calibrating(layer, q, k, scale):
         return _dense(s, site, layer, q, k, v, scale).contiguous()
-    return _select(s, site, layer, q, k, v, scale, (storage_id(cache_k), write_start, window_start)).contiguous()
+    return _select(s, site, layer, q, k, v, scale, (storage_id(cache_k), write[0], window[0])).contiguous()
 
 
 @select_cache_attention.register_fake
@@ -253,25 +267,45 @@ def store_attention(
     if protected:
         window_start = 0
     if s.plan is None:  # calibrating: the pipeline's own write into its dense cache, then the dense window
-        for cache, new in ((cache_k, k_new), (cache_v, v_new)):
-            cache[:, write_start:write_end] = new
-        k, v = (c[:, window_start:window_end].transpose(1, 2) for c in (cache_k, cache_v))
+        _write(cache_k, cache_v, k_new, v_new, write_start, write_end)
+        k, v = (_window(c, window_start, window_end, 0) for c in (cache_k, cache_v))
         if s.calibrating(layer, q, k, scale):
             return _dense(s, site, layer, q, k, v, scale).contiguous()
-    out = _serve(s, site, layer, q, k_new, v_new, cache_k, cache_v, (write_start, write_end), (window_start, window_end),
-                 scale, protected)
-    if not s.deferred.claim(cache_k, cache_v):
-        s.release(layer, cache_k, cache_v)
+    write, window = (write_start, write_end), (window_start, window_end)
+    if s.deferred.graphs:  # LongLive's per-call clones: one store per layer, the cache released once claimed
+        out = _serve(s, site, layer, s.compact.unwatched(layer, q.device), q, k_new, v_new, cache_k, cache_v, write,
+                     window, scale, protected)
+        if not s.deferred.claim(cache_k, cache_v):
+            s.compact.release_unwatched(layer, cache_k, cache_v)
+        return out
+    entry = s.compact.enter(layer, cache_k, cache_v, q.device, write_start)
+    if entry.store is not None and not _fits(s, q, window):
+        s.compact.leave_dense(layer, entry, f"a call of {q.shape[2]} query tokens over a window of "
+                              f"{window_end - window_start} tokens does not fit the plan's chunks (a short last chunk?): "
+                              "the keep rule leaves it dense, which needs the dense history")
+    if entry.store is None:
+        out = _select_over_cache(s, site, layer, q, k_new, v_new, cache_k, cache_v, write, window, 0, scale)
+    else:
+        out = _serve(s, site, layer, entry.store, q, k_new, v_new, cache_k, cache_v, write, window, scale, protected)
+        if entry.keeps_dense():  # watched, not yet released: the buffers stay what the pipeline expects
+            _write(cache_k, cache_v, k_new, v_new, write_start, write_end)
+    s.compact.wrote(layer, entry, cache_k, cache_v, write_start)
     return out
 
 
-def _serve(s: state.Session, site: int, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-           cache_k: torch.Tensor, cache_v: torch.Tensor, write: tuple[int, int], window: tuple[int, int],
-           scale: float | None, protected: int = 0) -> torch.Tensor:
+def _fits(s: state.Session, q: torch.Tensor, window: tuple[int, int]) -> bool:
+    """Whether the call's query and window fit the plan's geometry (else the keep rule leaves it dense)."""
+    plan = s.plan
+    return semantics.window_layout(q.shape[2], window[1] - window[0], plan.frame_tokens, plan.chunk_frames) is not None
+
+
+def _serve(s: state.Session, site: int, layer: int, store: LayerStore, q: torch.Tensor, k_new: torch.Tensor,
+           v_new: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, write: tuple[int, int],
+           window: tuple[int, int], scale: float | None, protected: int = 0) -> torch.Tensor:
     """The store's side of a compact call: the chunk's write, then the attention over ``window``."""
-    store = s.store(layer, q.device)
     if store.chunk is None and write[0] > window[0] and cache_k.untyped_storage().nbytes():
-        # calibration ended within a video: the store starts from the dense window's history
+        # a store that starts within a video (calibration ended there, or buffers first seen there): it starts from
+        # the dense window's history
         store.adopt(cache_k[:, window[0]:write[0]], cache_v[:, window[0]:write[0]], window[0])
     store.write(k_new, v_new, *write, window, protected)
     out = store.attention(q, window, scale)
@@ -297,12 +331,27 @@ def store_roll(
     """
     s = state.session(session)
     layer = s.layer_of(site, layer_key)
-    if layer in s.stores:
-        s.stores[layer].roll(dst, src, src_end - src)
-    else:
-        for cache in (cache_k, cache_v):
-            cache[:, dst : dst + src_end - src] = cache[:, src:src_end].clone()
+    length = src_end - src
+    if s.deferred.graphs:  # LongLive's per-call clones (one store per layer): the store, once it exists
+        store = s.compact.unwatched_store(layer)
+        if store is not None:
+            store.roll(dst, src, length)
+        else:
+            _roll(cache_k, cache_v, dst, src, length)
+        return layer_key.new_empty(0)
+    entry = s.compact.enter(layer, cache_k, cache_v, layer_key.device)
+    if entry.store is not None and entry.store.chunk is not None:
+        entry.store.roll(dst, src, length)
+    if entry.keeps_dense():
+        _roll(cache_k, cache_v, dst, src, length)
+    s.compact.wrote(layer, entry, cache_k, cache_v)
     return layer_key.new_empty(0)
+
+
+def _roll(cache_k: torch.Tensor, cache_v: torch.Tensor, dst: int, src: int, length: int) -> None:
+    """The pipeline's own eviction on its dense buffers."""
+    for cache in (cache_k, cache_v):
+        cache[:, dst : dst + length] = cache[:, src : src + length].clone()
 
 
 @store_roll.register_fake
@@ -351,9 +400,10 @@ def store_grown_attention(
         k, v = (torch.cat([c[:, :start], new], 1) for c, new in ((cache_k, k_new), (cache_v, v_new)))
         if s.calibrating(layer, q, k.transpose(1, 2), scale):
             return _dense(s, site, layer, q, k.transpose(1, 2), v.transpose(1, 2), scale).contiguous(), k, v
-    out = _serve(s, site, layer, q, k_new, v_new, cache_k, cache_v, (start, end), (0, end), scale)
+    out = _serve(s, site, layer, s.compact.unwatched(layer, q.device), q, k_new, v_new, cache_k, cache_v, (start, end),
+                 (0, end), scale)
     grown = [new.new_empty((new.shape[0], end, *new.shape[2:])) for new in (k_new, v_new)]
-    s.release(layer, *grown)
+    s.compact.release_unwatched(layer, *grown)
     return out, *grown
 
 

@@ -71,6 +71,7 @@ class Report:
     frames: tuple[FrameRecord, ...] = ()  # code objects compiled, in order of first compile
     calibration: str = ""  # compiled without a plan: the calibration's state, else empty
     deferred: str = ""  # compact on LongLive's clone-and-defer caches: what became of the clones, else empty
+    compact: str = ""  # compact: the pipeline's buffers released or kept, and the layers left dense with the reason
     shard: ShardRow | None = None  # head parallelism: this rank's share
     # select: calls that chose their kept ranges, that reused their chunk's, that needed none (all heads kept all)
     selections: tuple[int, int, int] = (0, 0, 0)
@@ -93,6 +94,8 @@ class Report:
             lines.append(f"calibration: {self.calibration}")
         if self.deferred:
             lines.append(f"deferred cache clones: {self.deferred}")
+        if self.compact:
+            lines.append(f"compact buffers: {self.compact}")
         if self.shard is not None:
             lines.append(self.shard.line())
         if any(self.selections):
@@ -138,6 +141,7 @@ class MemoryRow:
     dense_bytes_per_head: float
     compact_bytes_per_head: tuple[float, ...]
     reserve_bytes: int = 0  # of compact_bytes: the model's sink frames held only for a KV-recache
+    kept_dense_bytes: int = 0  # the pipeline's dense buffers still held besides the store (not yet released)
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,10 @@ class MemoryReport:
         return sum(r.reserve_bytes for r in self.rows)
 
     @property
+    def kept_dense_bytes(self) -> int:
+        return sum(r.kept_dense_bytes for r in self.rows)
+
+    @property
     def saved_fraction(self) -> float:
         return 1.0 - self.compact_bytes / self.dense_bytes if self.dense_bytes else 0.0
 
@@ -170,19 +178,22 @@ class MemoryReport:
         if self.reserve_bytes:
             lines.append(f"of which {self.reserve_bytes:,} bytes hold the model's sink frames the keep rule drops, for "
                          "a KV-recache after a prompt switch (options kv_recache=False frees them)")
+        if self.kept_dense_bytes:
+            lines.append(f"besides: {self.kept_dense_bytes:,} bytes of the pipeline's dense buffers, not released yet "
+                         "(compact releases them once a second video shows that nothing else writes them)")
         return "\n".join(lines)
 
 
 def _memory(session: Session) -> MemoryReport:
     rows = []
-    for layer in sorted(session.stores):
-        store = session.stores[layer]
+    guard = session.compact
+    for layer, store in sorted(guard.stores().items()):
         per_head = store.nbytes_per_head()
-        dense = session.dense_bytes.get(layer, 0)
+        dense = guard.dense_bytes(layer)
         rows.append(MemoryRow(layer=layer, dense_bytes=dense, compact_bytes=store.nbytes(),
                               dense_bytes_per_head=dense / session.plan.num_heads,
                               compact_bytes_per_head=tuple(per_head[h] for h in sorted(per_head)),
-                              reserve_bytes=store.reserve_nbytes()))
+                              reserve_bytes=store.reserve_nbytes(), kept_dense_bytes=guard.kept_dense_bytes(layer)))
     return MemoryReport(rows=tuple(rows))
 
 
@@ -241,10 +252,10 @@ def report(compiled: Any, *, print_table: bool = True, file: TextIO | None = Non
     """
     session = session_of(compiled, "report", options)
     rows = tuple(_layer_row(session, session.layers[i]) for i in sorted(session.layers))
-    memory = _memory(session) if session.stores else None
+    memory = _memory(session) if session.compact.stores() else None
     result = Report(mode=session.config.mode, graphs=session.graphs, sites=tuple(session.sites), layers=rows, memory=memory,
                     frames=tuple(session.frames.values()), calibration=_calibration(session),
-                    deferred=session.deferred.summary(), shard=_shard(session),
+                    deferred=session.deferred.summary(), compact=session.compact.summary(), shard=_shard(session),
                     selections=(session.selections.chosen, session.selections.reused, session.selections.whole))
     if print_table:
         print(result.table(), file=file or sys.stdout)

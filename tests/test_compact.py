@@ -47,7 +47,12 @@ def test_compact_matches_the_float64_oracle_over_two_videos(cfg, batch):
         assert_within_budget(video, reference, budget, "compact")
     rep = fkv_compile.report(compiled, print_table=False)
     assert {s.action for s in rep.sites if s.pattern != "-"} == {"compact"}
-    assert all(fkv_compile.is_released(c["k"]) and fkv_compile.is_released(c["v"]) for video in caches for c in video[0])
+    # the first video's buffers are watched, kept and written; once a second video started with nothing else having
+    # written them, its buffers are released
+    (first_kv, _), (second_kv, _) = caches
+    assert not any(fkv_compile.is_released(c[name]) for c in first_kv for name in ("k", "v"))
+    assert all(fkv_compile.is_released(c[name]) for c in second_kv for name in ("k", "v"))
+    assert "2 of 4 K/V buffer pairs released" in rep.table()
 
 
 @pytest.mark.parametrize("cfg,dtype", LOW_PRECISION)
@@ -59,20 +64,25 @@ def test_compact_keeps_the_right_tokens_in_low_precision_call_by_call(cfg, dtype
     assert_calls_match_the_oracle_conclusively(calls, plan)
 
 
-def test_dense_buffers_are_released_and_the_store_adds_up_to_the_report():
+def test_dense_buffers_are_released_after_a_watched_video_and_the_store_adds_up_to_the_report():
     cfg = GLOBAL
     model, inputs = setup(cfg, torch.float32)
-    inputs.noise = inputs.noise[:1]
+    inputs.noise = inputs.noise[:2]
     compiled = torch.compile(model, backend="forcing_kv",
                              options={"plan": mixed_plan(cfg), "mode": "compact", "lowering": "aot_eager"})
+    watched = new_caches(cfg, batch=1, dtype=torch.float32)
+    rollout(compiled, cfg, inputs, caches=watched)  # two chunks: watched, kept, written as the pipeline expects
+    assert not any(fkv_compile.is_released(c[name]) for c in watched[0] for name in ("k", "v"))
+    assert watched[0][0]["k"].abs().sum() > 0
+    del watched  # the pipeline drops the first video's buffers: the report no longer counts them
     kv, cross = new_caches(cfg, batch=1, dtype=torch.float32)
     dense_bytes = sum(c[name].nbytes for c in kv for name in ("k", "v"))
     x = inputs.noise[0][0]
     with torch.no_grad():  # the ops are inference-only
-        compiled(x, torch.full((1, 3), 1000.0), inputs.context, kv, cross, 0)  # the first compiled call
+        compiled(x, torch.full((1, 3), 1000.0), inputs.context, kv, cross, 0)  # the second video's first call
     assert all(c[name].untyped_storage().nbytes() == 0 for c in kv for name in ("k", "v"))
     mem = fkv_compile.memory_report(compiled)
-    assert mem.dense_bytes == dense_bytes
+    assert mem.dense_bytes == dense_bytes and mem.kept_dense_bytes == 0
     # after the first chunk's first write each head group holds just that chunk: K and V (float32) of its heads,
     # and one int64 cache position per token; counted from the plan, not from the store's tensors
     plan, b, t = mixed_plan(cfg), 1, cfg.chunk_frames * cfg.frame_tokens

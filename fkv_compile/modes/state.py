@@ -32,6 +32,7 @@ from ..plan import HeadPlan, PlanError
 from .calibration import Calibrator, Geometry
 from .deferred import DeferredClones
 from .dispatch import Kernels, kernels_for
+from .guard import CompactCaches
 from .select import SelectionMemo
 from .sharding import HeadShard
 from .store import LayerStore
@@ -108,9 +109,8 @@ class Session:
         self.frames: dict[int, FrameRecord] = {}
         self.layers: dict[int, LayerStats] = {}
         self.profile_records: list = []  # fkv_compile.modes.profile.MassRecord, in call order (mode "profile")
-        self.stores: dict[int, LayerStore] = {}  # mode "compact"
-        self.selections = SelectionMemo()  # mode "select": each layer's ranges, chosen once per chunk
-        self.dense_bytes: dict[int, int] = {}  # per layer: K + V bytes of the dense buffers released
+        self.compact = CompactCaches(self._new_store)  # mode "compact": the stores and the buffers they stand for
+        self.selections = SelectionMemo()  # mode "select" (and compact's dense layers): ranges chosen once per chunk
         self.deferred = DeferredClones()  # LongLive's clone-and-defer caches (mode "compact")
         self.owned = False  # by a compiled module (else by the compiled functions)
         self._bindings: dict[tuple[str, int], int] = {}
@@ -182,23 +182,9 @@ class Session:
         self.plan = plan
         return False
 
-    def store(self, layer: int, device: torch.device) -> LayerStore:
-        if layer not in self.stores:
-            self.stores[layer] = LayerStore(self.plan, layer, self.kernels(device),
-                                            keep_protected=self.config.kv_recache, shard=self.shard)
-        return self.stores[layer]
-
-    def release(self, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
-        """Free the pipeline's dense buffers of ``layer`` (storage resized to 0, as FSDP does).
-
-        Only called from ops of sites whose every cache access the pass rewrote; a later read of the
-        buffer from outside fails loudly (``RuntimeError: ... out of bounds``), it never sees stale data.
-        """
-        nbytes = cache_k.untyped_storage().nbytes() + cache_v.untyped_storage().nbytes()
-        if nbytes:  # a new video may bring new buffers: they are released too
-            self.dense_bytes[layer] = nbytes
-            cache_k.untyped_storage().resize_(0)
-            cache_v.untyped_storage().resize_(0)
+    def _new_store(self, layer: int, device: torch.device) -> LayerStore:
+        return LayerStore(self.plan, layer, self.kernels(device), keep_protected=self.config.kv_recache,
+                          shard=self.shard)
 
     def record(self, site: int, layer: int, kept: tuple[float, ...] | torch.Tensor, window: int, fits: bool) -> None:
         """Count a call of the rewritten attention; ``kept`` may be a device tensor (read only by the report)."""

@@ -1,0 +1,164 @@
+"""``compact``'s guard of the pipeline's K/V buffers: which store stands for which buffers, and when they may go.
+
+The pass proves that one graph only writes, rolls and reads a cache through the store ops. It cannot see the code
+around the graph: a pipeline that zeroes its buffers and rebuilds them with another forward at every block, that
+zeroes them between videos, or that serves two videos in turns. So at run time, per layer:
+
+- every pair of buffers gets its own :class:`LayerStore` (two streams in turns, a new batch size, a new video in
+  new buffers: never one store for another's history), bound by a :class:`~.watch.CacheMark`;
+- while the buffers are kept, the ops also make the pipeline's own writes and rolls on them, so they stay what the
+  pipeline expects, and the version counters show whether anything else wrote them between two calls;
+- a layer's buffers are released (storage resized to 0) only once that layer has been watched over a whole video
+  and into the next one with nothing but the ops writing them. A released buffer cannot be watched (writing it
+  would crash the process), which is why the proof comes first;
+- buffers written by anything else, buffers without version counters (``torch.inference_mode`` tensors) and a
+  chunk of another length than the plan's (a short last chunk: the keep rule leaves it dense, which needs the
+  dense history) make the layer keep its dense buffers from then on and run ``select`` over them, with the reason
+  in the report. A store never serves a history it did not see written.
+
+Caches the store cannot watch this way (LongLive's per-call clones, caches grown by concatenation) are served by
+one store per layer, released at once, as the pass's proof for those patterns allows (:meth:`CompactCaches.unwatched`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .store import LayerStore, StoreError
+from .watch import CacheMark, Touch
+
+__all__ = ["CompactCache", "CompactCaches"]
+
+
+@dataclass
+class CompactCache:
+    """One pair of the pipeline's K/V buffers of one layer and the store that stands for it (``None``: the buffers
+    are kept and the layer runs ``select`` over them)."""
+
+    store: LayerStore | None
+    mark: CacheMark
+    dense_bytes: int
+    released: bool = False
+
+    def keeps_dense(self) -> bool:
+        """Whether the pipeline's buffers still hold the dense cache (the ops write them)."""
+        return not self.released
+
+
+class CompactCaches:
+    """Per layer, the watched buffer pairs with their stores, and what the watching has shown."""
+
+    def __init__(self, new_store: Callable[[int, torch.device], LayerStore]):
+        self._new_store = new_store
+        self._caches: dict[int, list[CompactCache]] = {}
+        self._unwatched: dict[int, LayerStore] = {}
+        self._unwatched_bytes: dict[int, int] = {}
+        self.dense: dict[int, str] = {}  # layers that keep their dense buffers and run select, with the reason
+        self.trusted: set[int] = set()  # layers watched over a whole video untouched: their buffers may be released
+        self._progressed: set[int] = set()  # layers that wrote past their first chunk
+
+    # -- watched buffers ---------------------------------------------------------------------------
+    def enter(self, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor, device: torch.device,
+              write_start: int | None = None) -> CompactCache:
+        """The entry of these buffers (a new one for new buffers), checked: buffers written since the last op, or
+        without version counters, leave the layer dense. ``write_start``: where the op writes (``None``: a roll);
+        0 after a layer has written past its first chunk starts a second video, which proves the layer."""
+        entries = [e for e in self._caches.get(layer, []) if e.mark.owner() is not None]
+        entry = next((e for e in entries if e.mark.describes(cache_k, cache_v)), None)
+        if entry is None:
+            mark = CacheMark.of(cache_k, cache_v)
+            nbytes = cache_k.untyped_storage().nbytes() + cache_v.untyped_storage().nbytes()
+            entry = CompactCache(None if layer in self.dense else self._new_store(layer, device), mark, nbytes)
+            entries.append(entry)
+            if not mark.tracked:
+                self.leave_dense(layer, entry, "the K/V buffers have no version counters (torch.inference_mode "
+                                  "tensors), so nothing proves that only the compiled graph writes them; run the "
+                                  "pipeline under torch.no_grad() to let compact release them")
+        else:
+            touch = entry.mark.compare(cache_k, cache_v)
+            if touch is not Touch.SAME and entry.store is not None:
+                self.leave_dense(layer, entry, f"its K/V buffers were written outside the compiled graph between two "
+                                  f"calls (version counters {entry.mark.versions} -> "
+                                  f"{(cache_k._version, cache_v._version) if touch is Touch.TOUCHED else '?'}: "
+                                  "zeroed, rebuilt or written by eager code or another graph)")
+        self._caches[layer] = entries
+        if write_start == 0 and layer in self._progressed and layer not in self.dense:
+            self.trusted.add(layer)
+        return entry
+
+    def wrote(self, layer: int, entry: CompactCache, cache_k: torch.Tensor, cache_v: torch.Tensor,
+              write_start: int | None = None) -> None:
+        """After the op's own writes: mark the buffers; after an attention's write (``write_start`` given, not a
+        roll's, which the attention follows), release them once the layer is proven."""
+        if write_start:
+            self._progressed.add(layer)
+        if write_start is not None and entry.store is not None and not entry.released and layer in self.trusted:
+            for cache in (cache_k, cache_v):
+                cache.untyped_storage().resize_(0)
+            entry.released = True
+        entry.mark = CacheMark.of(cache_k, cache_v)
+
+    def leave_dense(self, layer: int, entry: CompactCache, reason: str) -> None:
+        """This layer keeps its dense buffers from now on and runs select over them; ``entry``'s must still hold the
+        dense cache (a released one cannot serve what the store dropped: an error, never a silent answer)."""
+        if entry.released:
+            raise StoreError(f"compact: layer {layer} released its K/V buffers after watching a whole video, but "
+                             f"then {reason}; compile with mode='select' for this pipeline")
+        entry.store = None
+        self.dense.setdefault(layer, reason)
+        self.trusted.discard(layer)
+
+    # -- caches served without watching ----------------------------------------------------------
+    def unwatched(self, layer: int, device: torch.device) -> LayerStore:
+        """The one store of ``layer`` for caches that are new tensors at every call (clones, concatenations)."""
+        if layer not in self._unwatched:
+            self._unwatched[layer] = self._new_store(layer, device)
+        return self._unwatched[layer]
+
+    def unwatched_store(self, layer: int) -> LayerStore | None:
+        return self._unwatched.get(layer)
+
+    def release_unwatched(self, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
+        """Free such a cache's buffers at once (storage resized to 0, as FSDP does): the pass proved the graph alone
+        reads them; a later read from outside fails loudly (``RuntimeError: ... out of bounds``)."""
+        nbytes = cache_k.untyped_storage().nbytes() + cache_v.untyped_storage().nbytes()
+        if nbytes:  # a new video may bring new buffers: they are released too
+            self._unwatched_bytes[layer] = nbytes
+            cache_k.untyped_storage().resize_(0)
+            cache_v.untyped_storage().resize_(0)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def stores(self) -> dict[int, LayerStore]:
+        """Per layer, the store of its most recent live buffers (or its unwatched store)."""
+        found = dict(self._unwatched)
+        for layer, entries in self._caches.items():
+            live = [e.store for e in entries if e.store is not None and e.mark.owner() is not None]
+            if live:
+                found[layer] = live[-1]
+        return found
+
+    def dense_bytes(self, layer: int) -> int:
+        """The K + V bytes of the layer's most recent buffers (released or not)."""
+        entries = self._caches.get(layer)
+        return entries[-1].dense_bytes if entries else self._unwatched_bytes.get(layer, 0)
+
+    def kept_dense_bytes(self, layer: int) -> int:
+        """The K + V bytes of the layer's live buffers still held (watched, or left dense)."""
+        return sum(e.dense_bytes for e in self._caches.get(layer, []) if not e.released and e.mark.owner() is not None)
+
+    def summary(self) -> str:
+        """What the guard did, for the report: buffers released or kept, and every layer left dense with its reason
+        (empty when no watched buffer was seen)."""
+        entries = [e for layer_entries in self._caches.values() for e in layer_entries]
+        if not entries:
+            return ""
+        released = sum(e.released for e in entries)
+        lines = [f"{released} of {len(entries)} K/V buffer pairs released; the others are kept "
+                 + ("(watched until a second video proves that only the compiled graph writes them)"
+                    if not self.dense else "(see the layers left dense)")]
+        lines += [f"layer {layer} keeps its dense K/V buffers and runs select: {reason}"
+                  for layer, reason in sorted(self.dense.items())]
+        return "\n".join(lines)
