@@ -28,7 +28,6 @@ from .modes.grad import attention_grads
 from .modes.profile import record_call
 from .modes.select import History, compressed_attention
 from .modes.store import LayerStore, StoreError
-from .modes.watch import storage_id
 
 __all__ = ["select_attention", "oracle_attention", "profile_attention"]
 
@@ -220,7 +219,7 @@ def _select_over_cache(s: state.Session, site: int, layer: int, q: torch.Tensor,
     k, v = (_window(c, *window, protected) for c in (cache_k, cache_v))
     if s.calibrating(layer, q, k, scale):
         return _dense(s, site, layer, q, k, v, scale).contiguous()
-    return _select(s, site, layer, q, k, v, scale, (storage_id(cache_k), write[0], window[0])).contiguous()
+    return _select(s, site, layer, q, k, v, scale, (write[0], window[0])).contiguous()
 
 
 @select_cache_attention.register_fake
@@ -266,12 +265,15 @@ def store_attention(
             "window (a cache as long as the attention window, as LongLive's); compile with mode='select'")
     if protected:
         window_start = 0
+    write, window = (write_start, write_end), (window_start, window_end)
     if s.plan is None:  # calibrating: the pipeline's own write into its dense cache, then the dense window
+        entry = None if s.deferred.graphs else s.compact.enter(layer, cache_k, cache_v, q.device, write_start, False)
         _write(cache_k, cache_v, k_new, v_new, write_start, write_end)
+        if entry is not None:
+            s.compact.wrote(layer, entry, cache_k, cache_v, write_start)
         k, v = (_window(c, window_start, window_end, 0) for c in (cache_k, cache_v))
         if s.calibrating(layer, q, k, scale):
             return _dense(s, site, layer, q, k, v, scale).contiguous()
-    write, window = (write_start, write_end), (window_start, window_end)
     if s.deferred.graphs:  # LongLive's per-call clones: one store per layer, the cache released once claimed
         out = _serve(s, site, layer, s.compact.unwatched(layer, q.device), q, k_new, v_new, cache_k, cache_v, write,
                      window, scale, protected)
@@ -339,7 +341,7 @@ def store_roll(
         else:
             _roll(cache_k, cache_v, dst, src, length)
         return layer_key.new_empty(0)
-    entry = s.compact.enter(layer, cache_k, cache_v, layer_key.device)
+    entry = s.compact.enter(layer, cache_k, cache_v, layer_key.device, serve=s.plan is not None)
     if entry.store is not None and entry.store.chunk is not None:
         entry.store.roll(dst, src, length)
     if entry.keeps_dense():

@@ -44,21 +44,21 @@ def run_compiled(model, cfg, inputs, plan, mode, lowering="aot_eager", **compile
     return compiled, rollout(compiled, cfg, inputs)
 
 
-def run_eager_oracle(model, cfg, inputs, plan):
+def run_eager_oracle(model, cfg, inputs, plan, run=rollout):
     caches = new_caches(cfg, batch=inputs.context.shape[0], dtype=inputs.context.dtype)
     with OracleAttentionMode(plan, caches[0]):
-        return rollout(model, cfg, inputs, caches=caches)
+        return run(model, cfg, inputs, caches=caches)
 
 
-def oracle_reference(model, cfg, inputs, plan) -> tuple[list[torch.Tensor], float]:
+def oracle_reference(model, cfg, inputs, plan, run=rollout) -> tuple[list[torch.Tensor], float]:
     """The float64 oracle rollout of ``plan`` and the error budget of ``model``'s dtype (twice the eager oracle's
     error in that dtype), asserted CONCLUSIVE times below every effect it must see: dense attention and each wrong
-    kept set (one recent frame off, one segment fewer), all in float64."""
+    kept set (one recent frame off, one segment fewer), all in float64. ``run``: the pipeline (a rollout function)."""
     m64, in64 = to64(model, inputs)
-    reference = run_eager_oracle(m64, cfg, in64, plan)
-    budget = error_budget(run_eager_oracle(model, cfg, inputs, plan), reference, floor=1e-6)
-    effects = {"dense": max_abs_error(rollout(m64, cfg, in64), reference)}
-    effects.update({name: max_abs_error(run_eager_oracle(m64, cfg, in64, wrong), reference)
+    reference = run_eager_oracle(m64, cfg, in64, plan, run)
+    budget = error_budget(run_eager_oracle(model, cfg, inputs, plan, run), reference, floor=1e-6)
+    effects = {"dense": max_abs_error(run(m64, cfg, in64), reference)}
+    effects.update({name: max_abs_error(run_eager_oracle(m64, cfg, in64, wrong, run), reference)
                     for name, wrong in wrong_kept_sets(plan).items()})
     assert min(effects.values()) > CONCLUSIVE * budget, f"inconclusive: budget {budget:.3e}, effects {effects}"
     _seen(inputs.context.dtype, budget, min(effects.values()))

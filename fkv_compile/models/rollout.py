@@ -3,12 +3,13 @@
 The pipeline (not the model) allocates the per-layer caches, as the real pipelines do, and the
 same (possibly compiled) model is called ``len(steps) + 1`` times per chunk at the same position.
 A prompt switch (LongLive) swaps the text and recomputes the self-attention cache from the frames
-generated so far (KV-recache, :func:`recache`) before the next chunk.
+generated so far (KV-recache, :func:`recache`) before the next chunk. :func:`recompute_rollout` is the streaming
+pipeline that rebuilds its cache at every block instead (``cache_style="recompute"``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from ..modes.profile import tag
 from .self_forcing import CausalVideoDiT, CrossCache, KVCache, MiniConfig, write_index
 
-__all__ = ["RolloutInputs", "make_inputs", "new_caches", "rollout", "recache", "build"]
+__all__ = ["RolloutInputs", "make_inputs", "new_caches", "rollout", "chunks", "recache", "recompute_rollout", "build"]
 
 DENOISING_STEPS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
 
@@ -62,9 +63,14 @@ def new_caches(
     def index() -> torch.Tensor | int:
         return torch.tensor([0], dtype=torch.long, device=device) if cfg.index_style == "tensor" else 0
 
+    def indices() -> dict:
+        if cfg.cache_style == "recompute":  # Python ints and flags, set by recompute_rollout
+            return {"end": 0, "context": False}
+        return {"global_end_index": index(), "local_end_index": index(), "recache": False}
+
     kv = [
         {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device),
-         "global_end_index": index(), "local_end_index": index(), "recache": False}
+         **indices()}
         for _ in range(cfg.num_layers)
     ]
     text_shape = (batch, cfg.text_len, cfg.num_heads, cfg.head_dim)  # cross-attention: every head, on its tokens
@@ -76,7 +82,6 @@ def new_caches(
     return kv, cross
 
 
-@torch.no_grad()
 def rollout(
     model: nn.Module | Callable[..., torch.Tensor],
     cfg: MiniConfig,
@@ -86,7 +91,26 @@ def rollout(
     caches: tuple[list[KVCache], list[CrossCache]] | None = None,
     on_chunk: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
-    """Generate ``len(inputs.noise)`` chunks; returns the denoised latents of every chunk.
+    """Generate ``len(inputs.noise)`` chunks; returns the denoised latents of every chunk (:func:`chunks`)."""
+    outputs = []
+    for chunk, x in enumerate(chunks(model, cfg, inputs, steps=steps, caches=caches)):
+        outputs.append(x)
+        if on_chunk is not None:
+            on_chunk(chunk)
+    return outputs
+
+
+@torch.no_grad()
+def chunks(
+    model: nn.Module | Callable[..., torch.Tensor],
+    cfg: MiniConfig,
+    inputs: RolloutInputs,
+    *,
+    steps: Sequence[float] = DENOISING_STEPS,
+    caches: tuple[list[KVCache], list[CrossCache]] | None = None,
+) -> Iterator[torch.Tensor]:
+    """The rollout chunk by chunk: yields each chunk's denoised latents once its clean pass ran (a server can
+    interleave several videos' chunks on one model).
 
     Flow matching: ``x_t = (1 - t) x0 + t noise``, the model predicts ``noise - x0``. The clean
     pass at ``t = 0`` writes the chunk's keys and values into the caches for the next chunk.
@@ -105,18 +129,16 @@ def rollout(
                 recache(model, cfg, outputs, context, kv_cache, cross_cache)
         x = noises[0]
         for i, t in enumerate(steps):
-            tt = torch.full((batch, cfg.chunk_frames), t * 1000.0, dtype=dtype, device=device)
+            tt = torch.full((batch, x.shape[1]), t * 1000.0, dtype=dtype, device=device)  # a last chunk may be short
             with tag(chunk=chunk, step=i):
                 flow = model(x, tt, context, kv_cache, cross_cache, start)
             x0 = x - t * flow
             x = x0 if i + 1 == len(steps) else (1 - steps[i + 1]) * x0 + steps[i + 1] * noises[i + 1]
-        zero = torch.zeros((batch, cfg.chunk_frames), dtype=dtype, device=device)
+        zero = torch.zeros((batch, x.shape[1]), dtype=dtype, device=device)
         with tag(chunk=chunk, step=len(steps)):  # the clean pass that commits the chunk
             model(x, zero, context, kv_cache, cross_cache, start)
         outputs.append(x)
-        if on_chunk is not None:
-            on_chunk(chunk)
-    return outputs
+        yield x
 
 
 @torch.no_grad()
@@ -148,3 +170,49 @@ def recache(
         model(history[chunk], zero, context, kv_cache, cross_cache, chunk * c * f)
     for cache in kv_cache:
         cache["recache"] = False
+
+
+@torch.no_grad()
+def recompute_rollout(
+    model: nn.Module | Callable[..., torch.Tensor],
+    cfg: MiniConfig,
+    inputs: RolloutInputs,
+    *,
+    steps: Sequence[float] = DENOISING_STEPS,
+    caches: tuple[list[KVCache], list[CrossCache]] | None = None,
+) -> list[torch.Tensor]:
+    """A streaming pipeline that recomputes its KV cache at every block (``cache_style="recompute"``, Krea-style).
+
+    Before each block after the first it zeroes every layer's K/V buffers in place, sets the Python-int index to
+    0 and runs one forward at ``t = 0`` over the clean context frames (the video's first frame and its latest
+    ``context_frames - 1``), which rewrites the cache from position 0; the block's denoising steps then write the
+    chunk after that context, at the same slots once the context is full. There is no clean pass. Returns the
+    denoised latents of every chunk.
+    """
+    batch, dtype, device = inputs.context.shape[0], inputs.context.dtype, inputs.context.device
+    kv_cache, cross_cache = caches if caches is not None else new_caches(cfg, batch=batch, dtype=dtype, device=device)
+    outputs: list[torch.Tensor] = []
+    for chunk, noises in enumerate(inputs.noise):
+        if outputs:
+            frames = torch.cat(outputs, 1)
+            latest = min(cfg.context_frames - 1, frames.shape[1] - 1)
+            context_frames = torch.cat([frames[:, :1], frames[:, frames.shape[1] - latest:]], 1)
+            for cache in kv_cache:
+                cache["k"].zero_()
+                cache["v"].zero_()
+                cache["end"], cache["context"] = 0, True
+            zero = torch.zeros((batch, context_frames.shape[1]), dtype=dtype, device=device)
+            with tag(chunk=chunk, step=-1):
+                model(context_frames, zero, inputs.context, kv_cache, cross_cache, 0)
+            for cache in kv_cache:
+                cache["context"] = False
+        start = kv_cache[0]["end"]
+        x = noises[0]
+        for i, t in enumerate(steps):
+            tt = torch.full((batch, x.shape[1]), t * 1000.0, dtype=dtype, device=device)
+            with tag(chunk=chunk, step=i):
+                flow = model(x, tt, inputs.context, kv_cache, cross_cache, start)
+            x0 = x - t * flow
+            x = x0 if i + 1 == len(steps) else (1 - steps[i + 1]) * x0 + steps[i + 1] * noises[i + 1]
+        outputs.append(x)
+    return outputs

@@ -55,8 +55,11 @@ class MiniConfig:
     # "slots": preallocated buffer, indices in the dict (Self Forcing); "absolute": slots at the absolute
     # position, no indices (CausVid; global); "cat": grown by torch.cat (research forks; global);
     # "longlive": LongLive v1's per-layer clone, attention over cat(sink, window), cache written after all layers;
-    # "rolling": Rolling Forcing-like, keys stored un-rotated and the window re-rotated at every call (order-dependent)
+    # "rolling": Rolling Forcing-like, keys stored un-rotated and the window re-rotated at every call (order-dependent);
+    # "recompute": Krea-style streaming, the cache zeroed and rebuilt from position 0 at every block by a forward
+    # over the clean context frames (frame-causal mask), the chunk written after it (models.rollout.recompute_rollout)
     cache_style: str = "slots"
+    context_frames: int = 4  # "recompute": the frames rebuilt per block, the first frame and the latest others
     attention: str = "sdpa"  # "sdpa", "manual" (softmax(q @ k^T * scale) @ v written out) or "varlen" (flash-attn)
     text_len: int = 20
     text_dim: int = 64
@@ -69,7 +72,7 @@ class MiniConfig:
     sequence_parallel: int = 1  # Ulysses over this many ranks of the default process group (see the module doc)
 
     def __post_init__(self) -> None:
-        styles = ("slots", "absolute", "cat", "longlive", "rolling")
+        styles = ("slots", "absolute", "cat", "longlive", "rolling", "recompute")
         if self.cache_style not in styles or self.attention not in ("sdpa", "manual", "varlen"):
             raise ValueError(f"cache_style expected one of {styles}, attention 'sdpa', 'manual' or 'varlen'; got "
                              f"{self.cache_style!r}, {self.attention!r}")
@@ -77,8 +80,10 @@ class MiniConfig:
             raise ValueError(f"graph_break expected 'none', 'after-write' or 'before-attention', got {self.graph_break!r}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank expected >= 0, got {self.lora_rank}")
-        if self.cache_style in ("absolute", "cat") and self.window_frames is not None:
-            raise ValueError(f"cache_style={self.cache_style!r} is global attention: window_frames must be None")
+        if self.cache_style in ("absolute", "cat", "recompute") and self.window_frames is not None:
+            raise ValueError(f"cache_style={self.cache_style!r} sizes its own cache: window_frames must be None")
+        if self.context_frames < 1:
+            raise ValueError(f"context_frames expected >= 1, got {self.context_frames}")
         n = self.sequence_parallel
         if n < 1 or self.num_heads % n or (self.chunk_frames * self.frame_tokens) % n:
             raise ValueError(f"sequence_parallel expected a positive divisor of num_heads ({self.num_heads}) and of "
@@ -104,6 +109,8 @@ class MiniConfig:
 
     @property
     def cache_frames(self) -> int:
+        if self.cache_style == "recompute":
+            return self.context_frames + self.chunk_frames
         return self.num_frames if self.window_frames is None else self.window_frames
 
 
@@ -234,6 +241,7 @@ class CausalSelfAttention(nn.Module):
         self.absolute = cfg.cache_style == "absolute"
         self.defer = cfg.cache_style == "longlive"
         self.rerotate = cfg.cache_style == "rolling"
+        self.recompute = cfg.cache_style == "recompute"
         self.attention = cfg.attention
         self.graph_break = cfg.graph_break
         self.sequence_parallel = cfg.sequence_parallel
@@ -266,6 +274,8 @@ class CausalSelfAttention(nn.Module):
             v_all = torch.cat([kv_cache["v"][:, :current_start], v], dim=1)
             kv_cache["k"], kv_cache["v"] = k_all, v_all
             return self._project(attend(roped_q, k_all, v_all, self.attention))
+        if self.recompute:
+            return self._project(self._recompute(roped_q, roped_k, v, kv_cache, frame_tokens))
         current_end = current_start + s
         if self.absolute:  # CausVid: the chunk's slots are its absolute positions
             kv_cache["k"][:, current_start:current_end] = roped_k
@@ -321,6 +331,24 @@ class CausalSelfAttention(nn.Module):
         write_index(kv_cache, "global_end_index", current_end)
         write_index(kv_cache, "local_end_index", local_end)
         return self._project(out)
+
+    def _recompute(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                   frame_tokens: int) -> torch.Tensor:
+        """Krea-style: the context forward (``kv_cache["context"]``) writes the clean context frames from position 0
+        and attends frame-causally among them; a denoising step writes the chunk after them, at Python-int slots."""
+        s = q.shape[1]
+        if kv_cache["context"]:
+            kv_cache["k"][:, :s] = k
+            kv_cache["v"][:, :s] = v
+            kv_cache["end"] = s
+            frame = torch.arange(s, device=q.device) // frame_tokens
+            causal = frame[:, None] >= frame[None, :]
+            out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=causal)
+            return out.transpose(1, 2)
+        end = kv_cache["end"]
+        kv_cache["k"][:, end : end + s] = k
+        kv_cache["v"][:, end : end + s] = v
+        return attend(q, kv_cache["k"][:, : end + s], kv_cache["v"][:, : end + s], self.attention)
 
     def _project(self, out: torch.Tensor) -> torch.Tensor:
         """The output projection of the attention ``[B, S, H, D]`` (Ulysses: back to this rank's tokens first)."""

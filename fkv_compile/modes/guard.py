@@ -59,20 +59,24 @@ class CompactCaches:
         self.dense: dict[int, str] = {}  # layers that keep their dense buffers and run select, with the reason
         self.trusted: set[int] = set()  # layers watched over a whole video untouched: their buffers may be released
         self._progressed: set[int] = set()  # layers that wrote past their first chunk
+        self.pairs_seen = 0  # buffer pairs watched so far
+        self.pairs_released = 0
 
     # -- watched buffers ---------------------------------------------------------------------------
     def enter(self, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor, device: torch.device,
-              write_start: int | None = None) -> CompactCache:
+              write_start: int | None = None, serve: bool = True) -> CompactCache:
         """The entry of these buffers (a new one for new buffers), checked: buffers written since the last op, or
         without version counters, leave the layer dense. ``write_start``: where the op writes (``None``: a roll);
-        0 after a layer has written past its first chunk starts a second video, which proves the layer."""
+        0 after a layer has written past its first chunk starts a second video, which proves the layer.
+        ``serve=False``: the op runs dense (calibration): the buffers are watched, no store is made yet."""
         entries = [e for e in self._caches.get(layer, []) if e.mark.owner() is not None]
         entry = next((e for e in entries if e.mark.describes(cache_k, cache_v)), None)
         if entry is None:
             mark = CacheMark.of(cache_k, cache_v)
             nbytes = cache_k.untyped_storage().nbytes() + cache_v.untyped_storage().nbytes()
-            entry = CompactCache(None if layer in self.dense else self._new_store(layer, device), mark, nbytes)
+            entry = CompactCache(None, mark, nbytes)
             entries.append(entry)
+            self.pairs_seen += 1
             if not mark.tracked:
                 self.leave_dense(layer, entry, "the K/V buffers have no version counters (torch.inference_mode "
                                   "tensors), so nothing proves that only the compiled graph writes them; run the "
@@ -87,6 +91,8 @@ class CompactCaches:
         self._caches[layer] = entries
         if write_start == 0 and layer in self._progressed and layer not in self.dense:
             self.trusted.add(layer)
+        if serve and entry.store is None and layer not in self.dense and not entry.released:
+            entry.store = self._new_store(layer, device)  # it adopts the dense history the buffers hold
         return entry
 
     def wrote(self, layer: int, entry: CompactCache, cache_k: torch.Tensor, cache_v: torch.Tensor,
@@ -99,6 +105,7 @@ class CompactCaches:
             for cache in (cache_k, cache_v):
                 cache.untyped_storage().resize_(0)
             entry.released = True
+            self.pairs_released += 1
         entry.mark = CacheMark.of(cache_k, cache_v)
 
     def leave_dense(self, layer: int, entry: CompactCache, reason: str) -> None:
@@ -132,12 +139,13 @@ class CompactCaches:
 
     # -- reading -----------------------------------------------------------------------------------
     def stores(self) -> dict[int, LayerStore]:
-        """Per layer, the store of its most recent live buffers (or its unwatched store)."""
+        """Per layer, the store of its most recent buffers (or its unwatched store); a store outlives its buffers
+        until the layer's next call, so a finished video can still be reported."""
         found = dict(self._unwatched)
         for layer, entries in self._caches.items():
-            live = [e.store for e in entries if e.store is not None and e.mark.owner() is not None]
-            if live:
-                found[layer] = live[-1]
+            stores = [e.store for e in entries if e.store is not None]
+            if stores:
+                found[layer] = stores[-1]
         return found
 
     def dense_bytes(self, layer: int) -> int:
@@ -152,11 +160,9 @@ class CompactCaches:
     def summary(self) -> str:
         """What the guard did, for the report: buffers released or kept, and every layer left dense with its reason
         (empty when no watched buffer was seen)."""
-        entries = [e for layer_entries in self._caches.values() for e in layer_entries]
-        if not entries:
+        if not self.pairs_seen:
             return ""
-        released = sum(e.released for e in entries)
-        lines = [f"{released} of {len(entries)} K/V buffer pairs released; the others are kept "
+        lines = [f"{self.pairs_released} of {self.pairs_seen} K/V buffer pairs released; the others are kept "
                  + ("(watched until a second video proves that only the compiled graph writes them)"
                     if not self.dense else "(see the layers left dense)")]
         lines += [f"layer {layer} keeps its dense K/V buffers and runs select: {reason}"

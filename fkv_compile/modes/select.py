@@ -28,8 +28,8 @@ from .watch import CacheMark, Touch
 
 __all__ = ["KeptTokens", "SelectionMemo", "History", "compressed_attention"]
 
-# a memo key, what a selection was chosen from: the cache's storage, the chunk's write start and the window start,
-# then the window's shape
+# a memo key, what a selection was chosen from: the chunk's write start and the window start, then the window's shape
+# (the buffers themselves are the layer's mark: other buffers drop the entry)
 History = tuple[int, ...]
 
 
@@ -48,7 +48,7 @@ class SelectionMemo:
 
     Only the op that writes the chunk into the cache itself (``fkv::select_cache_attention``, where the pass proved
     the graph's only cache accesses are that write and the window read, with no roll) gives a ``history``: the
-    cache's storage and the write's and window's starts. It asks :meth:`before_write` and
+    write's and the window's starts. It asks :meth:`before_write` and
     :meth:`after_write`, so the layer's :class:`~.watch.CacheMark` proves through the buffers' version counters
     that nothing but this op wrote them in between; if anything did (a pipeline that zeroes and rebuilds its
     cache, another video's buffers, a KV-recache), the entry is dropped and the call chooses anew. Two calls with
@@ -119,8 +119,7 @@ def compressed_attention(
 
     q: ``[B, H, Lq, D]``, k and v: ``[B, H, Lk, D]`` (any strides); returns ``[B, H, Lq, D]`` and
     the kept-token counts. ``shard``: this rank's heads under head parallelism (``plan`` is their plan).
-    ``memo`` and ``history`` (the cache's storage, the write start and the window start, ``None`` if the caller
-    cannot tell): reuse the ranges chosen for the same history (see :class:`SelectionMemo`).
+    ``memo`` and ``history`` (the write start and the window start, ``None`` if the caller cannot tell): reuse the ranges chosen for the same history (see :class:`SelectionMemo`).
     """
     num_heads, lq, lk = q.shape[1], q.shape[2], k.shape[2]
     layout = window_layout(lq, lk, plan.frame_tokens, plan.chunk_frames)

@@ -1,0 +1,137 @@
+"""What one compiled graph cannot see, guarded at run time: caches zeroed, rebuilt or swapped by code outside it.
+
+Every rollout here runs a pipeline that does something to its KV buffers the pass never sees, and is compared with
+the float64 oracle of the keep rule over the same pipeline (or with the same video run alone).
+"""
+
+import pytest
+import torch
+from rollouts import mixed_plan, oracle_reference, setup
+
+import fkv_compile
+from fkv_compile.models import MiniConfig, build, chunks, make_inputs, new_caches, recompute_rollout, rollout
+from fkv_compile.models.self_forcing import write_index
+from fkv_compile.tools.testing import assert_within_budget, max_abs_error
+
+RECOMPUTE = MiniConfig(num_layers=2, cache_style="recompute", context_frames=4)
+WINDOWED = MiniConfig(num_layers=2, window_frames=12, sink_frames=3)
+MODES = ["select", "compact"]
+
+
+def _compiled(model, mode, **options):
+    return torch.compile(model, backend="forcing_kv",
+                         options={"plan": mixed_plan(model.cfg), "mode": mode, "lowering": "aot_eager", **options})
+
+
+def _rep(compiled):
+    return fkv_compile.report(compiled, print_table=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_cache_rebuilt_from_position_0_at_every_block_matches_the_oracle(mode):
+    # Krea-style: each block zeroes the buffers in place, a forward the pass leaves alone (frame-causal mask) rebuilds
+    # them from position 0, and the denoising steps write the chunk after it at Python-int slots (fixed once the
+    # context is full); 8 blocks, two videos. A selection or a store kept across a rebuild fails here.
+    model, _ = setup(RECOMPUTE, torch.float32)
+    inputs = make_inputs(RECOMPUTE, chunks=8)
+    plan = mixed_plan(RECOMPUTE)
+    reference, budget = oracle_reference(model, RECOMPUTE, inputs, plan, run=recompute_rollout)
+    compiled = _compiled(model, mode)
+    recompute_rollout(compiled, RECOMPUTE, make_inputs(RECOMPUTE, chunks=3, seed=1))  # warm-up: every shape compiled
+    graphs = _rep(compiled).graphs
+    with torch.compiler.set_stance("fail_on_recompile"):  # no recompile once the context is full
+        for video in range(2):
+            assert_within_budget(recompute_rollout(compiled, RECOMPUTE, inputs), reference, budget, f"{mode} {video}")
+    rep = _rep(compiled)
+    assert rep.graphs == graphs
+    chosen, reused, whole = rep.selections
+    # the first step of a block sees a rebuilt cache and chooses; its 3 later steps reuse (blocks 1-7 of each video)
+    assert reused == 3 * chosen > 0, rep.selections
+    if mode == "compact":
+        assert "0 of 6 K/V buffer pairs released" in rep.compact, rep.compact
+        assert "written outside the compiled graph" in rep.compact
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_pipeline_that_reuses_its_buffers_zeroed_or_not_between_videos(mode):
+    # one set of buffers for three videos; before the second video the pipeline zeroes them (compact must then keep
+    # them: released buffers would crash the process on zero_()), before the third it only resets its indices
+    model, inputs = setup(WINDOWED, torch.float32)
+    plan = mixed_plan(WINDOWED)
+    reference, budget = oracle_reference(model, WINDOWED, inputs, plan)
+    compiled = _compiled(model, mode)
+    kv, cross = caches = new_caches(WINDOWED, batch=1, dtype=torch.float32)
+    for video, zero in enumerate((False, True, False)):
+        for layer_cache, cross_cache in zip(kv, cross):
+            if zero:
+                layer_cache["k"].zero_()
+                layer_cache["v"].zero_()
+            write_index(layer_cache, "global_end_index", 0)
+            write_index(layer_cache, "local_end_index", 0)
+            cross_cache["is_init"] = False
+        assert_within_budget(rollout(compiled, WINDOWED, inputs, caches=caches), reference, budget, f"video {video}")
+    if mode == "compact":
+        assert not any(fkv_compile.is_released(c["k"]) for c in kv)
+        assert "layer 0 keeps its dense K/V buffers" in _rep(compiled).compact
+
+
+def test_compact_releases_reused_buffers_once_a_second_video_shows_nothing_else_writes_them():
+    model, inputs = setup(WINDOWED, torch.float32)
+    plan = mixed_plan(WINDOWED)
+    reference, budget = oracle_reference(model, WINDOWED, inputs, plan)
+    compiled = _compiled(model, "compact")
+    kv, cross = caches = new_caches(WINDOWED, batch=1, dtype=torch.float32)
+    for video in range(2):
+        for layer_cache, cross_cache in zip(kv, cross):  # as Self Forcing's pipeline: indices reset, buffers kept
+            write_index(layer_cache, "global_end_index", 0)
+            write_index(layer_cache, "local_end_index", 0)
+            cross_cache["is_init"] = False
+        assert_within_budget(rollout(compiled, WINDOWED, inputs, caches=caches), reference, budget, f"video {video}")
+        assert all(fkv_compile.is_released(c["k"]) for c in kv) == (video == 1)
+    mem = fkv_compile.memory_report(compiled)
+    assert mem.kept_dense_bytes == 0 and mem.saved_fraction > 0.5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_compiled_model_serves_two_videos_in_turns(mode):
+    # a server with two streams: chunk by chunk in turns on one compiled model, each with its own caches; each video
+    # must equal the same video run alone through a fresh compiled model (compression itself changes it far more)
+    model, _ = setup(WINDOWED, torch.float32)
+    videos = [make_inputs(WINDOWED, chunks=6, seed=seed) for seed in (0, 1)]
+    alone = []
+    for inputs in videos:
+        torch._dynamo.reset()
+        alone.append(rollout(_compiled(model, mode), WINDOWED, inputs))
+    torch._dynamo.reset()
+    compiled = _compiled(model, mode)
+    together = [list(pair) for pair in zip(*(chunks(compiled, WINDOWED, inputs) for inputs in videos))]
+    effect = max_abs_error(rollout(model, WINDOWED, videos[0]), alone[0])
+    for i, inputs in enumerate(videos):
+        err = max_abs_error([pair[i] for pair in together], alone[i])
+        assert effect > 1e-3 and err < effect / 1000, f"video {i}: {err:.2e} vs alone, compression changes {effect:.2e}"
+
+
+def test_compact_new_buffers_of_another_batch_size():
+    # a one-chunk video at batch 1, then one at batch 2 in new buffers: never the first video's store for the second
+    model = build(WINDOWED)
+    compiled = _compiled(model, "compact")
+    plan = mixed_plan(WINDOWED)
+    for batch in (1, 2, 1):
+        inputs = make_inputs(WINDOWED, batch=batch, chunks=2, seed=batch)
+        reference, budget = oracle_reference(model, WINDOWED, inputs, plan)
+        assert_within_budget(rollout(compiled, WINDOWED, inputs), reference, budget, f"batch {batch}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_short_last_chunk_is_served_dense_as_the_keep_rule_says(mode):
+    # 5 chunks and a last one of 2 frames, two videos: the keep rule leaves the short chunk dense; compact keeps the
+    # dense buffers that can serve it (it may come again in every video) and the layer runs select from then on
+    model, inputs = setup(WINDOWED, torch.float32)
+    inputs.noise = inputs.noise[:5] + [[n[:, :2] for n in inputs.noise[5]]]
+    plan = mixed_plan(WINDOWED)
+    reference, budget = oracle_reference(model, WINDOWED, inputs, plan)
+    compiled = _compiled(model, mode)
+    for video in range(2):
+        assert_within_budget(rollout(compiled, WINDOWED, inputs), reference, budget, f"{mode} video {video}")
+    if mode == "compact":
+        assert "does not fit the plan's chunks (a short last chunk?)" in _rep(compiled).compact
