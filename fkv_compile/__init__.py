@@ -12,12 +12,13 @@ Triton ``kernels``, the run-time ``modes``, the custom ``ops``, the compile-time
 from .backend import forcing_kv
 from .config import Config, OptionsError
 from .modes.profile import tag
-from .passes import RecompileLimitWarning, SiteError
+from .passes import PlanNeverAppliesWarning, RecompileLimitWarning, SiteError
 from .plan import HeadPlan, PlanError, RoleParams
 from .report import MemoryReport, Report, is_released, memory_report, plan_of, report
 
 __all__ = [
-    "HeadPlan", "RoleParams", "PlanError", "Config", "OptionsError", "SiteError", "RecompileLimitWarning", "Report",
+    "HeadPlan", "RoleParams", "PlanError", "Config", "OptionsError", "SiteError", "RecompileLimitWarning",
+    "PlanNeverAppliesWarning", "Report",
     "report", "MemoryReport", "memory_report", "is_released", "plan_of", "forcing_kv", "tag",
 ]
 __version__ = "0.1.0"

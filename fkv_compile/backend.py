@@ -43,12 +43,9 @@ def forcing_kv(
     ``mode`` (the torch.compile argument) goes to Inductor."""
     from . import ops  # noqa: F401  registers the custom ops before any graph uses them
 
-    config = Config.from_options(options)
-    session: Session = open_session(options, config)
-    if session.config != config:
-        raise OptionsError("the options of a compiled model were changed after its first compile; compile it anew")
     compiled = compiling_module()
-    session.belong_to(compiled)
+    session: Session = open_session(options, compiled, Config.from_options)
+    config = session.config
     graph_id = session.graphs
     clones = run_passes(gm, session, compiled._orig_mod if compiled is not None else None)
     elided = elide_clones(gm, clones) if clones else None  # copied before a lowering's passes touch gm

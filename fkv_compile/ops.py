@@ -55,12 +55,12 @@ def attention_backward(
     """dq, dk, dv of the attention ops: over the tokens the keep rule keeps (``masked``) or all (``profile``)."""
     mask = None
     if masked:
-        s = state.session(session)
-        if s.shard is not None and s.shard.spans(s.layer_of(site, layer_key)):
+        s, layer = state.resolve(session, site, layer_key)
+        if s.shard is not None and s.shard.spans(layer):
             raise NotImplementedError(
                 "fkv backward under head parallelism with selection='layer': the selection spans ranks; train with "
                 "a plan of selection='head' (or without a process group)")
-        mask = semantics.keep_mask(k, s.plan, s.layer_of(site, layer_key), q.shape[-2])
+        mask = semantics.keep_mask(k, s.plan, layer, q.shape[-2])
     return tuple(g.contiguous() for g in attention_grads(grad_out, q, k, v, mask, scale))
 
 
@@ -84,8 +84,7 @@ def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
         site: int,
         scale: float | None = None,
     ) -> torch.Tensor:
-        s = state.session(session)
-        layer = s.layer_of(site, layer_key)
+        s, layer = state.resolve(session, site, layer_key)
         if s.calibrating(layer, q, k, scale):
             return _dense(s, site, layer, q, k, v, scale).contiguous()
         return body(s, site, layer, q, k, v, scale).contiguous()
@@ -98,7 +97,7 @@ def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
         q, k, v, layer_key, session, site, scale = inputs[:7]
         ctx.save_for_backward(q, k, v, layer_key)
         ctx.ids, ctx.scale = (session, site), scale
-        ctx.masked = masked and state.session(session).plan is not None  # a calibrating call ran dense
+        ctx.masked = masked and state.resolve(session, site, layer_key)[0].plan is not None  # calibrating: dense
 
     def backward(ctx, grad_out):
         q, k, v, layer_key = ctx.saved_tensors
@@ -196,8 +195,7 @@ def select_cache_attention(
     No mutation is declared, as for ``store_attention``: the pass erased the graph's own write, so the graph neither
     reads nor writes the caches but through this op, and the pipeline sees them written as before.
     """
-    s = state.session(session)
-    layer = s.layer_of(site, layer_key)
+    s, layer = state.resolve(session, site, layer_key)
     return _select_over_cache(s, site, layer, q, k_new, v_new, cache_k, cache_v, (write_start, write_end),
                               (window_start, window_end), protected, scale)
 
@@ -256,8 +254,7 @@ def store_attention(
     ``cache_k``/``cache_v`` are only released (storage resized to 0) on first use, unless they are
     deferred clones (:mod:`fkv_compile.modes.deferred`) whose pipeline still copies them back.
     """
-    s = state.session(session)
-    layer = s.layer_of(site, layer_key)
+    s, layer = state.resolve(session, site, layer_key)
     if protected and window_start != protected:
         raise StoreError(
             f"fkv compact (site {site}, layer {layer}): the attention reads the sink [0, {protected}) and the window "
@@ -331,8 +328,7 @@ def store_roll(
 
     Returns an empty token that the site's ``store_attention`` takes, so the roll runs before it.
     """
-    s = state.session(session)
-    layer = s.layer_of(site, layer_key)
+    s, layer = state.resolve(session, site, layer_key)
     length = src_end - src
     if s.deferred.graphs:  # LongLive's per-call clones (one store per layer): the store, once it exists
         store = s.compact.unwatched_store(layer)
@@ -395,8 +391,7 @@ def store_grown_attention(
     attention of ``q`` over it, served by the layer's store. Returns the output and the grown K and V the pipeline
     keeps as its next cache, released (their storage is 0 bytes: the store holds what the keep rule needs; the
     next call reads only their length)."""
-    s = state.session(session)
-    layer = s.layer_of(site, layer_key)
+    s, layer = state.resolve(session, site, layer_key)
     end = start + k_new.shape[1]
     if s.plan is None:  # calibrating: the pipeline's own concatenation, then dense attention over it
         k, v = (torch.cat([c[:, :start], new], 1) for c, new in ((cache_k, k_new), (cache_v, v_new)))

@@ -201,6 +201,12 @@ def session_of(compiled: Any, what: str, options: Mapping[str, Any] | None = Non
     """The live session of a model compiled with ``backend="forcing_kv"``: the one of the ``torch.compile`` call
     given exactly these ``options``, else the one the compiled module owns."""
     found = session_for_options(options) if options is not None else session_of_compiled(compiled)
+    if found is None and options is None and getattr(compiled, "_orig_mod", None) is not None:
+        raise ValueError(
+            f"{what}: this compiled module never reached the forcing_kv backend: dynamo ran it without compiling "
+            "(its code may have reached torch._dynamo.config.recompile_limit through other compiled models of the "
+            "same class, see the RecompileLimitWarning), or it has not run yet; attention there is dense"
+        )
     if found is None:
         raise ValueError(
             f"{what} expected the module torch.compile(module, backend='forcing_kv', options=...) returned, after it "

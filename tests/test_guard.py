@@ -109,6 +109,7 @@ def test_one_compiled_model_serves_two_videos_in_turns(mode):
     for i, inputs in enumerate(videos):
         err = max_abs_error([pair[i] for pair in together], alone[i])
         assert effect > 1e-3 and err < effect / 1000, f"video {i}: {err:.2e} vs alone, compression changes {effect:.2e}"
+    assert "runs select" not in _rep(compiled).compact  # compact served both streams, each from its own store
 
 
 def test_compact_new_buffers_of_another_batch_size():
@@ -135,3 +136,95 @@ def test_a_short_last_chunk_is_served_dense_as_the_keep_rule_says(mode):
         assert_within_budget(rollout(compiled, WINDOWED, inputs), reference, budget, f"{mode} video {video}")
     if mode == "compact":
         assert "does not fit the plan's chunks (a short last chunk?)" in _rep(compiled).compact
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_models_of_one_class_compiled_with_equal_options_each_run_their_own_session(mode):
+    # dynamo keeps one set of graphs per code object: the second model runs the first one's graphs, whose ops carry
+    # the first one's session id; its calls must still use run-time state of its own
+    cfg = WINDOWED
+    first, second = build(cfg, seed=0), build(cfg, seed=1)
+    inputs = make_inputs(cfg, chunks=4)
+    compiled = [_compiled(model, mode) for model in (first, second)]
+    outputs = [rollout(c, cfg, inputs) for c in compiled]
+    torch._dynamo.reset()
+    alone = rollout(_compiled(second, mode), cfg, inputs)
+    assert max_abs_error(outputs[1], alone) == 0.0
+    sessions = [fkv_compile.report(c, print_table=False) for c in compiled]
+    assert [r.layers[0].calls for r in sessions] == [4 * 5] * 2  # each its own 4 chunks x 5 calls at layer 0
+
+
+def test_two_models_compiled_without_options_do_not_share_a_session():
+    cfg = WINDOWED
+    compiled = [torch.compile(build(cfg, seed=seed), backend="forcing_kv") for seed in (0, 1)]
+    inputs = make_inputs(cfg, chunks=2)
+    for c in compiled:
+        rollout(c, cfg, inputs)
+    reports = [fkv_compile.report(c, print_table=False) for c in compiled]
+    assert all(r.layers[0].calls == 2 * 5 for r in reports), [r.layers for r in reports]
+
+
+def test_a_plan_file_is_read_once_at_the_first_compile(tmp_path):
+    # the README's flow saves a plan and compiles from the file; the file may change or go while the model runs
+    path = tmp_path / "plan.json"
+    mixed_plan(WINDOWED).save(str(path))
+    model, inputs = setup(WINDOWED, torch.float32)
+    compiled = torch.compile(model, backend="forcing_kv", options={"plan": str(path), "mode": "select",
+                                                                    "lowering": "aot_eager"})
+    rollout(compiled, WINDOWED, inputs)
+    path.unlink()
+    graphs = _rep(compiled).graphs
+    rollout(compiled, WINDOWED, make_inputs(WINDOWED, batch=2, chunks=2))  # a new batch size: recompiles
+    assert _rep(compiled).graphs > graphs
+
+
+def test_models_of_one_class_share_dynamos_recompile_limit_and_the_one_that_reaches_it_is_told():
+    # three models of one class with different options each compile their own variants of the same code objects;
+    # dynamo's recompile limit (8) counts them together: the third model reaches it, and strict raises
+    cfg = WINDOWED
+    inputs = make_inputs(cfg, chunks=3)
+
+    def run(i, mode, **options):
+        compiled = torch.compile(build(cfg, seed=i), backend="forcing_kv", options={
+            "plan": mixed_plan(cfg, retention=0.5 + 0.1 * i), "mode": mode, "lowering": "aot_eager", **options})
+        return rollout(compiled, cfg, inputs)
+
+    run(0, "select")
+    run(1, "oracle")
+    with pytest.warns(fkv_compile.RecompileLimitWarning, match="for other compiled models of the same code"):
+        run(2, "select")
+    torch._dynamo.reset()
+    run(0, "select")
+    run(1, "oracle")
+    with pytest.raises(Exception, match="strict: .*for other compiled models of the same code"):
+        run(2, "select", strict=True)
+
+
+@torch._dynamo.config.patch(recompile_limit=3)
+def test_compact_past_the_recompile_limit_never_releases_what_the_eager_variants_read():
+    # dynamic=False specializes every chunk position: past the limit the frames run eagerly on the dense buffers
+    model, inputs = setup(WINDOWED, torch.float32)
+    compiled = torch.compile(model, backend="forcing_kv", dynamic=False,
+                             options={"plan": mixed_plan(WINDOWED), "mode": "compact", "lowering": "aot_eager"})
+    with pytest.warns(fkv_compile.RecompileLimitWarning):
+        for _ in range(2):
+            caches = new_caches(WINDOWED, batch=1, dtype=torch.float32)
+            rollout(compiled, WINDOWED, inputs, caches=caches)
+    assert not any(fkv_compile.is_released(c["k"]) for c in caches[0])
+    assert "no buffer is released from now on" in _rep(compiled).compact
+
+
+def test_a_plan_whose_chunk_is_shorter_than_the_models_is_a_warning_and_with_strict_an_error():
+    cfg = WINDOWED
+    half = mixed_plan(MiniConfig(num_layers=2, window_frames=12, sink_frames=3, latent_height=4))  # half the frame
+    assert half.frame_tokens * 2 == cfg.frame_tokens
+    model, inputs = setup(cfg, torch.float32)
+    inputs.noise = inputs.noise[:2]
+    compiled = torch.compile(model, backend="forcing_kv", options={"plan": half, "mode": "select", "lowering": "aot_eager"})
+    with pytest.warns(fkv_compile.PlanNeverAppliesWarning, match="the keep rule never applies"):
+        rollout(compiled, cfg, inputs)
+    torch._dynamo.reset()
+    strict = torch.compile(model, backend="forcing_kv",
+                           options={"plan": half, "mode": "select", "lowering": "aot_eager", "strict": True})
+    with pytest.raises(Exception, match="strict: plan does not match the model: .* the keep rule never applies"):
+        rollout(strict, cfg, inputs)

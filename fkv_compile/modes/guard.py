@@ -59,6 +59,7 @@ class CompactCaches:
         self.dense: dict[int, str] = {}  # layers that keep their dense buffers and run select, with the reason
         self.trusted: set[int] = set()  # layers watched over a whole video untouched: their buffers may be released
         self._progressed: set[int] = set()  # layers that wrote past their first chunk
+        self.held = ""  # why no buffer may be released any more (the model runs partly outside the compiled graphs)
         self.pairs_seen = 0  # buffer pairs watched so far
         self.pairs_released = 0
 
@@ -101,12 +102,17 @@ class CompactCaches:
         roll's, which the attention follows), release them once the layer is proven."""
         if write_start:
             self._progressed.add(layer)
-        if write_start is not None and entry.store is not None and not entry.released and layer in self.trusted:
+        if (write_start is not None and entry.store is not None and not entry.released and layer in self.trusted
+                and not self.held):
             for cache in (cache_k, cache_v):
                 cache.untyped_storage().resize_(0)
             entry.released = True
             self.pairs_released += 1
         entry.mark = CacheMark.of(cache_k, cache_v)
+
+    def hold(self, reason: str) -> None:
+        """Release no buffer from now on: code outside the rewritten graphs (eager fallbacks) reads and writes them."""
+        self.held = self.held or reason
 
     def leave_dense(self, layer: int, entry: CompactCache, reason: str) -> None:
         """This layer keeps its dense buffers from now on and runs select over them; ``entry``'s must still hold the
@@ -167,4 +173,6 @@ class CompactCaches:
                     if not self.dense else "(see the layers left dense)")]
         lines += [f"layer {layer} keeps its dense K/V buffers and runs select: {reason}"
                   for layer, reason in sorted(self.dense.items())]
+        if self.held:
+            lines.append(f"no buffer is released from now on: {self.held}")
         return "\n".join(lines)

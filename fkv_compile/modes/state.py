@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..config import Choice, Config
+from ..config import Choice, Config, OptionsError
 from ..plan import HeadPlan, PlanError
 from .calibration import Calibrator, Geometry
 from .deferred import DeferredClones
@@ -38,7 +38,7 @@ from .sharding import HeadShard
 from .store import LayerStore
 
 __all__ = ["Session", "SiteAction", "SiteRecord", "FrameRecord", "LayerStats", "session", "open_session",
-           "session_for_options", "session_of_compiled", "compiling_module"]
+           "session_for_options", "session_of_compiled", "compiling_module", "resolve"]
 
 
 class SiteAction(Choice):
@@ -95,9 +95,10 @@ class LayerStats:
 class Session:
     """Everything the backend and the ops of one compile call share."""
 
-    def __init__(self, sid: int, options: Mapping[str, Any], config: Config):
+    def __init__(self, sid: int, options: Mapping[str, Any] | None, config: Config):
         self.id = sid
         self.options = options  # held so that id(options) stays unique while the session lives
+        self.given = dict(options or {})  # what options held at the first compile: the plan is read once
         self.config = config
         self.plan: HeadPlan | None = config.plan  # the plan in use: None while calibrating; this rank's heads of it
         self.shard: HeadShard | None = None  # head parallelism: this rank's heads of config.plan (set by the pass)
@@ -133,6 +134,22 @@ class Session:
 
         run._boxed_call = getattr(compiled_fn, "_boxed_call", False)  # type: ignore[attr-defined]
         return run
+
+    def sibling(self) -> Session:
+        """The session of another compiled module that runs this session's graphs: dynamo keeps one set of graphs per
+        code object, so a second model of the same class compiled with equal options reuses the first one's. It
+        shares this session's compile-time records (sites, frames, the plan fitted to the traced shapes) and has
+        run-time state of its own (layers, stores, selections, its own calibration)."""
+        other = Session(next(_IDS), self.options, self.config)
+        other.sites, other.frames, other.graphs, other.shard = self.sites, self.frames, self.graphs, self.shard
+        other.deferred = self.deferred  # the proof that picks which lowering of a clone-returning graph runs
+        if self.calibrator is None:
+            other.plan, other.num_layers = self.plan, self.num_layers
+        else:
+            other.plan, other.num_layers = None, None
+            other.calibrator = Calibrator(self.config.calibration, self.calibrator.geometry, self.calibrator.template)
+        _LIVE[other.id] = other
+        return other
 
     def new_site(self, **fields: Any) -> SiteRecord:
         record = SiteRecord(site=len(self.sites), **fields)
@@ -214,6 +231,23 @@ def session(sid: int) -> Session:
         ) from None
 
 
+def resolve(sid: int, site: int, layer_key: torch.Tensor) -> tuple[Session, int]:
+    """The session an op call runs in, and its layer. A graph carries the id of the session it was compiled in, but
+    dynamo keeps one set of graphs per code object: a second model of the same class, compiled with equal options,
+    runs the first one's graphs. So a graph compiled for a module runs in the session of the compiled module being
+    called (found on the call stack), a :meth:`Session.sibling` of the compiling one if that module compiled
+    nothing itself."""
+    found = compiled_in = session(sid)
+    if compiled_in.owned:
+        caller = compiling_module()
+        if caller is not None:
+            found = session_of_compiled(caller)
+            if found is None:
+                found = compiled_in.sibling()
+                found.belong_to(caller)
+    return found, found.layer_of(site, layer_key)
+
+
 def session_for_options(options: Mapping[str, Any]) -> Session | None:
     """The live session of a ``torch.compile`` call, by the very ``options`` mapping it was given."""
     return _BY_OPTIONS.get(id(options))
@@ -227,14 +261,20 @@ def session_of_compiled(compiled: torch.nn.Module) -> Session | None:
         return None
 
 
-def open_session(options: Mapping[str, Any], config: Config) -> Session:
-    """The session of this options mapping (one per ``torch.compile`` call), created on first use."""
-    existing = _BY_OPTIONS.get(id(options))
+def open_session(options: Mapping[str, Any] | None, compiled: torch.nn.Module | None,
+                 config_of: Callable[[Mapping[str, Any] | None], Config]) -> Session:
+    """The session of this ``torch.compile`` call, created on first use: the one the compiled module being compiled
+    owns, else (a compiled function) the one of this very options mapping. ``config_of`` validates the options; it
+    runs once per session (a plan given as a file is read once), and again only to say that the options changed."""
+    existing = session_of_compiled(compiled) if compiled is not None else _BY_OPTIONS.get(id(options))
     if existing is not None:
+        if dict(options or {}) != existing.given and config_of(options) != existing.config:
+            raise OptionsError("the options of a compiled model were changed after its first compile; compile it anew")
         return existing
-    s = Session(next(_IDS), options, config)
+    s = Session(next(_IDS), options, config_of(options))
     _LIVE[s.id] = s
     _BY_OPTIONS[id(options)] = s
+    s.belong_to(compiled)
     return s
 
 
@@ -244,14 +284,18 @@ def _is_compiled_module(obj: object) -> bool:
 
 
 def compiling_module() -> torch.nn.Module | None:
-    """The compiled module whose call dynamo is compiling now: the nearest caller frame running a method of
-    one (its ``__call__``), or ``None`` for a compiled function. Dynamo compiles in the calling thread, before
-    the frame runs, so that frame is on the stack."""
+    """The compiled module being called: the nearest caller frame running ``OptimizedModule.__call__`` (dynamo
+    compiles in the calling thread, before the frame runs, so at compile time it is on the stack too), or ``None``
+    for a compiled function. Only frames of that one code object are looked into, so this is cheap enough for every
+    op call."""
     frame = sys._getframe(1)
     while frame is not None:
-        if "self" in frame.f_code.co_varnames[: frame.f_code.co_argcount]:
+        if frame.f_code is _COMPILED_CALL:
             candidate = frame.f_locals.get("self")
             if _is_compiled_module(candidate):
                 return candidate
         frame = frame.f_back
     return None
+
+
+_COMPILED_CALL = torch._dynamo.eval_frame.OptimizedModule.__call__.__code__

@@ -42,7 +42,7 @@ from .frames import current_frame, recompile_limit
 from .geometry import traced_patch_geometry, watch_patch_embeddings
 from .rewrite import lint_and_recompile, rewrite_compact, rewrite_grown, rewrite_select_cache, rewrite_site
 
-__all__ = ["SiteError", "RecompileLimitWarning", "GeometryError", "run_passes", "AttentionSite", "Declined",
+__all__ = ["SiteError", "RecompileLimitWarning", "PlanNeverAppliesWarning", "GeometryError", "run_passes", "AttentionSite", "Declined",
            "find_attention_sites", "DeferredClone", "elide_clones"]
 
 log = logging.getLogger("fkv_compile")
@@ -50,6 +50,10 @@ log = logging.getLogger("fkv_compile")
 
 class SiteError(RuntimeError):
     """``strict=True`` and an attention call over a cache window could not be rewritten."""
+
+
+class PlanNeverAppliesWarning(UserWarning):
+    """The plan's chunk is shorter than what an attention call queries: the keep rule never applies, it runs dense."""
 
 
 class RecompileLimitWarning(UserWarning):
@@ -65,11 +69,16 @@ def _count_compile(gm: fx.GraphModule, session: Session, graph_id: int) -> None:
     record = session.frames.setdefault(ident.frame, FrameRecord(ident.frame, ident.function))
     record.compiles += 1
     limit = recompile_limit()
-    if record.at_limit or record.compiles < limit or session.config.mode == "off":
+    variants = max(record.compiles, ident.variants)
+    if record.at_limit or variants < limit or session.config.mode == "off":
         return
     record.at_limit = True
+    session.compact.hold(f"{record.function} reached dynamo's recompile limit: its eager variants read and write the "
+                         "dense buffers")
+    others = (f" ({variants - record.compiles} of them for other compiled models of the same code: dynamo counts "
+              "per code object)" if variants > record.compiles else "")
     message = (
-        f"{record.function} was compiled {record.compiles} times, torch._dynamo.config.recompile_limit: dynamo "
+        f"{record.function} was compiled {variants} times{others}, torch._dynamo.config.recompile_limit: dynamo "
         "runs its next variants, and new variants of the frames it calls, eagerly: attention there is the model's "
         "dense attention (not compressed). A recompile per chunk "
         "usually means positions are specialized (torch.compile(dynamic=False) with Python-int indices); compile "
@@ -105,11 +114,19 @@ def _shard_plan(session: Session, heads: int, where: str) -> None:
 
 def _check_plan_fits(site: AttentionSite, session: Session) -> None:
     """Heads and frame geometry of the plan against the shapes traced at this site (static sizes only)."""
-    heads = _traced_shape(site)[0]
+    heads, queries, _ = _traced_shape(site)
     where = f"the attention at {site.node.name} (keys from {site.k_window.source})"
     if isinstance(heads, int) and heads != session.plan.num_heads:
         _shard_plan(session, heads, where)
     plan = session.plan
+    chunk = plan.chunk_frames * plan.frame_tokens
+    if isinstance(queries, int) and queries > chunk:  # a shorter query is a short last chunk: dense, as the rule says
+        message = (f"plan does not match the model: {where} queries {queries} tokens, more than the plan's chunk of "
+                   f"{plan.chunk_frames} frames x {plan.frame_tokens} tokens ({chunk}): the keep rule never applies to "
+                   "it and it runs dense; make the plan for this model's frame size and chunk")
+        if session.config.strict:
+            raise PlanError(f"strict: {message}")
+        warnings.warn(message, PlanNeverAppliesWarning, stacklevel=2)
     grown = site.k_window.grown
     # a preallocated cache's size is the longest window; a grown one's (or a window's from an earlier graph)
     # is only known per call

@@ -24,17 +24,29 @@ _FILE_LINE = re.compile(r'File "(?P<file>[^"]+)", line \d+, in (?P<function>\S+)
 class FrameId:
     frame: int  # dynamo's frame id; negative for graphs compiled outside dynamo (no frame)
     function: str  # "forward (self_forcing.py)": the outermost user function of the graph's code
+    variants: int = 1  # dynamo's compiled variants of the code object with this one, over every model in the process
 
 
 def current_frame(gm: fx.GraphModule, fallback: int) -> FrameId:
     """The frame dynamo is compiling ``gm`` for, named by the outermost function in its nodes' stack traces."""
     compile_id = torch._guards.CompileContext.current_compile_id()
     frame = compile_id.frame_id if compile_id is not None and compile_id.frame_id is not None else -1 - fallback
+    variants = _variants()
     for node in gm.graph.nodes:
         match = _FILE_LINE.search(node.meta.get("stack_trace") or "")
         if match:
-            return FrameId(frame, f"{match['function']} ({match['file'].rsplit('/', 1)[-1]})")
-    return FrameId(frame, "<graph without source>")
+            return FrameId(frame, f"{match['function']} ({match['file'].rsplit('/', 1)[-1]})", variants)
+    return FrameId(frame, "<graph without source>", variants)
+
+
+def _variants() -> int:
+    """Dynamo's variants of the code object being compiled, this one included. Dynamo keeps them per code object,
+    so other models of the same class (and other compiles of this one) count too: the recompile limit is theirs."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    return 1 + len(_debug_get_cache_entry_list(tx.f_code)) if tx is not None else 1
 
 
 def recompile_limit() -> int:
