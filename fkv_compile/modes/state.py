@@ -159,7 +159,7 @@ class Session:
     def layer_of(self, site: int, key: torch.Tensor) -> int:
         """The layer index of the tensor ``key`` identifies, binding new keys in order of first use."""
         kind = self.sites[site].layer_key
-        ident = (kind, key.untyped_storage().data_ptr())
+        ident = (kind, key.untyped_storage()._cdata)  # the same after compact released the storage
         with self._lock:
             layer = self._bindings.get(ident)
             if layer is not None and self.num_layers is None:  # calibrating: back at layer 0, every layer is bound
