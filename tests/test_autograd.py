@@ -34,7 +34,7 @@ def _inputs(dtype, seed=0):
 @pytest.mark.parametrize("op", ["select_attention", "oracle_attention", "profile_attention"])
 def test_op_gradients_equal_the_float64_masked_oracle(op, dtype):
     options = {"plan": PLAN, "lowering": "eager"}
-    s = open_session(options, Config.from_options(options))
+    s = open_session(options, None, Config.from_options)
     s.new_site(graph=0, node="sdpa", pattern="cache-window", action="rewritten", layer_key="param")
     key = torch.nn.Parameter(torch.randn(3), requires_grad=False)
     q, k, v, grad_out = _inputs(dtype)

@@ -183,7 +183,7 @@ def test_the_custom_ops_give_the_same_result_through_triton_and_torch():
     outs = {}
     for choice in ("torch", "triton"):
         options = {"plan": plan, "kernels": choice, "lowering": "eager"}
-        s = open_session(options, Config.from_options(options))
+        s = open_session(options, None, Config.from_options)
         s.new_site(graph=0, node="sdpa", pattern="cache-window", action="rewritten", layer_key="param")
         outs[choice] = torch.ops.fkv.select_attention(q, k, v, key, s.id, 0, None)
         assert s.kernels(q.device).triton == (choice == "triton")

@@ -14,7 +14,7 @@ from fkv_compile.semantics import oracle_attention
 
 def _session(plan):
     options = {"plan": plan, "lowering": "eager"}
-    return open_session(options, Config.from_options(options))
+    return open_session(options, None, Config.from_options)
 
 
 @pytest.mark.parametrize("op", ["select_attention", "oracle_attention", "profile_attention"])
