@@ -442,11 +442,13 @@ class HeadPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> HeadPlan:
-        with open(path, encoding="utf-8") as f:
-            try:
+        try:
+            with open(path, encoding="utf-8") as f:
                 doc = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise PlanError(f"{path}: not valid JSON ({exc})") from None
+        except IsADirectoryError:
+            raise PlanError(f"{path}: a directory, not a plan file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PlanError(f"{path}: not a JSON plan file ({exc})") from None
         return cls.from_dict(doc)
 
 

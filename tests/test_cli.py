@@ -140,3 +140,25 @@ def test_profile_the_bundled_miniature(tmp_path):
     plan = HeadPlan.load(out)
     assert (plan.num_layers, plan.num_heads) == (4, 4) and plan.roles[0] == ("static",) * 4
     assert "role stability" in result.stdout and "profiling [" in result.stderr
+
+
+@pytest.mark.parametrize("case", ["binary plan", "list plan", "directory plan", "zero window", "negative window",
+                                  "zero chunks", "missing out folder"])
+def test_every_input_error_is_one_line_and_a_nonzero_exit(case, tmp_path):
+    binary, listed = tmp_path / "plan.bin", tmp_path / "list.json"
+    binary.write_bytes(bytes(range(256)))
+    listed.write_text("[1, 2, 3]")
+    argv = {
+        "binary plan": ("plan", "show", binary),
+        "list plan": ("plan", "show", listed),
+        "directory plan": ("plan", "show", tmp_path),
+        "zero window": ("plan", "show", REFERENCE, "--window-frames", "0"),
+        "negative window": ("plan", "show", REFERENCE, "--window-frames", "-3"),
+        "zero chunks": ("check", "mini-windowed", "--plan", REFERENCE, "--chunks", "0"),
+        "missing out folder": ("plan", "convert", REFERENCE, tmp_path / "no" / "such" / "plan.json",
+                               "--frame-tokens", "24", "--chunk-frames", "3"),
+    }[case]
+    result = fkv(*argv, ok=False)
+    assert result.returncode != 0 and not result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in result.stderr, result.stderr

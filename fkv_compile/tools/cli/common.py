@@ -12,11 +12,31 @@ from typing import Any
 from ...bundled import bundled_plan, is_bundled_name
 from ...plan import HeadPlan, PlanError
 
-__all__ = ["CliError", "emit", "load_plan", "load_callable"]
+__all__ = ["CliError", "emit", "load_plan", "load_callable", "positive_int", "non_negative_int"]
 
 
 class CliError(Exception):
     """A user-facing error: printed without a traceback, exit status 1."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (a count of frames, chunks, layers, ...)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an int >= 0 (a budget, a number of sink frames)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+    return value
 
 
 def emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
