@@ -193,6 +193,11 @@ def test_models_of_one_class_share_dynamos_recompile_limit_and_the_one_that_reac
     run(1, "oracle")
     with pytest.warns(fkv_compile.RecompileLimitWarning, match="for other compiled models of the same code"):
         run(2, "select")
+    # a fourth model compiles its other frames, but not that one: it is told at its first compile, and strict raises
+    with pytest.warns(fkv_compile.RecompileLimitWarning, match="through other compiled models of the same code"):
+        run(3, "oracle")
+    with pytest.raises(Exception, match="strict: .*through other compiled models of the same code"):
+        run(4, "oracle", strict=True)
     torch._dynamo.reset()
     run(0, "select")
     run(1, "oracle")

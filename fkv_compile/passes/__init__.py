@@ -38,7 +38,7 @@ from ..plan import PlanError
 from .attention import AttentionSite, CachePattern, Declined, find_attention_sites
 from .compact import CacheAccesses, GrownAccesses, match_compact, match_grown
 from .deferred import DeferredClone, elide_clones, erase_self_copies, find_deferred_clones
-from .frames import current_frame, recompile_limit
+from .frames import compiled_variants, current_frame, recompile_limit
 from .geometry import traced_patch_geometry, watch_patch_embeddings
 from .rewrite import lint_and_recompile, rewrite_compact, rewrite_grown, rewrite_select_cache, rewrite_site
 
@@ -61,33 +61,53 @@ class RecompileLimitWarning(UserWarning):
     run eagerly, with dense attention."""
 
 
+_AT_LIMIT: dict[int, tuple[str, object]] = {}
+"""Frames (dynamo's frame ids, one per code object) that reached dynamo's recompile limit in this process -> their
+function and code object (still at the limit while dynamo keeps that many variants: a reset clears them)."""
+
+_LIMIT_HINT = ("attention there is the model's dense attention (not compressed). A recompile per chunk usually means "
+               "positions are specialized (torch.compile(dynamic=False) with Python-int indices); compile with the "
+               "default dynamic=None, or raise torch._dynamo.config.recompile_limit (every new position then compiles)")
+
+
 def _count_compile(gm: fx.GraphModule, session: Session, graph_id: int) -> None:
     """Count this compile for its frame; warn (``strict``: raise) once a frame reaches dynamo's recompile
     limit: dynamo then runs its new variants eagerly, and new variants of the frames it calls (the resume
-    function holding the attention after a graph break, say) too, all without the pass."""
+    function holding the attention after a graph break, say) too, all without the pass. Dynamo counts per code
+    object over every model in the process: a frame another model brought to the limit is told here too."""
     ident = current_frame(gm, fallback=graph_id)
     record = session.frames.setdefault(ident.frame, FrameRecord(ident.frame, ident.function))
     record.compiles += 1
-    limit = recompile_limit()
-    variants = max(record.compiles, ident.variants)
-    if record.at_limit or variants < limit or session.config.mode == "off":
+    if session.config.mode == "off":
         return
+    variants = max(record.compiles, ident.variants)
+    if not record.at_limit and variants >= recompile_limit():
+        _AT_LIMIT[ident.frame] = (ident.function, ident.code)
+        others = (f" ({variants - record.compiles} of them for other compiled models of the same code: dynamo counts "
+                  "per code object)" if variants > record.compiles else "")
+        _reached_limit(session, record, f"{record.function} was compiled {variants} times{others}, "
+                       f"torch._dynamo.config.recompile_limit: dynamo runs its next variants, and new variants of the "
+                       f"frames it calls, eagerly: {_LIMIT_HINT}")
+    file = ident.function.rpartition(" (")[2]
+    for frame, (function, code) in list(_AT_LIMIT.items()):
+        if frame == ident.frame:
+            continue
+        if code is None or compiled_variants(code) < recompile_limit():
+            del _AT_LIMIT[frame]  # dynamo was reset, or its limit raised
+        elif function.endswith(f" ({file}") and not session.frames.get(frame, FrameRecord(frame, function)).at_limit:
+            inherited = session.frames.setdefault(frame, FrameRecord(frame, function))
+            _reached_limit(session, inherited, f"{function} reached torch._dynamo.config.recompile_limit through other "
+                           f"compiled models of the same code (dynamo counts per code object): its new variants run "
+                           f"eagerly for this model too: {_LIMIT_HINT}")
+
+
+def _reached_limit(session: Session, record: FrameRecord, message: str) -> None:
     record.at_limit = True
     session.compact.hold(f"{record.function} reached dynamo's recompile limit: its eager variants read and write the "
                          "dense buffers")
-    others = (f" ({variants - record.compiles} of them for other compiled models of the same code: dynamo counts "
-              "per code object)" if variants > record.compiles else "")
-    message = (
-        f"{record.function} was compiled {variants} times{others}, torch._dynamo.config.recompile_limit: dynamo "
-        "runs its next variants, and new variants of the frames it calls, eagerly: attention there is the model's "
-        "dense attention (not compressed). A recompile per chunk "
-        "usually means positions are specialized (torch.compile(dynamic=False) with Python-int indices); compile "
-        "with the default dynamic=None, or raise torch._dynamo.config.recompile_limit (every new position then "
-        "compiles)"
-    )
     if session.config.strict:
         raise SiteError(f"strict: {message}")
-    warnings.warn(message, RecompileLimitWarning, stacklevel=2)
+    warnings.warn(message, RecompileLimitWarning, stacklevel=3)
 
 
 def _traced_shape(site: AttentionSite) -> tuple[object, object, object]:
