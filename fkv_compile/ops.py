@@ -97,7 +97,7 @@ def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
         q, k, v, layer_key, session, site, scale = inputs[:7]
         ctx.save_for_backward(q, k, v, layer_key)
         ctx.ids, ctx.scale = (session, site), scale
-        ctx.masked = masked and state.resolve(session, site, layer_key)[0].plan is not None  # calibrating: dense
+        ctx.masked = masked and state.running_session(session).plan is not None  # a calibrating call ran dense
 
     def backward(ctx, grad_out):
         q, k, v, layer_key = ctx.saved_tensors

@@ -240,15 +240,3 @@ def test_a_bf16_check_without_a_float32_twin_is_inconclusive_and_fails():
     assert failure.startswith("select: inconclusive in bfloat16") and "float32 twin" in failure
 
 
-def test_the_check_fails_a_store_that_serves_the_previous_videos_tokens(monkeypatch):
-    from fkv_compile.modes.store import LayerStore
-
-    monkeypatch.setattr(LayerStore, "reset", lambda self: None)  # a new video keeps the last one's tokens
-    target = bundled_check_target("mini-windowed", 3)
-    # dense heads beside compressed ones in every layer: a commit drops a compressed group's stale history, but
-    # a dense group keeps every token from the window's start on
-    plan = HeadPlan.from_roles([["dense", "dynamic"], ["static", "dense"]], frame_tokens=WINDOWED.frame_tokens,
-                               chunk_frames=WINDOWED.chunk_frames)
-    result = check_equivalence(target.model_factory, target.rollout, plan, ("compact",), "aot_eager")
-    (failure,) = result.failures()
-    assert failure.startswith("compact:"), result.table()

@@ -1,5 +1,7 @@
 """``compact`` mode end to end: the store replaces the dense caches, which are released."""
 
+import gc
+
 import pytest
 import torch
 from rollouts import (
@@ -75,6 +77,7 @@ def test_dense_buffers_are_released_after_a_watched_video_and_the_store_adds_up_
     assert not any(fkv_compile.is_released(c[name]) for c in watched[0] for name in ("k", "v"))
     assert watched[0][0]["k"].abs().sum() > 0
     del watched  # the pipeline drops the first video's buffers: the report no longer counts them
+    gc.collect()
     kv, cross = new_caches(cfg, batch=1, dtype=torch.float32)
     dense_bytes = sum(c[name].nbytes for c in kv for name in ("k", "v"))
     x = inputs.noise[0][0]

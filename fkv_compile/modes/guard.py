@@ -84,7 +84,7 @@ class CompactCaches:
                                   "pipeline under torch.no_grad() to let compact release them")
         else:
             touch = entry.mark.compare(cache_k, cache_v)
-            if touch is not Touch.SAME and entry.store is not None:
+            if touch is not Touch.SAME and layer not in self.dense:  # calibrating (no store yet) included
                 self.leave_dense(layer, entry, f"its K/V buffers were written outside the compiled graph between two "
                                   f"calls (version counters {entry.mark.versions} -> "
                                   f"{(cache_k._version, cache_v._version) if touch is Touch.TOUCHED else '?'}: "

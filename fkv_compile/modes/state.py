@@ -38,7 +38,7 @@ from .sharding import HeadShard
 from .store import LayerStore
 
 __all__ = ["Session", "SiteAction", "SiteRecord", "FrameRecord", "LayerStats", "session", "open_session",
-           "session_for_options", "session_of_compiled", "compiling_module", "resolve"]
+           "session_for_options", "session_of_compiled", "compiling_module", "resolve", "running_session"]
 
 
 class SiteAction(Choice):
@@ -159,7 +159,10 @@ class Session:
     def layer_of(self, site: int, key: torch.Tensor) -> int:
         """The layer index of the tensor ``key`` identifies, binding new keys in order of first use."""
         kind = self.sites[site].layer_key
-        ident = (kind, key.untyped_storage()._cdata)  # the same after compact released the storage
+        storage = key.untyped_storage()
+        # a parameter by its data (AOT autograd may hand the op an alias of it); a cache by its storage, the same
+        # after compact released it (its data pointer is then 0 for every released cache)
+        ident = (kind, storage._cdata if kind == "cache" else storage.data_ptr())
         with self._lock:
             layer = self._bindings.get(ident)
             if layer is not None and self.num_layers is None:  # calibrating: back at layer 0, every layer is bound
@@ -237,6 +240,12 @@ def resolve(sid: int, site: int, layer_key: torch.Tensor) -> tuple[Session, int]
     runs the first one's graphs. So a graph compiled for a module runs in the session of the compiled module being
     called (found on the call stack), a :meth:`Session.sibling` of the compiling one if that module compiled
     nothing itself."""
+    found = running_session(sid)
+    return found, found.layer_of(site, layer_key)
+
+
+def running_session(sid: int) -> Session:
+    """The session of the compiled module being called, for a graph compiled in session ``sid`` (see :func:`resolve`)."""
     found = compiled_in = session(sid)
     if compiled_in.owned:
         caller = compiling_module()
@@ -245,7 +254,7 @@ def resolve(sid: int, site: int, layer_key: torch.Tensor) -> tuple[Session, int]
             if found is None:
                 found = compiled_in.sibling()
                 found.belong_to(caller)
-    return found, found.layer_of(site, layer_key)
+    return found
 
 
 def session_for_options(options: Mapping[str, Any]) -> Session | None:
