@@ -93,6 +93,18 @@ def assert_equivalent(
     return result
 
 
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "enable_gqa": False}
+"""SDPA's keyword arguments that, at these values, leave it plain attention (pipelines often pass them)."""
+
+
+def _plain(args: tuple, kwargs: Mapping[str, Any]) -> bool:
+    """An SDPA call of q, k, v (and a scale) alone, or with the other keywords at their defaults."""
+    if len(args) != 3 or kwargs.keys() - {"scale", *_SDPA_DEFAULTS}:
+        return False
+    return all(kwargs[name] is None if default is None else kwargs[name] == default
+               for name, default in _SDPA_DEFAULTS.items() if name in kwargs)
+
+
 class OracleAttentionMode(TorchFunctionMode):
     """Eagerly replace SDPA over the given KV caches by the masked-dense oracle of ``plan``.
 
@@ -107,7 +119,7 @@ class OracleAttentionMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and len(args) >= 3 and not kwargs.keys() - {"scale"}:
+        if func is F.scaled_dot_product_attention and _plain(args, kwargs):
             layer = self.layer_of.get(args[1].untyped_storage().data_ptr())
             if layer is not None:
                 return semantics.oracle_attention(*args[:3], self.plan, layer, scale=kwargs.get("scale"))

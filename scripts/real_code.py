@@ -1,0 +1,358 @@
+"""Run the pass on a pipeline's own public code and compare with the float64 oracle of the keep rule.
+
+    python scripts/real_code.py --checkout DIR --pipeline krea [--mode select,compact] [--blocks 6]
+
+The pipeline's model file(s) are copied at run time from a checkout of its public repository into a temporary
+folder (never into this repository), next to shims for the heavy imports they make (named per pipeline below, with
+every change made to the copy). A tiny configuration with random weights runs on the CPU (float32 by default), through
+the pipeline's own cache handling, for two videos. The reference is the same rollout in float64 with every attention
+over a KV cache replaced by the masked-dense oracle; the budget is twice the error of that oracle run in the dtype,
+and the script checks that it lies several times below what compression changes (dense attention, each wrong kept
+set). It prints the error and budget per video, the sites compressed and left alone with their reasons, the KV
+bytes, and the graphs, recompiles and graph breaks. Results go to docs/real_code.md with the checkout's commit.
+
+Pipelines:
+- ``krea``: krea-ai/realtime-video (Krea Realtime 14B, Self Forcing on Wan 2.1): the server's streaming loop. Each
+  block re-initialises the KV cache (``CausalInferencePipeline._initialize_kv_cache``, the repository's own function:
+  it zeroes the buffers in place and sets the Python-int indices to 0), recomputes it from position 0 with one
+  forward over the clean context frames (the first frame and the latest ``kv_cache_num_frames - 1``; a block-causal
+  flex-attention mask), then denoises the block with the chunk written after that context. Changes to the copy:
+  ``frame_seqlen = 1560`` (hard-coded for 480p) becomes the tiny frame's size, the module's ``flex_attention`` is
+  the eager one (not compiled with max-autotune at import), ``sinusoidal_embedding_1d`` builds its table on the
+  positions' device (not ``torch.cuda.current_device()``), and the SDPA fallbacks of ``attention()`` and of the
+  cross-attention keep the inputs' dtype (they cast to bf16, which would make the float64 reference a bf16 one; in
+  bf16 this changes nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import fkv_compile
+from fkv_compile import HeadPlan
+from fkv_compile.tools.check import CONCLUSIVE, wrong_kept_sets
+from fkv_compile.tools.testing import OracleAttentionMode, error_budget, max_abs_error
+
+DIFFUSERS_SHIM = {
+    "diffusers/__init__.py": "",
+    "diffusers/configuration_utils.py": '''
+        def register_to_config(init):
+            return init
+
+        class ConfigMixin:
+            pass
+    ''',
+    "diffusers/models/__init__.py": "",
+    "diffusers/models/modeling_utils.py": '''
+        import torch
+
+        class ModelMixin(torch.nn.Module):
+            pass
+    ''',
+}
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """The tiny configuration every pipeline is built at."""
+
+    dim: int = 64
+    num_heads: int = 4
+    num_layers: int = 2
+    ffn_dim: int = 128
+    text_len: int = 16
+    text_dim: int = 32
+    freq_dim: int = 32
+    latent_height: int = 8
+    latent_width: int = 12
+    chunk_frames: int = 3
+    context_frames: int = 3  # krea: kv_cache_num_frames
+    steps: tuple[int, ...] = (1000, 937, 833, 625)
+
+    @property
+    def frame_tokens(self) -> int:
+        return (self.latent_height // 2) * (self.latent_width // 2)
+
+
+@dataclass
+class Loaded:
+    """A pipeline's model and how to roll a video out with its own cache handling."""
+
+    model: torch.nn.Module
+    # (the module, what to call for it: itself, its compiled module or an oracle wrapper, noise, text) -> latents
+    rollout: Callable[[torch.nn.Module, Callable[..., Any], list[torch.Tensor], torch.Tensor], list[torch.Tensor]]
+    caches: Callable[[], list[dict]]  # the self-attention caches of the rollout running now
+    grad_mode: Callable[[], Any] = torch.no_grad  # what the pipeline generates under
+
+
+def _write_files(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+
+
+def _copy(checkout: Path, root: Path, names: list[str], edits: dict[str, list[tuple[str, str]]]) -> None:
+    """Copy ``names`` from the checkout into ``root``, applying the listed ``(old, new)`` edits (each must match)."""
+    for name in names:
+        text = (checkout / name).read_text()
+        for old, new in edits.get(name, []):
+            if old not in text:
+                raise SystemExit(f"real_code: {name} of this checkout no longer contains {old!r}: update the shim")
+            text = text.replace(old, new)
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def _function(checkout: Path, path: str, qualname: str) -> Callable[..., Any]:
+    """A function of the checkout's ``path`` (``Class.method``), compiled alone: the file's imports are not run."""
+    tree = ast.parse((checkout / path).read_text())
+    cls, _, name = qualname.partition(".")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == name:
+                    namespace: dict[str, Any] = {"torch": torch}
+                    exec(compile(ast.Module([item], []), f"{path}:{qualname}", "exec"), namespace)
+                    return namespace[name]
+    raise SystemExit(f"real_code: {path} has no {qualname}")
+
+
+def load_krea(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -> Loaded:
+    files = ["wan/modules/attention.py", "wan/modules/sage.py", "wan/modules/model.py", "wan/modules/causal_model.py"]
+    _copy(checkout, root, files, {
+        "wan/modules/causal_model.py": [("frame_seqlen = 1560", f"frame_seqlen = {tiny.frame_tokens}")],
+        "wan/modules/model.py": [("device=torch.cuda.current_device()", "device=position.device"),
+                                 ("dtype = torch.bfloat16", "dtype = q.dtype")],
+        "wan/modules/attention.py": [("        q = q.transpose(1, 2).to(dtype)\n        k = k.transpose(1, 2).to(dtype)\n"
+                                      "        v = v.transpose(1, 2).to(dtype)\n\n        out = torch.nn.functional",
+                                      "        q = q.transpose(1, 2)\n        k = k.transpose(1, 2)\n"
+                                      "        v = v.transpose(1, 2)\n\n        out = torch.nn.functional")],
+    })
+    _write_files(root, {"wan/__init__.py": "", "wan/modules/__init__.py": "", **DIFFUSERS_SHIM})
+    os.environ["DISABLE_SAGEATTENTION"] = "1"
+    sys.path.insert(0, str(root))
+    causal = importlib.import_module("wan.modules.causal_model")
+    causal.flex_attention = torch.nn.attention.flex_attention.flex_attention
+    torch.manual_seed(0)
+    model = causal.CausalWanModel(dim=tiny.dim, ffn_dim=tiny.ffn_dim, num_heads=tiny.num_heads,
+                                  num_layers=tiny.num_layers, text_len=tiny.text_len, text_dim=tiny.text_dim,
+                                  freq_dim=tiny.freq_dim)
+    model = randomize(model).to(dtype).eval()
+    init_kv = _function(checkout, "pipeline/causal_inference.py", "CausalInferencePipeline._initialize_kv_cache")
+    init_cross = _function(checkout, "pipeline/causal_inference.py",
+                           "CausalInferencePipeline._initialize_crossattn_cache")
+
+    class Pipeline:  # the attributes the repository's two cache functions read
+        def __init__(self, generator: torch.nn.Module):
+            self.generator = type("Generator", (), {"model": generator})()
+            generator.config = type("Config", (), {"num_heads": tiny.num_heads, "dim": tiny.dim})()
+            self.num_transformer_blocks = tiny.num_layers
+            self.frame_seq_length = tiny.frame_tokens
+            self.local_attn_size = tiny.context_frames + tiny.chunk_frames  # as release_server.init_models sets it
+            self.kv_cache1 = None
+
+    state: dict[str, Any] = {}
+
+    def rollout(model: torch.nn.Module, compiled: Callable[..., Any], noise: list[torch.Tensor],
+                text: torch.Tensor) -> list[torch.Tensor]:
+        """release_server's loop: per block the cache re-initialised and recomputed over the clean context frames
+        (keep_first_frame: the first latent frame, not re-encoded through the VAE), then the denoising steps."""
+        pipe = Pipeline(model)
+        state["pipe"] = pipe
+        b = text.shape[0]
+        init_kv(pipe, batch_size=b, dtype=noise[0].dtype, device="cpu")
+        init_cross(pipe, batch_size=b, dtype=noise[0].dtype, device="cpu")
+        context = [t for t in text]
+        seq_len = (tiny.context_frames + tiny.chunk_frames) * tiny.frame_tokens
+        latents: list[torch.Tensor] = []  # [B, F, C, H, W] per block
+        out = []
+        for block, x in enumerate(noise):
+            start_frame = 0
+            if latents:
+                frames = torch.cat(latents, 1)
+                clean = torch.cat((frames[:, :1], frames[:, 1:][:, -tiny.context_frames + 1:]), 1)
+                init_kv(pipe, batch_size=b, dtype=x.dtype, device="cpu")
+                model.block_mask = model._prepare_blockwise_causal_attn_mask(
+                    device="cpu", num_frames=clean.shape[1], frame_seqlen=tiny.frame_tokens,
+                    num_frame_per_block=tiny.chunk_frames, local_attn_size=-1)
+                zero = torch.zeros((b, clean.shape[1]), dtype=torch.int64)
+                start_frame = min(frames.shape[1], tiny.context_frames)
+                compiled(clean.transpose(1, 2), zero, context, seq_len, kv_cache=pipe.kv_cache1,
+                         crossattn_cache=pipe.crossattn_cache, current_start=start_frame * tiny.frame_tokens)
+                model.block_mask = None
+            noisy = x
+            for i, t in enumerate(tiny.steps):
+                tt = torch.full((b, x.shape[1]), t, dtype=torch.int64)
+                flow = compiled(noisy.transpose(1, 2), tt, context, seq_len, kv_cache=pipe.kv_cache1,
+                                crossattn_cache=pipe.crossattn_cache,
+                                current_start=start_frame * tiny.frame_tokens).transpose(1, 2)
+                sigma = t / 1000
+                x0 = noisy - sigma * flow
+                nxt = tiny.steps[i + 1] / 1000 if i + 1 < len(tiny.steps) else 0.0
+                noisy = (1 - nxt) * x0 + nxt * x
+            latents.append(noisy)
+            out.append(noisy)
+        return out
+
+    # release_server.generate_block_internal runs under torch.inference_mode(): caches without version counters
+    return Loaded(model, rollout, lambda: state["pipe"].kv_cache1, torch.inference_mode)
+
+
+PIPELINES: dict[str, Callable[[Path, Path, Tiny, torch.dtype], Loaded]] = {"krea": load_krea}
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere a trained model has them (releases zero-initialise output layers and biases, which
+    would make the output independent of the attention): every Linear and Conv weight ~ N(0, 1/fan_in), biases
+    ~ N(0, 0.02^2); other parameters (norms, modulations) as the model made them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) / fan_in**0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.02)
+    return model
+
+
+def _plan(tiny: Tiny) -> HeadPlan:
+    """Static, dynamic and dense heads in every layer (heads cycle through the roles with the layer)."""
+    roles = ["static", "dynamic", "dense"]
+    return HeadPlan.from_roles([[roles[(layer + h) % 3] for h in range(tiny.num_heads)] for layer in range(tiny.num_layers)],
+                               frame_tokens=tiny.frame_tokens, chunk_frames=tiny.chunk_frames)
+
+
+def _inputs(tiny: Tiny, blocks: int, seed: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    noise = [torch.randn(1, tiny.chunk_frames, 16, tiny.latent_height, tiny.latent_width, generator=gen)
+             for _ in range(blocks)]
+    text = torch.randn(1, tiny.text_len, tiny.text_dim, generator=gen)
+    return [n.to(dtype) for n in noise], text.to(dtype)
+
+
+def _run(loaded: Loaded, model: torch.nn.Module, inputs: tuple[list[torch.Tensor], torch.Tensor],
+         call: Callable[..., Any] | None = None) -> list[torch.Tensor]:
+    """One video of ``model``, called through ``call`` (its compiled module, an oracle wrapper; default itself), under
+    the pipeline's grad mode."""
+    with loaded.grad_mode():
+        return loaded.rollout(model, call if call is not None else model, *inputs)
+
+
+def _oracle_rollout(loaded: Loaded, model: torch.nn.Module, inputs, plan: HeadPlan) -> list[torch.Tensor]:
+    """The rollout with the oracle installed around every model call (the caches exist from the first call on)."""
+
+    def oracle_model(*args, **kwargs):
+        with OracleAttentionMode(plan, kwargs["kv_cache"]):
+            return model(*args, **kwargs)
+
+    return _run(loaded, model, inputs, oracle_model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkout", required=True, type=Path, help="a checkout of the pipeline's public repository")
+    parser.add_argument("--pipeline", required=True, choices=sorted(PIPELINES))
+    parser.add_argument("--mode", default="select,compact", help="comma-separated modes to run")
+    parser.add_argument("--blocks", type=int, default=6, help="blocks (chunks) per video")
+    parser.add_argument("--lowering", default="aot_eager", choices=fkv_compile.config.LOWERINGS)
+    parser.add_argument("--no-grad", action="store_true",
+                        help="generate under torch.no_grad() even where the pipeline uses torch.inference_mode()")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the model's dtype (a whole bf16 rollout rounds away more than compression changes: "
+                             "its comparison is inconclusive, and says so)")
+    args = parser.parse_args(argv)
+    commit = subprocess.run(["git", "-C", str(args.checkout), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    tiny = Tiny()
+    plan = _plan(tiny)
+    with tempfile.TemporaryDirectory() as tmp:
+        dtype = getattr(torch, args.dtype)
+        loaded = PIPELINES[args.pipeline](args.checkout, Path(tmp), tiny, dtype)
+        if args.no_grad:
+            loaded.grad_mode = torch.no_grad
+        model64 = _to64(loaded.model)
+        videos = [_inputs(tiny, args.blocks, seed, dtype) for seed in (0, 1)]
+        print(f"{args.pipeline} at {commit}: tiny config {tiny}, plan roles {plan.roles}, {args.dtype}, under "
+              f"{loaded.grad_mode.__name__}")
+        references, budgets, smallest_effects = [], [], []
+        for v, inputs in enumerate(videos):
+            in64 = ([n.double() for n in inputs[0]], inputs[1].double())
+            reference = _oracle_rollout(loaded, model64, in64, plan)
+            budget = error_budget(_oracle_rollout(loaded, loaded.model, inputs, plan), reference, floor=1e-6)
+            effects = {"dense": max_abs_error(_run(loaded, model64, in64), reference)}
+            effects.update({name: max_abs_error(_oracle_rollout(loaded, model64, in64, wrong), reference)
+                            for name, wrong in wrong_kept_sets(plan).items()})
+            smallest = min(effects.values())
+            verdict = "conclusive" if smallest > CONCLUSIVE * budget else "INCONCLUSIVE"
+            print(f"video {v}: budget {budget:.2e} ({args.dtype} oracle vs float64), smallest effect {smallest:.2e} "
+                  f"({min(effects, key=effects.get)}): {smallest / budget:.1f} budgets, {verdict}")
+            references.append(reference)
+            budgets.append(budget)
+            smallest_effects.append(smallest)
+        failed = False
+        for mode in args.mode.split(","):
+            torch._dynamo.reset()
+            compiled = torch.compile(loaded.model, backend="forcing_kv",
+                                     options={"plan": plan, "mode": mode, "lowering": args.lowering})
+            failed |= any(smallest <= CONCLUSIVE * b for smallest, b in zip(smallest_effects, budgets))
+            graphs = []
+            for v, inputs in enumerate(videos):
+                try:
+                    err = max_abs_error(_run(loaded, loaded.model, inputs, compiled), references[v])
+                except Exception as exc:  # reported, and the run fails
+                    print(f"{mode} video {v}: FAILED: {type(exc).__name__}: {str(exc)[:400]}")
+                    failed = True
+                    break
+                ok = err <= budgets[v]
+                failed |= not ok
+                graphs.append(fkv_compile.report(compiled, print_table=False).graphs)
+                print(f"{mode} video {v}: max abs error {err:.2e}, budget {budgets[v]:.2e}: {'ok' if ok else 'WRONG'}; "
+                      f"{graphs[-1] - (graphs[-2] if v else 0)} graphs compiled")
+            _summary(compiled)
+        return 1 if failed else 0
+
+
+def _to64(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    m64 = copy.deepcopy(model).double()
+    if hasattr(m64, "freqs"):  # a plain attribute (complex): not cast by .double()
+        m64.freqs = model.freqs
+    return m64
+
+
+def _summary(compiled: torch.nn.Module) -> None:
+    rep = fkv_compile.report(compiled, print_table=False)
+    sites = [s for s in rep.sites if s.action.is_site]
+    print(f"  graphs {rep.graphs} for {len(rep.frames)} frames, {rep.recompiles} recompiles, {rep.graph_breaks} "
+          f"graph breaks; sites: " + ", ".join(f"{s.action}" + (f" ({s.reason})" if s.reason else "") for s in sites))
+    for s in rep.sites:
+        if not s.action.is_site:
+            print(f"  left alone: {s.node} in graph {s.graph}: {s.reason}")
+    chosen, reused, whole = rep.selections
+    print(f"  kept ranges: chosen {chosen}, reused {reused}, none needed {whole}")
+    if rep.compact:
+        print("  " + rep.compact.replace("\n", "\n  "))
+    if rep.memory is not None:
+        print(f"  KV bytes: {rep.memory.dense_bytes:,} dense -> {rep.memory.compact_bytes:,} in the stores "
+              f"({100 * rep.memory.saved_fraction:.1f}% less), {rep.memory.kept_dense_bytes:,} dense still held")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
