@@ -20,7 +20,7 @@ from .bundled import bundled_plan, is_bundled_name
 from .classify import ProfileSettings
 from .plan import DYNAMIC, HeadPlan, PlanError
 
-__all__ = ["Config", "Calibration", "OptionsError", "Choice", "MODES", "LOWERINGS", "KERNELS", "KERNELS_ENV",
+__all__ = ["Config", "Calibration", "OptionsError", "Choice", "MODES", "LOWERINGS", "KERNELS", "RELEASES", "KERNELS_ENV",
            "CONFIG_TYPE", "default_kernels"]
 
 MODES: tuple[str, ...] = ("off", "oracle", "select", "compact", "profile")
@@ -29,6 +29,9 @@ LOWERINGS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
 """What compiles the rewritten graph."""
 KERNELS: tuple[str, ...] = ("auto", "torch", "triton")
 """Which implementation the compressed ops run: ``auto`` is Triton on CUDA and torch on CPU."""
+RELEASES: tuple[str, ...] = ("watch", "trust")
+"""When ``compact`` releases the pipeline's K/V buffers: ``watch`` (default) once a whole video showed that nothing
+but the compiled model writes them; ``trust`` at their first call (the caller vouches for that)."""
 KERNELS_ENV = "FKV_KERNELS"
 """Environment variable giving the default of the option ``kernels``."""
 CONFIG_TYPE = "fkv_compile.Config"
@@ -187,6 +190,12 @@ class Config:
         ``compact`` on LongLive's ``cat(sink, window)`` attention: keep the model's attention sink whole
         for every head (default ``True``), so that a KV-recache after a prompt switch is served
         exactly; ``False`` saves those bytes and a KV-recache raises a ``StoreError``.
+    release:
+        ``compact``: when the pipeline's K/V buffers are released. ``watch`` (default): the ops keep and write them
+        until a whole video and the next one's start showed, through their version counters, that nothing else
+        writes them (a pipeline that zeroes or rebuilds them keeps them and runs ``select``); ``trust``: at their
+        first call, for a caller who knows that only the compiled model touches its caches (memory saved from the
+        first video; a write from outside then crashes the process, as with FSDP's released parameters).
     kernels:
         ``auto`` (Triton on CUDA, torch on CPU), ``torch``, or ``triton`` (on CPU through the
         interpreter); the default is ``$FKV_KERNELS`` or ``auto``.
@@ -209,6 +218,7 @@ class Config:
     lowering: str = "inductor"
     strict: bool = False
     kv_recache: bool = True
+    release: str = "watch"
     kernels: str = dataclasses.field(default_factory=default_kernels)
     process_group: Any = None
     head_range: tuple[int, int] | None = None
@@ -223,6 +233,7 @@ class Config:
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"option {name} expected a bool, got {getattr(self, name)!r}")
         _choice("kernels", self.kernels, KERNELS)
+        _choice("release", self.release, RELEASES)
         if not isinstance(self.calibration, Calibration):
             raise OptionsError(f"option calibration expected a mapping, got {type(self.calibration).__name__}")
         _check_geometry({name: getattr(self, name) for name in GEOMETRY_OPTIONS})
@@ -260,7 +271,7 @@ class Config:
         plan = self.plan_name or (None if self.plan is None else self.plan.to_dict())
         return {"type": CONFIG_TYPE, "plan": plan, "frame_tokens": self.frame_tokens, "chunk_frames": self.chunk_frames,
                 "calibration": self.calibration.to_dict(), "mode": self.mode, "lowering": self.lowering,
-                "strict": self.strict, "kv_recache": self.kv_recache, "kernels": self.kernels,
+                "strict": self.strict, "kv_recache": self.kv_recache, "release": self.release, "kernels": self.kernels,
                 "head_range": None if self.head_range is None else list(self.head_range)}
 
     @classmethod

@@ -250,3 +250,15 @@ def test_caches_made_under_inference_mode_are_kept_and_select_chooses_every_call
     assert rep.selections[1] == 0, rep.selections  # never reused
     if mode == "compact":
         assert "no version counters (torch.inference_mode" in rep.compact
+
+
+def test_release_trust_releases_at_the_first_call_and_a_bad_value_is_named():
+    model, inputs = setup(WINDOWED, torch.float32)
+    plan = mixed_plan(WINDOWED)
+    reference, budget = oracle_reference(model, WINDOWED, inputs, plan)
+    compiled = _compiled(model, "compact", release="trust")
+    caches = new_caches(WINDOWED, batch=1, dtype=torch.float32)
+    assert_within_budget(rollout(compiled, WINDOWED, inputs, caches=caches), reference, budget, "release=trust")
+    assert all(fkv_compile.is_released(c["k"]) for c in caches[0])
+    with pytest.raises(fkv_compile.OptionsError, match="option release expected one of \\('watch', 'trust'\\)"):
+        fkv_compile.Config.from_options({"release": "never"})

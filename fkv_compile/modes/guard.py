@@ -51,13 +51,14 @@ class CompactCache:
 class CompactCaches:
     """Per layer, the watched buffer pairs with their stores, and what the watching has shown."""
 
-    def __init__(self, new_store: Callable[[int, torch.device], LayerStore]):
+    def __init__(self, new_store: Callable[[int, torch.device], LayerStore], trust: bool = False):
         self._new_store = new_store
+        self.trust = trust  # option release="trust": buffers released at their first call, without watching
         self._caches: dict[int, list[CompactCache]] = {}
         self._unwatched: dict[int, LayerStore] = {}
         self._unwatched_bytes: dict[int, int] = {}
         self.dense: dict[int, str] = {}  # layers that keep their dense buffers and run select, with the reason
-        self.trusted: set[int] = set()  # layers watched over a whole video untouched: their buffers may be released
+        self.proven: set[int] = set()  # layers watched over a whole video untouched: their buffers may go
         self._progressed: set[int] = set()  # layers that wrote past their first chunk
         self.held = ""  # why no buffer may be released any more (the model runs partly outside the compiled graphs)
         self.pairs_seen = 0  # buffer pairs watched so far
@@ -91,7 +92,7 @@ class CompactCaches:
                                   "zeroed, rebuilt or written by eager code or another graph)")
         self._caches[layer] = entries
         if write_start == 0 and layer in self._progressed and layer not in self.dense:
-            self.trusted.add(layer)
+            self.proven.add(layer)
         if serve and entry.store is None and layer not in self.dense and not entry.released:
             entry.store = self._new_store(layer, device)  # it adopts the dense history the buffers hold
         return entry
@@ -102,8 +103,8 @@ class CompactCaches:
         roll's, which the attention follows), release them once the layer is proven."""
         if write_start:
             self._progressed.add(layer)
-        if (write_start is not None and entry.store is not None and not entry.released and layer in self.trusted
-                and not self.held):
+        if (write_start is not None and entry.store is not None and not entry.released
+                and (layer in self.proven or self.trust) and not self.held):
             for cache in (cache_k, cache_v):
                 cache.untyped_storage().resize_(0)
             entry.released = True
@@ -122,7 +123,7 @@ class CompactCaches:
                              f"then {reason}; compile with mode='select' for this pipeline")
         entry.store = None
         self.dense.setdefault(layer, reason)
-        self.trusted.discard(layer)
+        self.proven.discard(layer)
 
     # -- caches served without watching ----------------------------------------------------------
     def unwatched(self, layer: int, device: torch.device) -> LayerStore:

@@ -110,7 +110,7 @@ class Session:
         self.frames: dict[int, FrameRecord] = {}
         self.layers: dict[int, LayerStats] = {}
         self.profile_records: list = []  # fkv_compile.modes.profile.MassRecord, in call order (mode "profile")
-        self.compact = CompactCaches(self._new_store)  # mode "compact": the stores and the buffers they stand for
+        self.compact = CompactCaches(self._new_store, trust=config.release == "trust")  # mode "compact"
         self.selections = SelectionMemo()  # mode "select" (and compact's dense layers): ranges chosen once per chunk
         self.deferred = DeferredClones()  # LongLive's clone-and-defer caches (mode "compact")
         self.owned = False  # by a compiled module (else by the compiled functions)
