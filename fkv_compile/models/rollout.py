@@ -18,7 +18,8 @@ from torch import nn
 from ..modes.profile import tag
 from .self_forcing import CausalVideoDiT, CrossCache, KVCache, MiniConfig, write_index
 
-__all__ = ["RolloutInputs", "make_inputs", "new_caches", "rollout", "chunks", "recache", "recompute_rollout", "build"]
+__all__ = ["RolloutInputs", "make_inputs", "new_caches", "rollout", "chunks", "denoise", "recache", "recompute_rollout",
+           "build"]
 
 DENOISING_STEPS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
 
@@ -100,6 +101,17 @@ def rollout(
     return outputs
 
 
+def denoise(noises: Sequence[torch.Tensor], steps: Sequence[float],
+            flow: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One chunk's denoising steps, flow matching: ``x_t = (1 - t) x0 + t noise``; ``flow(step, x_t, t * 1000)`` is
+    the model's prediction of ``noise - x0`` (``t`` per batch item and frame: a last chunk may be short)."""
+    x = noises[0]
+    for i, t in enumerate(steps):
+        x0 = x - t * flow(i, x, torch.full(x.shape[:2], t * 1000.0, dtype=x.dtype, device=x.device))
+        x = x0 if i + 1 == len(steps) else (1 - steps[i + 1]) * x0 + steps[i + 1] * noises[i + 1]
+    return x
+
+
 @torch.no_grad()
 def chunks(
     model: nn.Module | Callable[..., torch.Tensor],
@@ -112,8 +124,8 @@ def chunks(
     """The rollout chunk by chunk: yields each chunk's denoised latents once its clean pass ran (a server can
     interleave several videos' chunks on one model).
 
-    Flow matching: ``x_t = (1 - t) x0 + t noise``, the model predicts ``noise - x0``. The clean
-    pass at ``t = 0`` writes the chunk's keys and values into the caches for the next chunk.
+    Each chunk is denoised (:func:`denoise`), then the clean pass at ``t = 0`` writes its keys and values into the
+    caches for the next chunk.
     ``caches`` (fresh, from :func:`new_caches`) lets the caller watch them; by default they are new.
     Every forward is tagged with its chunk and step for the profiler (:func:`fkv_compile.tag`).
     """
@@ -127,13 +139,12 @@ def chunks(
             context = inputs.switches[chunk]
             with tag(chunk=chunk, step=-1):
                 recache(model, cfg, outputs, context, kv_cache, cross_cache)
-        x = noises[0]
-        for i, t in enumerate(steps):
-            tt = torch.full((batch, x.shape[1]), t * 1000.0, dtype=dtype, device=device)  # a last chunk may be short
-            with tag(chunk=chunk, step=i):
-                flow = model(x, tt, context, kv_cache, cross_cache, start)
-            x0 = x - t * flow
-            x = x0 if i + 1 == len(steps) else (1 - steps[i + 1]) * x0 + steps[i + 1] * noises[i + 1]
+
+        def flow(step: int, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with tag(chunk=chunk, step=step):
+                return model(x, t, context, kv_cache, cross_cache, start)
+
+        x = denoise(noises, steps, flow)
         zero = torch.zeros((batch, x.shape[1]), dtype=dtype, device=device)
         with tag(chunk=chunk, step=len(steps)):  # the clean pass that commits the chunk
             model(x, zero, context, kv_cache, cross_cache, start)
@@ -207,12 +218,10 @@ def recompute_rollout(
             for cache in kv_cache:
                 cache["context"] = False
         start = kv_cache[0]["end"]
-        x = noises[0]
-        for i, t in enumerate(steps):
-            tt = torch.full((batch, x.shape[1]), t * 1000.0, dtype=dtype, device=device)
-            with tag(chunk=chunk, step=i):
-                flow = model(x, tt, inputs.context, kv_cache, cross_cache, start)
-            x0 = x - t * flow
-            x = x0 if i + 1 == len(steps) else (1 - steps[i + 1]) * x0 + steps[i + 1] * noises[i + 1]
-        outputs.append(x)
+
+        def flow(step: int, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with tag(chunk=chunk, step=step):
+                return model(x, t, inputs.context, kv_cache, cross_cache, start)
+
+        outputs.append(denoise(noises, steps, flow))
     return outputs
