@@ -22,6 +22,14 @@ Pipelines:
   positions' device (not ``torch.cuda.current_device()``), and the SDPA fallbacks of ``attention()`` and of the
   cross-attention keep the inputs' dtype (they cast to bf16, which would make the float64 reference a bf16 one; in
   bf16 this changes nothing).
+- ``self-forcing``: guandeh17/Self-Forcing: ``CausalInferencePipeline.inference`` itself (the repository's method,
+  with its ``_initialize_kv_cache`` and ``_initialize_crossattn_cache``), called twice on one pipeline object as a
+  server does: the first video allocates the caches, the second resets their indices and reuses the buffers. Shims:
+  the generator (``WanDiffusionWrapper``: the model's flow prediction and ``x0 = x_t - sigma_t * flow``), the text
+  encoder (random embeddings), the VAE (identity), the scheduler (:class:`_Scheduler`). Changes to the copy: the
+  cross-attention's ``flash_attention`` (CUDA only) is the module's ``attention()`` (its SDPA fallback, keeping the
+  inputs' dtype), the module's ``flex_attention`` is the eager one. The model has the 12 heads x 128 the pipeline's
+  cache functions allocate.
 """
 
 from __future__ import annotations
@@ -96,6 +104,7 @@ class Loaded:
     # (the module, what to call for it: itself, its compiled module or an oracle wrapper, noise, text) -> latents
     rollout: Callable[[torch.nn.Module, Callable[..., Any], list[torch.Tensor], torch.Tensor], list[torch.Tensor]]
     caches: Callable[[], list[dict]]  # the self-attention caches of the rollout running now
+    heads: int  # attention heads per layer (the plan's)
     grad_mode: Callable[[], Any] = torch.no_grad  # what the pipeline generates under
 
 
@@ -118,15 +127,16 @@ def _copy(checkout: Path, root: Path, names: list[str], edits: dict[str, list[tu
         (root / name).write_text(text)
 
 
-def _function(checkout: Path, path: str, qualname: str) -> Callable[..., Any]:
-    """A function of the checkout's ``path`` (``Class.method``), compiled alone: the file's imports are not run."""
+def _function(checkout: Path, path: str, qualname: str, **names: Any) -> Callable[..., Any]:
+    """A function of the checkout's ``path`` (``Class.method``), compiled alone with ``torch`` and ``names`` as its
+    globals: the file's own imports are not run."""
     tree = ast.parse((checkout / path).read_text())
     cls, _, name = qualname.partition(".")
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == cls:
             for item in node.body:
                 if isinstance(item, ast.FunctionDef) and item.name == name:
-                    namespace: dict[str, Any] = {"torch": torch}
+                    namespace: dict[str, Any] = {"torch": torch, **names}
                     exec(compile(ast.Module([item], []), f"{path}:{qualname}", "exec"), namespace)
                     return namespace[name]
     raise SystemExit(f"real_code: {path} has no {qualname}")
@@ -210,10 +220,94 @@ def load_krea(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -> Loa
         return out
 
     # release_server.generate_block_internal runs under torch.inference_mode(): caches without version counters
-    return Loaded(model, rollout, lambda: state["pipe"].kv_cache1, torch.inference_mode)
+    return Loaded(model, rollout, lambda: state["pipe"].kv_cache1, tiny.num_heads, torch.inference_mode)
 
 
-PIPELINES: dict[str, Callable[[Path, Path, Tiny, torch.dtype], Loaded]] = {"krea": load_krea}
+class _Scheduler:
+    """Stands in for the pipeline's flow-matching scheduler: ``add_noise(x0, noise, t) = (1 - t/1000) x0 + t/1000 n``,
+    with ``n`` the script's own noise for the call's index (drawn in float64, so that every dtype's run adds the same;
+    the pipeline's ``torch.randn_like`` argument is not used)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(1000 + self.calls)
+        self.calls += 1
+        fresh = torch.randn(x0.shape, generator=gen, dtype=torch.float64).to(x0.dtype)
+        sigma = (t.to(torch.float64) / 1000).to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))
+        return (1 - sigma) * x0 + sigma * fresh
+
+
+def load_self_forcing(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -> Loaded:
+    files = ["wan/modules/attention.py", "wan/modules/model.py", "wan/modules/causal_model.py"]
+    _copy(checkout, root, files, {
+        "wan/modules/attention.py": [("        q = q.transpose(1, 2).to(dtype)\n        k = k.transpose(1, 2).to(dtype)\n"
+                                      "        v = v.transpose(1, 2).to(dtype)\n",
+                                      "        q = q.transpose(1, 2)\n        k = k.transpose(1, 2)\n"
+                                      "        v = v.transpose(1, 2)\n")],
+        "wan/modules/model.py": [("from .attention import flash_attention",
+                                  "from .attention import attention as flash_attention")],
+    })
+    _write_files(root, {"wan/__init__.py": "", "wan/modules/__init__.py": "", **DIFFUSERS_SHIM})
+    sys.path.insert(0, str(root))
+    causal = importlib.import_module("wan.modules.causal_model")
+    causal.flex_attention = torch.nn.attention.flex_attention.flex_attention
+    # the pipeline's own cache functions allocate 12 heads x 128: the model has them, at a tiny width otherwise
+    heads, head_dim = 12, 128
+    model = causal.CausalWanModel(dim=heads * head_dim, ffn_dim=tiny.ffn_dim, num_heads=heads,
+                                  num_layers=tiny.num_layers, text_len=tiny.text_len, text_dim=tiny.text_dim,
+                                  freq_dim=tiny.freq_dim)
+    model = randomize(model).to(dtype).eval()
+    source = "pipeline/causal_inference.py"
+    inference = _function(checkout, source, "CausalInferencePipeline.inference", List=list, Optional=None)
+    init_kv = _function(checkout, source, "CausalInferencePipeline._initialize_kv_cache")
+    init_cross = _function(checkout, source, "CausalInferencePipeline._initialize_crossattn_cache")
+    seq_len = 21 * tiny.frame_tokens
+
+    class Pipeline:  # CausalInferencePipeline's attributes, its three methods from the checkout, shims for the rest
+        _initialize_kv_cache, _initialize_crossattn_cache = init_kv, init_cross
+
+        def __init__(self, call: Callable[..., Any], text: torch.Tensor):
+            self.call, self.text = call, text
+            self.num_transformer_blocks, self.frame_seq_length = tiny.num_layers, tiny.frame_tokens
+            self.local_attn_size, self.num_frame_per_block, self.independent_first_frame = -1, tiny.chunk_frames, False
+            self.denoising_step_list = torch.tensor(tiny.steps, dtype=torch.long)
+            self.args = type("Args", (), {"context_noise": 0})()
+            self.scheduler = _Scheduler()
+            self.vae = type("Vae", (), {"decode_to_pixel": staticmethod(lambda latents, use_cache: latents)})()
+            self.kv_cache1 = None
+
+        def text_encoder(self, text_prompts: list[str]) -> dict[str, torch.Tensor]:
+            return {"prompt_embeds": self.text}
+
+        def generator(self, noisy_image_or_video, conditional_dict, timestep, kv_cache, crossattn_cache,
+                      current_start):
+            """WanDiffusionWrapper's call: the flow prediction and x0 = x_t - sigma_t * flow."""
+            flow = self.call(noisy_image_or_video.transpose(1, 2), timestep, list(conditional_dict["prompt_embeds"]),
+                             seq_len, kv_cache=kv_cache, crossattn_cache=crossattn_cache,
+                             current_start=current_start).transpose(1, 2)
+            sigma = (timestep.to(torch.float64) / 1000).to(flow.dtype)[..., None, None, None]
+            return flow, noisy_image_or_video - sigma * flow
+
+    pipes: dict[int, Pipeline] = {}  # one pipeline object per model call, across videos, as a server keeps it
+
+    def rollout(model: torch.nn.Module, call: Callable[..., Any], noise: list[torch.Tensor],
+                text: torch.Tensor) -> list[torch.Tensor]:
+        """CausalInferencePipeline.inference: the first video allocates the caches; a later one on the same
+        pipeline resets the indices and reuses the buffers."""
+        pipe = pipes.setdefault(id(call), Pipeline(call, text))
+        pipe.text, pipe.scheduler.calls = text, 0
+        _, latents = inference(pipe, torch.cat(noise, 1), [""], return_latents=True)
+        state["pipe"] = pipe
+        return list(latents.split(tiny.chunk_frames, dim=1))
+
+    state: dict[str, Any] = {}
+    return Loaded(model, rollout, lambda: state["pipe"].kv_cache1, heads)
+
+
+PIPELINES: dict[str, Callable[[Path, Path, Tiny, torch.dtype], Loaded]] = {"krea": load_krea,
+                                                                           "self-forcing": load_self_forcing}
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -231,10 +325,10 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def _plan(tiny: Tiny) -> HeadPlan:
+def _plan(tiny: Tiny, heads: int) -> HeadPlan:
     """Static, dynamic and dense heads in every layer (heads cycle through the roles with the layer)."""
     roles = ["static", "dynamic", "dense"]
-    return HeadPlan.from_roles([[roles[(layer + h) % 3] for h in range(tiny.num_heads)] for layer in range(tiny.num_layers)],
+    return HeadPlan.from_roles([[roles[(layer + h) % 3] for h in range(heads)] for layer in range(tiny.num_layers)],
                                frame_tokens=tiny.frame_tokens, chunk_frames=tiny.chunk_frames)
 
 
@@ -280,12 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "-C", str(args.checkout), "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
     tiny = Tiny()
-    plan = _plan(tiny)
     with tempfile.TemporaryDirectory() as tmp:
         dtype = getattr(torch, args.dtype)
         loaded = PIPELINES[args.pipeline](args.checkout, Path(tmp), tiny, dtype)
         if args.no_grad:
             loaded.grad_mode = torch.no_grad
+        plan = _plan(tiny, loaded.heads)
         model64 = _to64(loaded.model)
         videos = [_inputs(tiny, args.blocks, seed, dtype) for seed in (0, 1)]
         print(f"{args.pipeline} at {commit}: tiny config {tiny}, plan roles {plan.roles}, {args.dtype}, under "

@@ -169,9 +169,10 @@ class CompactCaches:
         (empty when no watched buffer was seen)."""
         if not self.pairs_seen:
             return ""
-        lines = [f"{self.pairs_released} of {self.pairs_seen} K/V buffer pairs released; the others are kept "
-                 + ("(watched until a second video proves that only the compiled graph writes them)"
-                    if not self.dense else "(see the layers left dense)")]
+        lines = [f"{self.pairs_released} of {self.pairs_seen} K/V buffer pairs released"]
+        if self.pairs_released < self.pairs_seen:
+            lines[0] += "; the others are kept " + ("(watched until a second video proves that only the compiled "
+                                                    "graph writes them)" if not self.dense else "(see the layers left dense)")
         lines += [f"layer {layer} keeps its dense K/V buffers and runs select: {reason}"
                   for layer, reason in sorted(self.dense.items())]
         if self.held:
