@@ -118,6 +118,8 @@ def _write_files(root: Path, files: dict[str, str]) -> None:
 def _copy(checkout: Path, root: Path, names: list[str], edits: dict[str, list[tuple[str, str]]]) -> None:
     """Copy ``names`` from the checkout into ``root``, applying the listed ``(old, new)`` edits (each must match)."""
     for name in names:
+        if not (checkout / name).is_file():
+            raise SystemExit(f"real_code: {checkout} has no {name}: not a checkout of this pipeline's repository")
         text = (checkout / name).read_text()
         for old, new in edits.get(name, []):
             if old not in text:

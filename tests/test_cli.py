@@ -162,3 +162,13 @@ def test_every_input_error_is_one_line_and_a_nonzero_exit(case, tmp_path):
     assert result.returncode != 0 and not result.stdout
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_the_real_code_script_names_what_a_checkout_lacks(tmp_path):
+    # the real-code runs need the pipelines' checkouts (docs/real_code.md); without one the script says what is missing
+    script = Path(__file__).resolve().parents[1] / "scripts" / "real_code.py"
+    result = subprocess.run([sys.executable, str(script), "--checkout", str(tmp_path), "--pipeline", "krea"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (f"real_code: {tmp_path} has no wan/modules/attention.py: not a "
+                                                     "checkout of this pipeline's repository")
