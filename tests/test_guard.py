@@ -262,3 +262,29 @@ def test_release_trust_releases_at_the_first_call_and_a_bad_value_is_named():
     assert all(fkv_compile.is_released(c["k"]) for c in caches[0])
     with pytest.raises(fkv_compile.OptionsError, match="option release expected one of \\('watch', 'trust'\\)"):
         fkv_compile.Config.from_options({"release": "never"})
+
+
+def test_a_pipeline_that_reads_its_cache_outside_the_model():
+    # a pipeline that copies part of its cache out after every chunk (as for a recache): select is exact in both
+    # videos; compact is exact while it watches the first video, and once it released the buffers a read fails
+    # loudly (reads change no version counter, so they cannot be watched: docs/design.md)
+    model, inputs = setup(WINDOWED, torch.float32)
+    plan = mixed_plan(WINDOWED)
+    reference, budget = oracle_reference(model, WINDOWED, inputs, plan)
+    for mode in MODES:
+        torch._dynamo.reset()
+        compiled = _compiled(model, mode)
+        for video in range(2):
+            kv, cross = caches = new_caches(WINDOWED, batch=1, dtype=torch.float32)
+            copies = []
+
+            def read(chunk: int) -> None:
+                copies.append(kv[0]["k"][:, : WINDOWED.frame_tokens].clone())
+
+            if mode == "compact" and video == 1:
+                with pytest.raises(RuntimeError, match="out of bounds"):
+                    rollout(compiled, WINDOWED, inputs, caches=caches, on_chunk=read)
+            else:
+                out = rollout(compiled, WINDOWED, inputs, caches=caches, on_chunk=read)
+                assert_within_budget(out, reference, budget, f"{mode} video {video}")
+                assert copies[-1].abs().sum() > 0
