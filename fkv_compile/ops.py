@@ -61,12 +61,21 @@ def attention_backward(
                 "fkv backward under head parallelism with selection='layer': the selection spans ranks; train with "
                 "a plan of selection='head' (or without a process group)")
         mask = semantics.keep_mask(k, s.plan, layer, q.shape[-2])
-    return tuple(g.contiguous() for g in attention_grads(grad_out, q, k, v, mask, scale))
+    grads = _grads_like(q, k, v)
+    for out, grad in zip(grads, attention_grads(grad_out, q, k, v, mask, scale)):
+        out.copy_(grad)
+    return grads
+
+
+def _grads_like(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward's outputs, the real op's and the fake's alike: fresh contiguous tensors of q's, k's and v's
+    shapes (q, k and v are often transposed views of ``[B, L, H, D]`` buffers: their strides are not the outputs')."""
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, layer_key, session, site, masked, scale=None):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _grads_like(q, k, v)
 
 
 def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
