@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import importlib
 import os
 import subprocess
@@ -49,11 +48,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 import fkv_compile
-from fkv_compile import HeadPlan
+from fkv_compile import HeadPlan, semantics
 from fkv_compile.tools.check import CONCLUSIVE, wrong_kept_sets
-from fkv_compile.tools.testing import OracleAttentionMode, error_budget, max_abs_error
+from fkv_compile.tools.testing import error_budget, is_plain_sdpa, max_abs_error
 
 DIFFUSERS_SHIM = {
     "diffusers/__init__.py": "",
@@ -241,7 +242,12 @@ class _Scheduler:
         return (1 - sigma) * x0 + sigma * fresh
 
 
-def load_self_forcing(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -> Loaded:
+def _load_wan_inference(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype, *, edits: dict,
+                        shims: dict[str, str], model_kwargs: dict[str, Any], methods: tuple[str, ...],
+                        attributes: dict[str, Any]) -> Loaded:
+    """A Self Forcing-family pipeline whose ``CausalInferencePipeline.inference`` (with ``methods``, all from the
+    checkout) runs the model: the generator, text encoder, VAE and scheduler are shims, the pipeline object keeps
+    ``attributes`` and lives across videos as a server keeps it."""
     files = ["wan/modules/attention.py", "wan/modules/model.py", "wan/modules/causal_model.py"]
     _copy(checkout, root, files, {
         "wan/modules/attention.py": [("        q = q.transpose(1, 2).to(dtype)\n        k = k.transpose(1, 2).to(dtype)\n"
@@ -250,66 +256,97 @@ def load_self_forcing(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype
                                       "        v = v.transpose(1, 2)\n")],
         "wan/modules/model.py": [("from .attention import flash_attention",
                                   "from .attention import attention as flash_attention")],
+        **edits,
     })
-    _write_files(root, {"wan/__init__.py": "", "wan/modules/__init__.py": "", **DIFFUSERS_SHIM})
+    _write_files(root, {"wan/__init__.py": "", "wan/modules/__init__.py": "", **DIFFUSERS_SHIM, **shims})
     sys.path.insert(0, str(root))
     causal = importlib.import_module("wan.modules.causal_model")
     causal.flex_attention = torch.nn.attention.flex_attention.flex_attention
-    # the pipeline's own cache functions allocate 12 heads x 128: the model has them, at a tiny width otherwise
+    # the pipelines' own cache functions allocate 12 heads x 128: the model has them, at a tiny width otherwise
     heads, head_dim = 12, 128
+    torch.manual_seed(0)  # the model's own initialisation (its modulations) draws from the global generator
     model = causal.CausalWanModel(dim=heads * head_dim, ffn_dim=tiny.ffn_dim, num_heads=heads,
                                   num_layers=tiny.num_layers, text_len=tiny.text_len, text_dim=tiny.text_dim,
-                                  freq_dim=tiny.freq_dim)
+                                  freq_dim=tiny.freq_dim, **model_kwargs)
     model = randomize(model).to(dtype).eval()
     source = "pipeline/causal_inference.py"
-    inference = _function(checkout, source, "CausalInferencePipeline.inference", List=list, Optional=None)
-    init_kv = _function(checkout, source, "CausalInferencePipeline._initialize_kv_cache")
-    init_cross = _function(checkout, source, "CausalInferencePipeline._initialize_crossattn_cache")
+    bound = {name: _function(checkout, source, f"CausalInferencePipeline.{name}", List=list, Optional=None,
+                             gpu=torch.device("cpu"))
+             for name in ("inference", *methods)}
     seq_len = 21 * tiny.frame_tokens
 
-    class Pipeline:  # CausalInferencePipeline's attributes, its three methods from the checkout, shims for the rest
-        _initialize_kv_cache, _initialize_crossattn_cache = init_kv, init_cross
+    class Generator:
+        """WanDiffusionWrapper's call: the flow prediction and ``x0 = x_t - sigma_t * flow``."""
 
-        def __init__(self, call: Callable[..., Any], text: torch.Tensor):
-            self.call, self.text = call, text
-            self.num_transformer_blocks, self.frame_seq_length = tiny.num_layers, tiny.frame_tokens
-            self.local_attn_size, self.num_frame_per_block, self.independent_first_frame = -1, tiny.chunk_frames, False
-            self.denoising_step_list = torch.tensor(tiny.steps, dtype=torch.long)
-            self.args = type("Args", (), {"context_noise": 0})()
-            self.scheduler = _Scheduler()
-            self.vae = type("Vae", (), {"decode_to_pixel": staticmethod(lambda latents, use_cache: latents)})()
-            self.kv_cache1 = None
+        def __init__(self, call: Callable[..., Any]):
+            self.call, self.model = call, model
 
-        def text_encoder(self, text_prompts: list[str]) -> dict[str, torch.Tensor]:
-            return {"prompt_embeds": self.text}
-
-        def generator(self, noisy_image_or_video, conditional_dict, timestep, kv_cache, crossattn_cache,
-                      current_start):
-            """WanDiffusionWrapper's call: the flow prediction and x0 = x_t - sigma_t * flow."""
+        def __call__(self, noisy_image_or_video, conditional_dict, timestep, kv_cache, crossattn_cache, current_start):
             flow = self.call(noisy_image_or_video.transpose(1, 2), timestep, list(conditional_dict["prompt_embeds"]),
                              seq_len, kv_cache=kv_cache, crossattn_cache=crossattn_cache,
                              current_start=current_start).transpose(1, 2)
             sigma = (timestep.to(torch.float64) / 1000).to(flow.dtype)[..., None, None, None]
             return flow, noisy_image_or_video - sigma * flow
 
+    class Pipeline:  # CausalInferencePipeline's attributes, its methods from the checkout, shims for the rest
+        locals().update({name: fn for name, fn in bound.items() if name != "inference"})
+
+        def __init__(self, call: Callable[..., Any], text: torch.Tensor):
+            self.generator, self.text = Generator(call), text
+            self.num_transformer_blocks, self.frame_seq_length = tiny.num_layers, tiny.frame_tokens
+            self.num_frame_per_block, self.independent_first_frame = tiny.chunk_frames, False
+            self.denoising_step_list = torch.tensor(tiny.steps, dtype=torch.long)
+            self.scheduler = _Scheduler()
+            self.vae = type("Vae", (), {"decode_to_pixel": staticmethod(lambda latents, use_cache=False: latents)})()
+            self.kv_cache1 = None
+            self.__dict__.update(attributes)
+
+        def text_encoder(self, text_prompts: list[str]) -> dict[str, torch.Tensor]:
+            return {"prompt_embeds": self.text}
+
     pipes: dict[int, Pipeline] = {}  # one pipeline object per model call, across videos, as a server keeps it
+    state: dict[str, Any] = {}
 
     def rollout(model: torch.nn.Module, call: Callable[..., Any], noise: list[torch.Tensor],
                 text: torch.Tensor) -> list[torch.Tensor]:
-        """CausalInferencePipeline.inference: the first video allocates the caches; a later one on the same
-        pipeline resets the indices and reuses the buffers."""
         pipe = pipes.setdefault(id(call), Pipeline(call, text))
         pipe.text, pipe.scheduler.calls = text, 0
-        _, latents = inference(pipe, torch.cat(noise, 1), [""], return_latents=True)
+        _, latents = bound["inference"](pipe, torch.cat(noise, 1), [""], return_latents=True)
         state["pipe"] = pipe
         return list(latents.split(tiny.chunk_frames, dim=1))
 
-    state: dict[str, Any] = {}
     return Loaded(model, rollout, lambda: state["pipe"].kv_cache1, heads)
 
 
-PIPELINES: dict[str, Callable[[Path, Path, Tiny, torch.dtype], Loaded]] = {"krea": load_krea,
-                                                                           "self-forcing": load_self_forcing}
+def load_self_forcing(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -> Loaded:
+    return _load_wan_inference(checkout, root, tiny, dtype, edits={}, shims={}, model_kwargs={},
+                               methods=("_initialize_kv_cache", "_initialize_crossattn_cache"),
+                               attributes={"local_attn_size": -1,
+                                           "args": type("Args", (), {"context_noise": 0})()})
+
+
+def load_longlive(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -> Loaded:
+    window, sink = 12, 3  # configs/longlive_inference.yaml: local_attn_size 12, sink_size 3
+    args = type("Args", (), {"context_noise": 0,
+                             "model_kwargs": type("ModelKwargs", (), {"local_attn_size": window})()})()
+    return _load_wan_inference(
+        checkout, root, tiny, dtype,
+        edits={"wan/modules/causal_model.py": [("max_local * 1560", f"max_local * {tiny.frame_tokens}")]},
+        shims={"utils/__init__.py": "", "utils/debug_option.py": "DEBUG = False\n",
+               "utils/memory.py": '''
+                   import torch
+                   gpu = torch.device("cpu")
+                   def get_cuda_free_memory_gb(device=None): return 0.0
+                   def log_gpu_memory(*args, **kwargs): pass
+                   class DynamicSwapInstaller: pass
+               '''},
+        model_kwargs={"local_attn_size": window, "sink_size": sink},
+        methods=("_initialize_kv_cache", "_initialize_crossattn_cache", "_set_all_modules_max_attention_size"),
+        attributes={"local_attn_size": window, "args": args})
+
+
+PIPELINES: dict[str, Callable[[Path, Path, Tiny, torch.dtype], Loaded]] = {
+    "krea": load_krea, "self-forcing": load_self_forcing, "longlive-v1": load_longlive}
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -350,11 +387,31 @@ def _run(loaded: Loaded, model: torch.nn.Module, inputs: tuple[list[torch.Tensor
         return loaded.rollout(model, call if call is not None else model, *inputs)
 
 
+class _LayerOrderOracle(TorchFunctionMode):
+    """Every self-attention SDPA call of one model call replaced by the masked-dense oracle, the i-th call being layer
+    i. The pipelines' keys are not always views of their cache (LongLive v1 attends over ``cat`` of slices of a
+    per-layer clone), so the layer is told by the order of the calls; cross-attention, whose keys have the text's
+    length, runs unchanged."""
+
+    def __init__(self, plan: HeadPlan, text_len: int):
+        super().__init__()
+        self.plan, self.text_len, self.calls = plan, text_len, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is F.scaled_dot_product_attention and is_plain_sdpa(args, kwargs)
+                and args[1].shape[-2] != self.text_len):
+            layer, self.calls = self.calls % self.plan.num_layers, self.calls + 1
+            return semantics.oracle_attention(*args[:3], self.plan, layer, scale=kwargs.get("scale"))
+        return func(*args, **kwargs)
+
+
 def _oracle_rollout(loaded: Loaded, model: torch.nn.Module, inputs, plan: HeadPlan) -> list[torch.Tensor]:
-    """The rollout with the oracle installed around every model call (the caches exist from the first call on)."""
+    """The rollout with the oracle installed around every model call."""
+    text_len = inputs[1].shape[1]
 
     def oracle_model(*args, **kwargs):
-        with OracleAttentionMode(plan, kwargs["kv_cache"]):
+        with _LayerOrderOracle(plan, text_len):
             return model(*args, **kwargs)
 
     return _run(loaded, model, inputs, oracle_model)

@@ -25,6 +25,7 @@ __all__ = [
     "assert_within_budget",
     "selection_margin",
     "OracleAttentionMode",
+    "is_plain_sdpa",
 ]
 
 BUDGET_FACTOR = 2.0  # the budget in multiples of an independent low-precision implementation's error vs fp64
@@ -97,7 +98,7 @@ _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "enab
 """SDPA's keyword arguments that, at these values, leave it plain attention (pipelines often pass them)."""
 
 
-def _plain(args: tuple, kwargs: Mapping[str, Any]) -> bool:
+def is_plain_sdpa(args: tuple, kwargs: Mapping[str, Any]) -> bool:
     """An SDPA call of q, k, v (and a scale) alone, or with the other keywords at their defaults."""
     if len(args) != 3 or kwargs.keys() - {"scale", *_SDPA_DEFAULTS}:
         return False
@@ -119,7 +120,7 @@ class OracleAttentionMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and _plain(args, kwargs):
+        if func is F.scaled_dot_product_attention and is_plain_sdpa(args, kwargs):
             layer = self.layer_of.get(args[1].untyped_storage().data_ptr())
             if layer is not None:
                 return semantics.oracle_attention(*args[:3], self.plan, layer, scale=kwargs.get("scale"))
