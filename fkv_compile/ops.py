@@ -260,8 +260,10 @@ def store_attention(
     No mutation is declared: a declared one would make AOT functionalization clone the cache and
     copy it back, touching the released buffers. Order and liveness come from data instead: the
     output is used, and ``after`` holds the tokens of the rolls that must run first.
-    ``cache_k``/``cache_v`` are only released (storage resized to 0) on first use, unless they are
-    deferred clones (:mod:`fkv_compile.modes.deferred`) whose pipeline still copies them back.
+    ``cache_k``/``cache_v`` are kept and written here until :class:`fkv_compile.modes.guard.CompactCaches` proved
+    that nothing else writes them (a watched video; option ``release``), then released (storage resized to 0);
+    buffers written elsewhere keep the dense cache and the layer runs ``select`` over them. LongLive's deferred
+    clones (:mod:`fkv_compile.modes.deferred`) are released once claimed.
     """
     s, layer = state.resolve(session, site, layer_key)
     if protected and window_start != protected:
