@@ -20,8 +20,8 @@ from .bundled import bundled_plan, is_bundled_name
 from .classify import ProfileSettings
 from .plan import DYNAMIC, HeadPlan, PlanError
 
-__all__ = ["Config", "Calibration", "OptionsError", "Choice", "MODES", "LOWERINGS", "KERNELS", "RELEASES", "KERNELS_ENV",
-           "CONFIG_TYPE", "default_kernels"]
+__all__ = ["Config", "Calibration", "OptionsError", "Choice", "MODES", "LOWERINGS", "KERNELS", "RELEASES",
+           "KERNELS_ENV", "CONFIG_TYPE", "default_kernels"]
 
 MODES: tuple[str, ...] = ("off", "oracle", "select", "compact", "profile")
 """What the pass does with the attention it finds (README, "Modes")."""

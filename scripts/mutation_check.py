@@ -208,7 +208,7 @@ MUTATIONS = (
              "variants = max(record.compiles, ident.variants)", "variants = record.compiles",
              ("tests/test_guard.py::test_models_of_one_class_share_dynamos_recompile_limit_and_the_one_that_reaches_it_is_told",)),
     Mutation("passes: a frame another model brought to the recompile limit is not told", "passes/__init__.py",
-             "        elif function.endswith(", "        elif False and function.endswith(",
+             "        elif code.co_filename == file and", "        elif False and code.co_filename == file and",
              ("tests/test_guard.py::test_models_of_one_class_share_dynamos_recompile_limit_and_the_one_that_reaches_it_is_told",)),
     Mutation("compact: buffers released past the recompile limit", "modes/guard.py",
              "and (layer in self.proven or self.trust) and not self.held):",

@@ -33,6 +33,16 @@ from .watch import CacheMark, Touch
 __all__ = ["CompactCache", "CompactCaches"]
 
 
+def _nbytes(cache_k: torch.Tensor, cache_v: torch.Tensor) -> int:
+    return cache_k.untyped_storage().nbytes() + cache_v.untyped_storage().nbytes()
+
+
+def _free(cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
+    """Release the pipeline's buffers: storage resized to 0, as FSDP does (a sliced read then fails loudly)."""
+    cache_k.untyped_storage().resize_(0)
+    cache_v.untyped_storage().resize_(0)
+
+
 @dataclass
 class CompactCache:
     """One pair of the pipeline's K/V buffers of one layer and the store that stands for it (``None``: the buffers
@@ -75,8 +85,7 @@ class CompactCaches:
         entry = next((e for e in entries if e.mark.describes(cache_k, cache_v)), None)
         if entry is None:
             mark = CacheMark.of(cache_k, cache_v)
-            nbytes = cache_k.untyped_storage().nbytes() + cache_v.untyped_storage().nbytes()
-            entry = CompactCache(None, mark, nbytes)
+            entry = CompactCache(None, mark, _nbytes(cache_k, cache_v))
             entries.append(entry)
             self.pairs_seen += 1
             if not mark.tracked:
@@ -105,8 +114,7 @@ class CompactCaches:
             self._progressed.add(layer)
         if (write_start is not None and entry.store is not None and not entry.released
                 and (layer in self.proven or self.trust) and not self.held):
-            for cache in (cache_k, cache_v):
-                cache.untyped_storage().resize_(0)
+            _free(cache_k, cache_v)
             entry.released = True
             self.pairs_released += 1
         entry.mark = CacheMark.of(cache_k, cache_v)
@@ -138,11 +146,10 @@ class CompactCaches:
     def release_unwatched(self, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
         """Free such a cache's buffers at once (storage resized to 0, as FSDP does): the pass proved the graph alone
         reads them; a later read from outside fails loudly (``RuntimeError: ... out of bounds``)."""
-        nbytes = cache_k.untyped_storage().nbytes() + cache_v.untyped_storage().nbytes()
+        nbytes = _nbytes(cache_k, cache_v)
         if nbytes:  # a new video may bring new buffers: they are released too
             self._unwatched_bytes[layer] = nbytes
-            cache_k.untyped_storage().resize_(0)
-            cache_v.untyped_storage().resize_(0)
+            _free(cache_k, cache_v)
 
     # -- reading -----------------------------------------------------------------------------------
     def stores(self) -> dict[int, LayerStore]:

@@ -119,7 +119,8 @@ def compressed_attention(
 
     q: ``[B, H, Lq, D]``, k and v: ``[B, H, Lk, D]`` (any strides); returns ``[B, H, Lq, D]`` and
     the kept-token counts. ``shard``: this rank's heads under head parallelism (``plan`` is their plan).
-    ``memo`` and ``history`` (the write start and the window start, ``None`` if the caller cannot tell): reuse the ranges chosen for the same history (see :class:`SelectionMemo`).
+    ``memo`` and ``history`` (the write start and the window start, ``None`` if the caller cannot tell): reuse the
+    ranges chosen for the same history (see :class:`SelectionMemo`).
     """
     num_heads, lq, lk = q.shape[1], q.shape[2], k.shape[2]
     layout = window_layout(lq, lk, plan.frame_tokens, plan.chunk_frames)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import types
 import warnings
 
 import torch
@@ -61,7 +62,7 @@ class RecompileLimitWarning(UserWarning):
     run eagerly, with dense attention."""
 
 
-_AT_LIMIT: dict[int, tuple[str, object]] = {}
+_AT_LIMIT: dict[int, tuple[str, types.CodeType | None]] = {}
 """Frames (dynamo's frame ids, one per code object) that reached dynamo's recompile limit in this process -> their
 function and code object (still at the limit while dynamo keeps that many variants: a reset clears them)."""
 
@@ -88,13 +89,13 @@ def _count_compile(gm: fx.GraphModule, session: Session, graph_id: int) -> None:
         _reached_limit(session, record, f"{record.function} was compiled {variants} times{others}, "
                        f"torch._dynamo.config.recompile_limit: dynamo runs its next variants, and new variants of the "
                        f"frames it calls, eagerly: {_LIMIT_HINT}")
-    file = ident.function.rpartition(" (")[2]
+    file = ident.code.co_filename if ident.code is not None else None
     for frame, (function, code) in list(_AT_LIMIT.items()):
         if frame == ident.frame:
             continue
         if code is None or compiled_variants(code) < recompile_limit():
             del _AT_LIMIT[frame]  # dynamo was reset, or its limit raised
-        elif function.endswith(f" ({file}") and not session.frames.get(frame, FrameRecord(frame, function)).at_limit:
+        elif code.co_filename == file and not session.frames.get(frame, FrameRecord(frame, function)).at_limit:
             inherited = session.frames.setdefault(frame, FrameRecord(frame, function))
             _reached_limit(session, inherited, f"{function} reached torch._dynamo.config.recompile_limit through other "
                            f"compiled models of the same code (dynamo counts per code object): its new variants run "

@@ -10,6 +10,7 @@ there is the model's own, dense. That must not pass silently.
 from __future__ import annotations
 
 import re
+import types
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ class FrameId:
     frame: int  # dynamo's frame id; negative for graphs compiled outside dynamo (no frame)
     function: str  # "forward (self_forcing.py)": the outermost user function of the graph's code
     variants: int = 1  # dynamo's compiled variants of the code object with this one, over every model in the process
-    code: object = None  # the code object (None outside dynamo)
+    code: types.CodeType | None = None  # the code object (None outside dynamo)
 
 
 def current_frame(gm: fx.GraphModule, fallback: int) -> FrameId:
