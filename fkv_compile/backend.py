@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from .config import Config, OptionsError
 from .modes.state import Session, compiling_module, open_session
-from .passes import elide_clones, run_passes
+from .passes import dropping_outputs, run_passes
 
 __all__ = ["forcing_kv", "OptionsError"]
 
@@ -46,11 +46,8 @@ def forcing_kv(
     compiled = compiling_module()
     session: Session = open_session(options, compiled, Config.from_options)
     config = session.config
-    graph_id = session.graphs
-    clones = run_passes(gm, session, compiled._orig_mod if compiled is not None else None)
-    elided = elide_clones(gm, clones) if clones else None  # copied before a lowering's passes touch gm
+    replay_tokens = run_passes(gm, session, compiled._orig_mod if compiled is not None else None)
     lowered = _lower(gm, example_inputs, config.lowering, mode)
-    if elided is not None:  # LongLive's per-layer clone of the cache: a second lowering returns the cache itself
-        lowered = session.deferred.dispatch(graph_id, [c.name for c in clones], [c.output for c in clones], lowered,
-                                            _lower(elided, example_inputs, config.lowering, mode))
+    if replay_tokens:  # a staged cache's write-back: the replay ops' tokens are outputs dynamo does not expect
+        lowered = dropping_outputs(lowered, replay_tokens)
     return session.owns(lowered)

@@ -8,6 +8,9 @@
 - ``fkv::store_attention`` (``compact``): the chunk's cache write and the window's attention, served
   by the layer's compact store;
 - ``fkv::store_roll`` (``compact``): the pipeline's eviction of history, on the store;
+- ``fkv::staged_store_attention`` (``compact``): a staged cache (LongLive v1's clone, rolled and written, attended
+  over), served by the store; ``fkv::replay_write`` and ``fkv::replay_roll``: the pipeline's own write and roll of
+  the buffers afterwards, in a graph of its own, checked against the store's;
 - ``fkv::store_grown_attention`` (``compact``): a cache grown by concatenation, served by the store;
 - ``fkv::attention_backward``: the first three's backward (:mod:`fkv_compile.modes.grad`).
 
@@ -27,6 +30,7 @@ from .modes import state
 from .modes.grad import attention_grads
 from .modes.profile import record_call
 from .modes.select import History, compressed_attention
+from .modes.guard import CompactCache, roll_step, write_step
 from .modes.store import LayerStore, StoreError
 
 __all__ = ["select_attention", "oracle_attention", "profile_attention"]
@@ -262,37 +266,19 @@ def store_attention(
     output is used, and ``after`` holds the tokens of the rolls that must run first.
     ``cache_k``/``cache_v`` are kept and written here until :class:`fkv_compile.modes.guard.CompactCaches` proved
     that nothing else writes them (a watched video; option ``release``), then released (storage resized to 0);
-    buffers written elsewhere keep the dense cache and the layer runs ``select`` over them. LongLive's deferred
-    clones (:mod:`fkv_compile.modes.deferred`) are released once claimed.
+    buffers written elsewhere keep the dense cache and the layer runs ``select`` over them.
     """
     s, layer = state.resolve(session, site, layer_key)
-    if protected and window_start != protected:
-        raise StoreError(
-            f"fkv compact (site {site}, layer {layer}): the attention reads the sink [0, {protected}) and the window "
-            f"[{window_start}, {window_end}), which does not follow it; compact serves cat(sink, window) only as one "
-            "window (a cache as long as the attention window, as LongLive's); compile with mode='select'")
-    if protected:
-        window_start = 0
-    write, window = (write_start, write_end), (window_start, window_end)
+    window = _served_window(site, layer, protected, window_start, window_end)
+    write = (write_start, write_end)
     if s.plan is None:  # calibrating: the pipeline's own write into its dense cache, then the dense window
-        entry = None if s.deferred.graphs else s.compact.enter(layer, cache_k, cache_v, q.device, write_start, False)
+        entry = s.compact.enter(layer, cache_k, cache_v, q.device, write_start, False)
         _write(cache_k, cache_v, k_new, v_new, write_start, write_end)
-        if entry is not None:
-            s.compact.wrote(layer, entry, cache_k, cache_v, write_start)
-        k, v = (_window(c, window_start, window_end, 0) for c in (cache_k, cache_v))
+        s.compact.wrote(layer, entry, cache_k, cache_v, write_start)
+        k, v = (_window(c, *window, 0) for c in (cache_k, cache_v))
         if s.calibrating(layer, q, k, scale):
             return _dense(s, site, layer, q, k, v, scale).contiguous()
-    if s.deferred.graphs:  # LongLive's per-call clones: one store per layer, the cache released once claimed
-        out = _serve(s, site, layer, s.compact.unwatched(layer, q.device), q, k_new, v_new, cache_k, cache_v, write,
-                     window, scale, protected)
-        if not s.deferred.claim(cache_k, cache_v):
-            s.compact.release_unwatched(layer, cache_k, cache_v)
-        return out
-    entry = s.compact.enter(layer, cache_k, cache_v, q.device, write_start)
-    if entry.store is not None and not _fits(s, q, window):
-        s.compact.leave_dense(layer, entry, f"a call of {q.shape[2]} query tokens over a window of "
-                              f"{window_end - window_start} tokens does not fit the plan's chunks (a short last chunk?): "
-                              "the keep rule leaves it dense, which needs the dense history")
+    entry = _entered(s, layer, cache_k, cache_v, q, write_start, window)
     if entry.store is None:
         out = _select_over_cache(s, site, layer, q, k_new, v_new, cache_k, cache_v, write, window, 0, scale)
     else:
@@ -301,6 +287,117 @@ def store_attention(
             _write(cache_k, cache_v, k_new, v_new, write_start, write_end)
     s.compact.wrote(layer, entry, cache_k, cache_v, write_start)
     return out
+
+
+def _served_window(site: int, layer: int, protected: int, window_start: int, window_end: int) -> tuple[int, int]:
+    """The window a store serves: ``[0, window_end)`` for a cat-window whose sink ``[0, protected)`` the window
+    follows (LongLive's cache is as long as its attention window); any other cat-window is an error."""
+    if protected and window_start != protected:
+        raise StoreError(
+            f"fkv compact (site {site}, layer {layer}): the attention reads the sink [0, {protected}) and the window "
+            f"[{window_start}, {window_end}), which does not follow it; compact serves cat(sink, window) only as one "
+            "window (a cache as long as the attention window, as LongLive's); compile with mode='select'")
+    return (0 if protected else window_start), window_end
+
+
+def _entered(s: state.Session, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor, q: torch.Tensor,
+             write_start: int, window: tuple[int, int]) -> CompactCache:
+    """The guard's entry of these buffers for a call that writes at ``write_start``; a call the keep rule leaves
+    dense (it needs the dense history) leaves the layer dense."""
+    entry = s.compact.enter(layer, cache_k, cache_v, q.device, write_start, serve=s.plan is not None)
+    if entry.store is not None and not _fits(s, q, window):
+        s.compact.leave_dense(layer, entry, f"a call of {q.shape[2]} query tokens over a window of "
+                              f"{window[1] - window[0]} tokens does not fit the plan's chunks (a short last chunk?): "
+                              "the keep rule leaves it dense, which needs the dense history")
+    return entry
+
+
+@torch.library.custom_op("fkv::staged_store_attention", mutates_args=())
+def staged_store_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    layer_key: torch.Tensor,
+    rolls: list[int],
+    write_start: int,
+    write_end: int,
+    window_start: int,
+    window_end: int,
+    protected: int,
+    session: int,
+    site: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``compact`` for a staged cache (LongLive v1): the graph made ``rolls`` (``dst, src, src_end`` triples) and the
+    write ``[write_start, write_end) = k_new`` on a clone of ``cache_k`` (and V), then attended over its window; the
+    pipeline makes the same roll and write on the buffers afterwards (``fkv::replay_write``, ``fkv::replay_roll``).
+    The store makes them here and the guard expects the pipeline's; the buffers are never written here. A layer
+    left dense reads a clone with the rolls and the write, as the graph did."""
+    s, layer = state.resolve(session, site, layer_key)
+    window, write = _served_window(site, layer, protected, window_start, window_end), (write_start, write_end)
+    triples = [(rolls[i], rolls[i + 1], rolls[i + 2] - rolls[i + 1]) for i in range(0, len(rolls), 3)]
+    entry = _entered(s, layer, cache_k, cache_v, q, write_start, window)
+    s.compact.expect(layer, entry, triples, write, k_new, v_new)
+    store = entry.store
+    if store is None or (store.chunk is None and triples):  # dense, or a store adopting a rolled history
+        staged = [c.clone() for c in (cache_k, cache_v)]
+        for dst, src, length in triples:
+            _roll(*staged, dst, src, length)
+    if store is None:
+        out = _select_over_cache(s, site, layer, q, k_new, v_new, *staged, write, window, 0, scale)
+    else:
+        for dst, src, length in triples if store.chunk is not None else ():
+            store.roll(dst, src, length)
+        history = staged if store.chunk is None and triples else (cache_k, cache_v)
+        out = _serve(s, site, layer, store, q, k_new, v_new, *history, write, window, scale, protected)
+    s.compact.wrote(layer, entry, cache_k, cache_v, write_start)
+    return out
+
+
+@staged_store_attention.register_fake
+def _(q, k_new, v_new, cache_k, cache_v, layer_key, rolls, write_start, write_end, window_start, window_end, protected,
+      session, site, scale=None):
+    return _fake_attention(q, v_new)
+
+
+@torch.library.custom_op("fkv::replay_write", mutates_args=())
+def replay_write(buffer: torch.Tensor, value: torch.Tensor, start: int, end: int, after: list[torch.Tensor],
+                 session: int) -> torch.Tensor:
+    """The pipeline's ``buffer[:, start:end] = value`` in a graph without attention (LongLive v1's write-back of a
+    staged cache): made, or, for a buffer compact released, checked against what the store made
+    (:meth:`fkv_compile.modes.guard.CompactCaches.replayed`). Returns a token; ``after``: the tokens of the steps on
+    the same buffer before it. No mutation is declared (the buffer may be released: see ``store_attention``)."""
+    def make() -> None:
+        buffer[:, start:end] = value
+
+    state.running_session(session).compact.replayed(buffer, write_step(start, end, value), make)
+    return buffer.new_empty(0)
+
+
+@torch.library.custom_op("fkv::replay_roll", mutates_args=())
+def replay_roll(buffer: torch.Tensor, dst: int, src: int, src_end: int, after: list[torch.Tensor],
+                session: int) -> torch.Tensor:
+    """The pipeline's ``buffer[:, dst:dst + n] = buffer[:, src:src_end].clone()`` in a graph without attention, as
+    :func:`replay_write`."""
+    length = src_end - src
+
+    def make() -> None:
+        buffer[:, dst : dst + length] = buffer[:, src:src_end].clone()
+
+    state.running_session(session).compact.replayed(buffer, roll_step(dst, src, length), make)
+    return buffer.new_empty(0)
+
+
+@replay_write.register_fake
+def _(buffer, value, start, end, after, session):
+    return buffer.new_empty(0)
+
+
+@replay_roll.register_fake
+def _(buffer, dst, src, src_end, after, session):
+    return buffer.new_empty(0)
 
 
 def _fits(s: state.Session, q: torch.Tensor, window: tuple[int, int]) -> bool:
@@ -341,13 +438,6 @@ def store_roll(
     """
     s, layer = state.resolve(session, site, layer_key)
     length = src_end - src
-    if s.deferred.graphs:  # LongLive's per-call clones (one store per layer): the store, once it exists
-        store = s.compact.unwatched_store(layer)
-        if store is not None:
-            store.roll(dst, src, length)
-        else:
-            _roll(cache_k, cache_v, dst, src, length)
-        return layer_key.new_empty(0)
     entry = s.compact.enter(layer, cache_k, cache_v, layer_key.device, serve=s.plan is not None)
     if entry.store is not None and entry.store.chunk is not None:
         entry.store.roll(dst, src, length)
@@ -421,11 +511,14 @@ def _(q, k_new, v_new, cache_k, cache_v, layer_key, start, session, site, scale=
     return _fake_attention(q, v_new), *grown
 
 
-for _op in (store_attention, store_grown_attention):
+for _op in (store_attention, staged_store_attention, store_grown_attention):
     _op.register_autograd(lambda ctx, *grads: None, setup_context=_no_autograd_in_compact)
 select_cache_attention.register_autograd(lambda ctx, *grads: None, setup_context=_no_autograd_over_own_writes)
 
 OPS["compact"] = torch.ops.fkv.store_attention.default
 GROWN_OP = torch.ops.fkv.store_grown_attention.default
 ROLL_OP = torch.ops.fkv.store_roll.default
+STAGED_OP = torch.ops.fkv.staged_store_attention.default
+REPLAY_WRITE_OP = torch.ops.fkv.replay_write.default
+REPLAY_ROLL_OP = torch.ops.fkv.replay_roll.default
 SELECT_CACHE_OP = torch.ops.fkv.select_cache_attention.default

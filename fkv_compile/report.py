@@ -70,7 +70,6 @@ class Report:
     memory: MemoryReport | None = None  # compact mode: KV bytes dense vs compact
     frames: tuple[FrameRecord, ...] = ()  # code objects compiled, in order of first compile
     calibration: str = ""  # compiled without a plan: the calibration's state, else empty
-    deferred: str = ""  # compact on LongLive's clone-and-defer caches: what became of the clones, else empty
     compact: str = ""  # compact: the pipeline's buffers released or kept, and the layers left dense with the reason
     shard: ShardRow | None = None  # head parallelism: this rank's share
     # select: calls that chose their kept ranges, that reused their chunk's, that needed none (all heads kept all)
@@ -92,8 +91,6 @@ class Report:
                  f"{len(self.sites)} attention calls"]
         if self.calibration:
             lines.append(f"calibration: {self.calibration}")
-        if self.deferred:
-            lines.append(f"deferred cache clones: {self.deferred}")
         if self.compact:
             lines.append(f"compact buffers: {self.compact}")
         if self.shard is not None:
@@ -261,7 +258,7 @@ def report(compiled: Any, *, print_table: bool = True, file: TextIO | None = Non
     memory = _memory(session) if session.compact.stores() else None
     result = Report(mode=session.config.mode, graphs=session.graphs, sites=tuple(session.sites), layers=rows, memory=memory,
                     frames=tuple(session.frames.values()), calibration=_calibration(session),
-                    deferred=session.deferred.summary(), compact=session.compact.summary(), shard=_shard(session),
+                    compact=session.compact.summary(), shard=_shard(session),
                     selections=(session.selections.chosen, session.selections.reused, session.selections.whole))
     if print_table:
         print(result.table(), file=file or sys.stdout)

@@ -121,9 +121,15 @@ MUTATIONS = (
              "                 (0, end), scale)",
              "                 (start, end), scale)",
              ("tests/test_patterns.py::test_compact_owns_a_cat_grown_cache_and_releases_the_grown_tensors[sdpa]",)),
-    Mutation("LongLive: claimed clones never prove the clone graph (it keeps cloning)", "modes/deferred.py",
-             "self.proven, record.pending = True, []", "record.pending = []",
-             ("tests/test_longlive.py::test_compact_serves_longlive_through_two_prompt_switches_from_the_store",)),
+    Mutation("LongLive: a write-back that differs from the staged clone's write is trusted", "modes/guard.py",
+             "if expected != step or not untouched:", "if not untouched:",
+             ("tests/test_longlive.py::test_watched_staged_buffers_are_released_from_the_second_video_and_a_foreign_"
+              "write_back_leaves_the_layer_dense",)),
+    Mutation("LongLive: the write-back of a staged cache is not made while its buffers are kept", "modes/guard.py",
+             "        if entry.keeps_dense():\n            make()\n        entry.mark = entry.mark.advanced",
+             "        entry.mark = entry.mark.advanced",
+             ("tests/test_longlive.py::test_watched_staged_buffers_are_released_from_the_second_video_and_a_foreign_"
+              "write_back_leaves_the_layer_dense",)),
     Mutation("LongLive: the store keeps no KV-recache reserve of the protected sink", "modes/store.py",
              "if not self.keep_protected or self.chunk[0] >= self.protected:", "if True:",
              ("tests/test_longlive.py::test_compact_serves_longlive_through_two_prompt_switches_from_the_store",)),

@@ -1,4 +1,5 @@
-"""``compact`` on LongLive v1: the clone-and-defer cache, the cat(sink, window) attention and the KV-recache."""
+"""``compact`` on LongLive v1: the staged cache (a clone rolled, written and attended over; the same roll and write
+made on the cache after all layers), the cat(sink, window) attention and the KV-recache."""
 
 import dataclasses
 
@@ -8,9 +9,7 @@ from rollouts import assert_calls_match_the_oracle_conclusively, mixed_plan, ora
 
 import fkv_compile
 from fkv_compile.models import MiniConfig, build, make_inputs, new_caches, rollout
-from fkv_compile.modes.deferred import DeferredClones
 from fkv_compile.modes.store import StoreError
-from fkv_compile.passes.deferred import elide_clones, erase_self_copies, find_deferred_clones
 from fkv_compile.tools.testing import assert_within_budget
 
 # LongLive v1 as run: 12-frame window with a 3-frame sink, unmerged LoRA on every Linear of a block
@@ -25,8 +24,9 @@ def _models():
 
 
 def _compact(model, **options):
-    return torch.compile(model, backend="forcing_kv",
-                         options={"plan": mixed_plan(LONGLIVE), "mode": "compact", "lowering": "aot_eager", **options})
+    # release="trust": the buffers go at the first call (watched, they go from the second video: tested below)
+    return torch.compile(model, backend="forcing_kv", options={"plan": mixed_plan(LONGLIVE), "mode": "compact",
+                                                               "lowering": "aot_eager", "release": "trust", **options})
 
 
 def test_compact_serves_longlive_through_two_prompt_switches_from_the_store():
@@ -42,8 +42,8 @@ def test_compact_serves_longlive_through_two_prompt_switches_from_the_store():
     assert all(fkv_compile.is_released(c[name]) for c in kv for name in ("k", "v"))
     rep = fkv_compile.report(compiled, print_table=False)
     assert {s.action for s in rep.sites if s.pattern != "-"} == {"compact"}
-    assert {s.pattern for s in rep.sites if s.pattern != "-"} == {"cat-window, sdpa (+writes)"}
-    assert rep.deferred.startswith("owned by the store") and " cloned in 1 of " in rep.deferred, rep.deferred
+    assert {s.pattern for s in rep.sites if s.pattern != "-"} == {"cat-window, sdpa"}  # written: the clone
+    assert rep.compact.startswith(f"{LONGLIVE.num_layers} of {LONGLIVE.num_layers} K/V buffer pairs released")
     memory = rep.memory
     assert memory.dense_bytes == LONGLIVE.num_layers * 2 * 12 * LONGLIVE.frame_tokens * LONGLIVE.dim * 4
     # the reserve holds the 2 sink frames the keep rule drops (K, V and positions), per static and dynamic head
@@ -89,67 +89,59 @@ def test_compact_on_longlive_keeps_the_right_tokens_call_by_call_through_two_rec
 
 
 def test_compact_on_longlive_under_inductor_through_a_prompt_switch():
-    # Inductor lowers the clone's graph twice too, and the variant that returns its input must return the cache
+    # Inductor: the write-back graph's replay ops stay live and in order through their tokens
     model, twin = _models()
     inputs = make_inputs(LONGLIVE, chunks=3, seed=0, switch_at=(2,))
     reference, budget = oracle_reference(twin, TWIN, inputs, mixed_plan(TWIN))
-    compiled = torch.compile(model, backend="forcing_kv", options={"plan": mixed_plan(LONGLIVE), "mode": "compact"})
+    compiled = torch.compile(model, backend="forcing_kv", options={"plan": mixed_plan(LONGLIVE), "mode": "compact",
+                                                                   "release": "trust"})
     kv, cross = new_caches(LONGLIVE, batch=1, dtype=torch.float32)
     assert_within_budget(rollout(compiled, LONGLIVE, inputs, caches=(kv, cross)), reference, budget,
                          "compact under Inductor, LongLive + a KV-recache")
     assert all(fkv_compile.is_released(c[name]) for c in kv for name in ("k", "v"))
-    assert fkv_compile.report(compiled, print_table=False).deferred.startswith("owned by the store")
 
 
-# -- the pieces ------------------------------------------------------------------------------------------------
+# -- the guard of a staged cache ----------------------------------------------------------------------------
 
-def _graph(fn, *args) -> torch.fx.GraphModule:
-    captured = []
-
-    def backend(gm, example_inputs):
-        captured.append(gm)
-        return gm.forward
-
+def test_watched_staged_buffers_are_released_from_the_second_video_and_a_foreign_write_back_leaves_the_layer_dense():
+    model, twin = _models()
+    plan = mixed_plan(LONGLIVE)
+    compiled = torch.compile(model, backend="forcing_kv",
+                             options={"plan": plan, "mode": "compact", "lowering": "aot_eager"})
+    with torch._dynamo.config.patch(recompile_limit=16):
+        for seed, released in ((0, False), (1, True)):  # watched over a whole video, released at the next one
+            inputs = make_inputs(LONGLIVE, chunks=6, seed=seed)
+            reference, budget = oracle_reference(twin, TWIN, inputs, plan)
+            kv, cross = new_caches(LONGLIVE, batch=1, dtype=torch.float32)
+            assert_within_budget(rollout(compiled, LONGLIVE, inputs, caches=(kv, cross)), reference, budget,
+                                 f"compact on LongLive, watched, video {seed}")
+            assert all(fkv_compile.is_released(c[n]) == released for c in kv for n in ("k", "v"))
+    assert fkv_compile.report(compiled, print_table=False).graphs > 0
+    # a pipeline whose write-back writes something else than its graph wrote on the clone: dense, still right
     torch._dynamo.reset()
-    torch.compile(fn, backend=backend)(*args)
-    return captured[0]
+    import fkv_compile.models.self_forcing as sf
 
+    original = sf.apply_deferred_cache_updates
 
-def test_only_clones_of_cache_inputs_that_the_graph_returns_are_deferred():
-    cache, x = torch.randn(1, 6, 2, 4), torch.randn(1, 6, 2, 4)
-    gm = _graph(lambda c, y: (c.clone(), y * 2), cache, x)
-    (clone,) = find_deferred_clones(gm)
-    assert clone.output == 0 and clone.source.op == "placeholder"
-    elided = elide_clones(gm, [clone])
-    out, _ = elided(cache, x)
-    assert out is cache and gm(cache, x)[0] is not cache  # the original graph is left as it was
-    assert not find_deferred_clones(_graph(lambda c: (c.clone(), c + 1), cache))  # the input is read too
-    assert not find_deferred_clones(_graph(lambda c: c.clone().mul_(2), cache))  # the clone is used in the graph
-    assert not find_deferred_clones(_graph(lambda c: c.clone(), torch.randn(6, 4)))  # not laid out like a cache
+    def doubled(kv_caches):
+        for cache in kv_caches:
+            roll, start, end, new_k, new_v, current = cache["deferred"]
+            cache["deferred"] = (roll, start, end, new_k * 2, new_v * 2, current)
+        original(kv_caches)
 
-
-def test_a_self_copy_is_erased_and_nothing_else():
-    def write_back(x, y):
-        x.copy_(x)
-        y.copy_(x)
-
-    gm = _graph(write_back, torch.randn(3), torch.randn(3))
-    assert erase_self_copies(gm) == 1
-    x, y = (n for n in gm.graph.nodes if n.op == "placeholder")
-    assert [n.args for n in gm.graph.nodes if n.target == "copy_"] == [(y, x)]
-
-
-def test_clones_are_kept_until_a_store_claims_them():
-    deferred = DeferredClones()
-    cache = torch.randn(1, 6, 2, 4)
-    run = deferred.dispatch(0, ["c"], [0], lambda c: (c.clone(),), lambda c: (c,))
-    (first,) = run(cache)
-    assert first is not cache and torch.equal(first, cache)
-    assert not deferred.claim(torch.randn(1, 6, 2, 4), torch.randn(1, 6, 2, 4))  # not what the graph returned
-    (second,) = run(cache)
-    assert second is not cache  # still unproven: a graph whose clones no store claims keeps cloning
-    assert deferred.claim(second, second) and run(cache)[0] is cache
-    assert "cloned in 2 of 3 calls" in deferred.summary()
+    sf.apply_deferred_cache_updates = doubled
+    try:
+        other = torch.compile(model, backend="forcing_kv",
+                              options={"plan": plan, "mode": "compact", "lowering": "aot_eager"})
+        inputs = make_inputs(LONGLIVE, chunks=6, seed=0)
+        expected = rollout(model, LONGLIVE, inputs)  # eager, dense: the pipeline as written
+        with torch._dynamo.config.patch(recompile_limit=16):
+            got = rollout(other, LONGLIVE, inputs)
+    finally:
+        sf.apply_deferred_cache_updates = original
+    assert max(float((a - b).abs().max()) for a, b in zip(got, expected)) > 0  # compression still changes it
+    rep = fkv_compile.report(other, print_table=False)
+    assert "keeps its dense K/V buffers" in rep.compact and "not the roll or write" in rep.compact, rep.compact
 
 
 def test_a_compiled_function_returning_a_clone_still_returns_a_copy_in_compact():

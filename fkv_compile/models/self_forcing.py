@@ -283,36 +283,36 @@ class CausalSelfAttention(nn.Module):
             out = attend(roped_q, kv_cache["k"][:, :current_end], kv_cache["v"][:, :current_end], self.attention)
             return self._project(out)
         sink_tokens = self.sink_size * frame_tokens
-        # LongLive v1 works on clones and leaves the real cache to apply_deferred_cache_updates
-        keys, values = (kv_cache[n].clone() for n in ("k", "v")) if self.defer else (kv_cache["k"], kv_cache["v"])
+        keys, values = kv_cache["k"], kv_cache["v"]
         cache_size = keys.shape[1]
         global_end = _read_index(kv_cache, "global_end_index")
         local_end_prev = _read_index(kv_cache, "local_end_index")
+        roll = None
         if self.sink_size and current_end > global_end and s + local_end_prev > cache_size:
             # evict the oldest non-sink tokens: roll the history left, keep the sink in place
             evicted = s + local_end_prev - cache_size
-            rolled = local_end_prev - evicted - sink_tokens
-            src = slice(sink_tokens + evicted, sink_tokens + evicted + rolled)
-            keys[:, sink_tokens : sink_tokens + rolled] = keys[:, src].clone()
-            values[:, sink_tokens : sink_tokens + rolled] = values[:, src].clone()
+            roll = (sink_tokens, sink_tokens + evicted, local_end_prev - evicted - sink_tokens)  # dst, src, length
             local_end = local_end_prev + current_end - global_end - evicted
         else:
             local_end = local_end_prev + current_end - global_end
+        if self.defer:  # LongLive v1 rolls and writes a clone, and repeats both on the cache after all layers
+            keys, values = keys.clone(), values.clone()
+        if roll is not None:
+            dst, src, length = roll
+            keys[:, dst : dst + length] = keys[:, src : src + length].clone()
+            values[:, dst : dst + length] = values[:, src : src + length].clone()
         local_start = local_end - s
         stored_k = k if self.rerotate else roped_k
-        if kv_cache.get("recache") and local_start < sink_tokens:
-            # LongLive's KV-recache after a prompt switch re-runs the window but leaves the sink as it was
-            kept = min(sink_tokens, local_end) - local_start
-            keys[:, local_start + kept : local_end] = stored_k[:, kept:]
-            values[:, local_start + kept : local_end] = v[:, kept:]
-        else:
-            keys[:, local_start:local_end] = stored_k
-            values[:, local_start:local_end] = v
+        # LongLive's KV-recache after a prompt switch re-runs the window but leaves the sink as it was
+        write_start = max(local_start, min(sink_tokens, local_end)) if kv_cache.get("recache") else local_start
+        new_k, new_v = stored_k[:, write_start - local_start :], v[:, write_start - local_start :]
+        keys[:, write_start:local_end] = new_k
+        values[:, write_start:local_end] = new_v
         if self.defer:  # the sink, then the window after it: adjacent slices, concatenated
             start = max(sink_tokens, local_end - (self.max_attention_tokens - sink_tokens))
             k_w = torch.cat([keys[:, :sink_tokens], keys[:, start:local_end]], dim=1)
             v_w = torch.cat([values[:, :sink_tokens], values[:, start:local_end]], dim=1)
-            kv_cache["deferred"] = (keys, values, current_end, local_end)
+            kv_cache["deferred"] = (roll, write_start, local_end, new_k, new_v, current_end)
             return self._project(attend(roped_q, k_w, v_w, self.attention))
         window = slice(max(0, local_end - self.max_attention_tokens), local_end)
         if self.rerotate:  # positions relative to the window: every cached key is rotated anew at every call
@@ -358,12 +358,15 @@ class CausalSelfAttention(nn.Module):
 
 
 def apply_deferred_cache_updates(kv_caches: list[KVCache]) -> None:
-    """LongLive v1: after all layers ran, write each layer's updated keys/values and indices into its cache."""
+    """LongLive v1: after all layers ran, each layer's roll and write again, now on its cache, and its indices."""
     for cache in kv_caches:
-        keys, values, global_end, local_end = cache.pop("deferred")
-        cache["k"].copy_(keys)
-        cache["v"].copy_(values)
-        write_index(cache, "global_end_index", global_end)
+        roll, write_start, local_end, new_k, new_v, current_end = cache.pop("deferred")
+        for buffer, new in ((cache["k"], new_k), (cache["v"], new_v)):
+            if roll is not None:
+                dst, src, length = roll
+                buffer[:, dst : dst + length] = buffer[:, src : src + length].clone()
+            buffer[:, write_start:local_end] = new
+        write_index(cache, "global_end_index", current_end)
         write_index(cache, "local_end_index", local_end)
 
 

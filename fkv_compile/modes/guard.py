@@ -16,21 +16,27 @@ zeroes them between videos, or that serves two videos in turns. So at run time, 
   dense history) make the layer keep its dense buffers from then on and run ``select`` over them, with the reason
   in the report. A store never serves a history it did not see written.
 
-Caches the store cannot watch this way (LongLive's per-call clones, caches grown by concatenation) are served by
-one store per layer, released at once, as the pass's proof for those patterns allows (:meth:`CompactCaches.unwatched`).
+A staged cache (LongLive v1: the graph rolls and writes a clone, the pipeline repeats both on its buffers after all
+layers, in another graph) is served by the store at the attention, and the pipeline's later roll and write are
+checked against what the store did (:meth:`CompactCaches.expect`, :meth:`CompactCaches.replayed`): the same bounds
+and the very tensor the store was given, into buffers nothing else wrote since. Only such a replay keeps the layer's
+buffers watched; anything else leaves it dense, as any other write does.
+
+Caches the store cannot watch this way (caches grown by concatenation, new tensors at every call) are served by one
+store per layer, released at once, as the pass's proof for that pattern allows (:meth:`CompactCaches.unwatched`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .store import LayerStore, StoreError
 from .watch import CacheMark, Touch
 
-__all__ = ["CompactCache", "CompactCaches"]
+__all__ = ["CompactCache", "CompactCaches", "roll_step", "write_step"]
 
 
 def _nbytes(cache_k: torch.Tensor, cache_v: torch.Tensor) -> int:
@@ -43,6 +49,19 @@ def _free(cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
     cache_v.untyped_storage().resize_(0)
 
 
+Step = tuple  # ("roll", dst, src, length) or ("write", start, end, the written tensor's identity)
+
+
+def roll_step(dst: int, src: int, length: int) -> Step:
+    return ("roll", dst, src, length)
+
+
+def write_step(start: int, end: int, value: torch.Tensor) -> Step:
+    """A write of ``value``: its bounds and the tensor itself (storage, offset, shape, strides, version)."""
+    return ("write", start, end, value.untyped_storage()._cdata, value.storage_offset(), tuple(value.shape),
+            value.stride(), value._version if not value.is_inference() else None)
+
+
 @dataclass
 class CompactCache:
     """One pair of the pipeline's K/V buffers of one layer and the store that stands for it (``None``: the buffers
@@ -52,6 +71,7 @@ class CompactCache:
     mark: CacheMark
     dense_bytes: int
     released: bool = False
+    expected: tuple[list[Step], list[Step]] = field(default_factory=lambda: ([], []))  # staged: K's, V's replays
 
     def keeps_dense(self) -> bool:
         """Whether the pipeline's buffers still hold the dense cache (the ops write them)."""
@@ -118,6 +138,49 @@ class CompactCaches:
             entry.released = True
             self.pairs_released += 1
         entry.mark = CacheMark.of(cache_k, cache_v)
+
+    # -- staged caches: the pipeline's own roll and write come later --------------------------------
+    def expect(self, layer: int, entry: CompactCache, rolls: list[tuple[int, int, int]], write: tuple[int, int],
+               k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """A staged op made ``rolls`` (dst, src, length) and the write of ``k_new``/``v_new`` at ``write`` on the
+        store: the pipeline is to make them on its buffers next. Steps still expected from the last call were
+        never made there."""
+        if any(entry.expected) and layer not in self.dense:
+            self.leave_dense(layer, entry, "the pipeline did not repeat on its K/V buffers the roll and write its "
+                             "graph made on a clone of them (a staged cache whose write-back was skipped)")
+        entry.expected = tuple([*(roll_step(*r) for r in rolls), write_step(*write, new)] for new in (k_new, v_new))
+
+    def replayed(self, buffer: torch.Tensor, step: Step, make: Callable[[], None]) -> None:
+        """The pipeline's roll or write ``step`` of ``buffer``: a staged layer's expected next step, into buffers
+        nothing else wrote since, is made on the buffers only while they are kept; anything else is made, and
+        leaves that layer dense (an error once its buffers are released)."""
+        found = self._owner_of(buffer)
+        if found is None or found[0] in self.dense:
+            make()
+            return
+        layer, entry, slot = found
+        expected = entry.expected[slot].pop(0) if entry.expected[slot] else None
+        untouched = entry.mark.versions is not None and buffer._version == entry.mark.versions[slot]
+        if expected != step or not untouched:
+            entry.expected = ([], [])
+            self.leave_dense(layer, entry, f"its {'KV'[slot]} buffer was written by the pipeline with "
+                             f"{step[:3]}, not the roll or write its graph made on the staged clone "
+                             f"({expected[:3] if expected else 'none expected'})"
+                             + ("" if untouched else ", after something else wrote it"))
+            make()
+            return
+        if entry.keeps_dense():
+            make()
+        entry.mark = entry.mark.advanced(slot, buffer)
+
+    def _owner_of(self, buffer: torch.Tensor) -> tuple[int, CompactCache, int] | None:
+        """The layer, entry and slot (0: K, 1: V) whose watched buffers ``buffer`` is one of."""
+        storage = buffer.untyped_storage()._cdata
+        for layer, entries in self._caches.items():
+            for entry in entries:
+                if storage in entry.mark.storages and entry.mark.owner() is not None:
+                    return layer, entry, entry.mark.storages.index(storage)
+        return None
 
     def hold(self, reason: str) -> None:
         """Release no buffer from now on: code outside the rewritten graphs (eager fallbacks) reads and writes them."""

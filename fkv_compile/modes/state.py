@@ -30,7 +30,6 @@ import torch
 from ..config import Choice, Config, OptionsError
 from ..plan import HeadPlan, PlanError
 from .calibration import Calibrator, Geometry
-from .deferred import DeferredClones
 from .dispatch import Kernels, kernels_for
 from .guard import CompactCaches
 from .select import SelectionMemo
@@ -112,7 +111,7 @@ class Session:
         self.profile_records: list = []  # fkv_compile.modes.profile.MassRecord, in call order (mode "profile")
         self.compact = CompactCaches(self._new_store, trust=config.release == "trust")  # mode "compact"
         self.selections = SelectionMemo()  # mode "select" (and compact's dense layers): ranges chosen once per chunk
-        self.deferred = DeferredClones()  # LongLive's clone-and-defer caches (mode "compact")
+        self.staged = False  # a compact site on a staged cache was compiled: write-back graphs get replay ops
         self.owned = False  # by a compiled module (else by the compiled functions)
         self._bindings: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
@@ -142,7 +141,7 @@ class Session:
         run-time state of its own (layers, stores, selections, its own calibration)."""
         other = Session(next(_IDS), self.options, self.config)
         other.sites, other.frames, other.graphs, other.shard = self.sites, self.frames, self.graphs, self.shard
-        other.deferred = self.deferred  # the proof that picks which lowering of a clone-returning graph runs
+        other.staged = self.staged
         if self.calibrator is None:
             other.plan, other.num_layers = self.plan, self.num_layers
         else:

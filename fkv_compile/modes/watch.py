@@ -16,6 +16,7 @@ storage it is, so that a freed buffer's address taken by a new allocation is nev
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 
@@ -71,6 +72,13 @@ class CacheMark:
     def describes(self, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Whether ``k``, ``v`` are the marked buffers (or views of them), still alive."""
         return self.owner() is not None and self.storages == (_storage_id(k), _storage_id(v))
+
+    def advanced(self, slot: int, buffer: torch.Tensor) -> CacheMark:
+        """This mark after a write the guard allowed into one of the buffers (``slot`` 0: K, 1: V)."""
+        if self.versions is None:
+            return self
+        versions = (buffer._version, self.versions[1]) if slot == 0 else (self.versions[0], buffer._version)
+        return dataclasses.replace(self, versions=versions)
 
     def compare(self, k: torch.Tensor, v: torch.Tensor) -> Touch:
         if not self.describes(k, v):

@@ -38,13 +38,13 @@ from ..modes.store import compact_unsupported
 from ..plan import PlanError
 from .attention import AttentionSite, CachePattern, Declined, find_attention_sites
 from .compact import CacheAccesses, GrownAccesses, match_compact, match_grown
-from .deferred import DeferredClone, elide_clones, erase_self_copies, find_deferred_clones
 from .frames import compiled_variants, current_frame, recompile_limit
 from .geometry import traced_patch_geometry, watch_patch_embeddings
+from .replay import dropping_outputs, rewrite_replays
 from .rewrite import lint_and_recompile, rewrite_compact, rewrite_grown, rewrite_select_cache, rewrite_site
 
 __all__ = ["SiteError", "RecompileLimitWarning", "PlanNeverAppliesWarning", "GeometryError", "run_passes", "AttentionSite", "Declined",
-           "find_attention_sites", "DeferredClone", "elide_clones"]
+           "find_attention_sites", "dropping_outputs"]
 
 log = logging.getLogger("fkv_compile")
 
@@ -212,6 +212,7 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, session: Session, graph_id
         if isinstance(accesses, CacheAccesses):
             rewrite_compact(gm, site, accesses, session=session.id, site_id=record.site)
             record.action = SiteAction.COMPACT
+            session.staged |= accesses.staged is not None
         elif isinstance(accesses, GrownAccesses):
             rewrite_grown(gm, site, accesses, session=session.id, site_id=record.site)
             record.action = SiteAction.COMPACT
@@ -289,10 +290,11 @@ def _start_calibration(session: Session, traced: list[Geometry], sites: list[Att
         session.calibrator.geometry = geometry
 
 
-def run_passes(gm: fx.GraphModule, session: Session, model: nn.Module | None = None) -> list[DeferredClone]:
+def run_passes(gm: fx.GraphModule, session: Session, model: nn.Module | None = None) -> int:
     """Find the attention sites of ``gm``, record them in ``session``, and rewrite them per its mode. ``model``:
-    the module being compiled (its patch embedding tells a plan-less model's geometry). Returns, in ``compact``,
-    the deferred clones the graph returns (LongLive v1, :mod:`.deferred`): the backend lowers it twice."""
+    the module being compiled (its patch embedding tells a plan-less model's geometry). In ``compact``, after a
+    staged site, the write-backs of a graph without sites become replay ops (:mod:`.replay`); returns the number
+    of their tokens added to the graph's outputs (:func:`dropping_outputs` hides them again)."""
     graph_id = session.graphs
     session.graphs += 1
     _count_compile(gm, session, graph_id)
@@ -312,8 +314,7 @@ def run_passes(gm: fx.GraphModule, session: Session, model: nn.Module | None = N
     _record_declined(declined, session, graph_id)
     for site in sites:
         _rewrite(gm, site, session, graph_id)
-    erased = erase_self_copies(gm) if session.config.mode == "compact" else 0
-    session.deferred.write_backs_erased += erased
-    if (sites and session.config.mode != "off") or erased:
+    replays = rewrite_replays(gm, session.id) if session.staged and not sites else 0
+    if (sites and session.config.mode != "off") or replays:
         lint_and_recompile(gm)
-    return find_deferred_clones(gm) if session.config.mode == "compact" else []
+    return replays

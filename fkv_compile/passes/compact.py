@@ -13,6 +13,11 @@ Accepted accesses of the K and V cache inputs of one graph (Self Forcing's code 
 Anything else leaves the site to ``select`` with the reason in the report. The write is moved to
 the attention (one fused op): legal because nothing but the rewritten ops touches the caches.
 
+A *staged* cache (LongLive v1's real code) is the same accesses made on ``clone(cache)``, the cache input used by
+nothing but that clone: the graph rolls and writes a copy of the cache and attends over it, and the pipeline
+repeats the roll and the write on the cache itself after all layers, in a later graph
+(:mod:`fkv_compile.passes.replay`). The store makes them at the attention; the later ones are checked against it.
+
 A cache grown by concatenation (:func:`match_grown`) is accepted when the cache input is only read
 as the history ``cache[:, :start]`` of ``cat([history, new], 1)`` and the concatenation only feeds
 the site's attention and the graph's outputs (the grown tensor the pipeline keeps as its next cache).
@@ -23,11 +28,13 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from .attention import AttentionSite, CachePattern, CacheWindow, cat_operands, is_view_like, sliced_dim
 
-__all__ = ["CacheAccesses", "GrownAccesses", "RollPair", "match_compact", "match_grown"]
+__all__ = ["CacheAccesses", "GrownAccesses", "RollPair", "is_clone", "match_compact", "match_grown", "roll_source",
+           "slice_of"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class CacheAccesses:
     window: tuple[object, object]
     rolls: tuple[RollPair, ...]
     protected: object = 0  # end of the sink read in front of the window (cat-window), else 0
+    staged: tuple[fx.Node, fx.Node] | None = None  # the clones of K and V the graph works on, if staged
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,8 @@ class GrownAccesses:
     start: object  # int, SymInt node, or None: the whole cache input is the history
 
 
-def _slice_of(index: object) -> slice | None:
+def slice_of(index: object) -> slice | None:
+    """The slice of an index that slices dim 1 only (``x[:, a:b]``), else ``None``."""
     dim = sliced_dim(index)
     if dim != 1:
         return None
@@ -72,13 +81,20 @@ def _is_setitem(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is operator.setitem
 
 
-def _roll_source(value: object, cache: fx.Node) -> slice | None:
+def is_clone(node: object) -> bool:
+    """``x.clone()`` or ``torch.clone(x)``, with no other argument."""
+    return isinstance(node, fx.Node) and not node.kwargs and len(node.args) == 1 and (
+        (node.op == "call_method" and node.target == "clone")
+        or (node.op == "call_function" and node.target is torch.clone))
+
+
+def roll_source(value: object, cache: fx.Node) -> slice | None:
     """``cache[:, a:b].clone()`` (or without the clone): the source slice of a roll."""
-    if isinstance(value, fx.Node) and value.op == "call_method" and value.target == "clone":
+    if is_clone(value):
         value = value.args[0]
     if isinstance(value, fx.Node) and value.op == "call_function" and value.target is operator.getitem:
         if value.args[0] is cache:
-            return _slice_of(value.args[1])
+            return slice_of(value.args[1])
     return None
 
 
@@ -91,7 +107,7 @@ def _feeds_only_rolls(read: fx.Node, cache: fx.Node) -> bool:
     for user in read.users:
         if _is_roll_of(user, cache, read):
             continue
-        if user.op == "call_method" and user.target == "clone" and all(_is_roll_of(w, cache, user) for w in user.users):
+        if is_clone(user) and all(_is_roll_of(w, cache, user) for w in user.users):
             continue
         return False
     return True
@@ -103,10 +119,10 @@ def _classify(cache: fx.Node, reads: tuple[fx.Node, ...]) -> tuple[list[fx.Node]
         if user in reads:
             continue
         if _is_setitem(user) and user.args[0] is cache:
-            dst = _slice_of(user.args[1])
+            dst = slice_of(user.args[1])
             if dst is None:
                 return f"cache write with an index the store does not support: {user.args[1]!r}"
-            src = _roll_source(user.args[2], cache)
+            src = roll_source(user.args[2], cache)
             if src is not None:
                 rolls.append((user, dst, src))
             else:
@@ -140,17 +156,20 @@ def _before(a: fx.Node, b: fx.Node) -> bool:
     return False
 
 
-def _window_reads(window: CacheWindow) -> tuple[fx.Node, ...] | str:
-    """The getitems of ``window.cache`` its read consists of: the window slice, or the sink and window
-    slices a cat-window concatenates (each used by the concatenation only)."""
-    if window.pattern is not CachePattern.CAT_WINDOW:
-        return (window.read,)
-    parts, _ = cat_operands(window.read)
+def _window_reads(window: CacheWindow) -> tuple[fx.Node, tuple[fx.Node, ...]] | str:
+    """The tensor the window is read from (the cache input, or its staged clone) and the getitems of it the read
+    consists of: the window slice, or the sink and window slices a cat-window concatenates (each used by the
+    concatenation only)."""
+    parts = cat_operands(window.read)[0] if window.pattern is CachePattern.CAT_WINDOW else (window.read,)
+    base = parts[0].args[0] if parts[0].op == "call_function" and parts[0].target is operator.getitem else None
+    staged = is_clone(base) and base.args[0] is window.cache and set(window.cache.users) == {base}
+    if base is not window.cache and not staged:
+        return "NYI: compact for a window whose slices are not read straight from the cache or its clone"
     for part in parts:
-        if not (part.op == "call_function" and part.target is operator.getitem and part.args[0] is window.cache
-                and len(part.users) == 1):
+        if not (part.op == "call_function" and part.target is operator.getitem and part.args[0] is base
+                and (len(part.users) == 1 or window.pattern is not CachePattern.CAT_WINDOW)):
             return "NYI: compact for a cat-window whose slices are not read straight from the cache"
-    return tuple(parts)
+    return base, tuple(parts)
 
 
 def match_compact(site: AttentionSite) -> CacheAccesses | str:
@@ -162,8 +181,11 @@ def match_compact(site: AttentionSite) -> CacheAccesses | str:
     for r in reads:
         if isinstance(r, str):
             return r
-    k_reads, v_reads = reads
-    found = [_classify(site.k_window.cache, k_reads), _classify(site.v_window.cache, v_reads)]
+    (k_base, k_reads), (v_base, v_reads) = reads
+    staged = (k_base, v_base) if k_base is not site.k_window.cache else None
+    if (staged is None) != (v_base is site.v_window.cache):
+        return "K is staged in a clone and V is not (or the reverse)"
+    found = [_classify(k_base, k_reads), _classify(v_base, v_reads)]
     for f in found:
         if isinstance(f, str):
             return f
@@ -171,7 +193,7 @@ def match_compact(site: AttentionSite) -> CacheAccesses | str:
     if len(k_writes) != 1 or len(v_writes) != 1:
         return f"compact needs exactly one write of K and V in the graph, got {len(k_writes)} and {len(v_writes)}"
     wk, wv = k_writes[0], v_writes[0]
-    if not _same(_slice_of(wk.args[1]), _slice_of(wv.args[1])):
+    if not _same(slice_of(wk.args[1]), slice_of(wv.args[1])):
         return "K and V are written at different positions"
     if not (_before(wk, site.node) and _before(wv, site.node)):
         return "NYI: the cache is written after the attention reads it"
@@ -183,7 +205,7 @@ def match_compact(site: AttentionSite) -> CacheAccesses | str:
             node = next(iter(node.users))
         if not node.users or any(user not in (site.node, *site.internal) for user in node.users):
             return "the window read has uses besides the attention"
-    windows = [tuple(_slice_of(r.args[1]) for r in rs) for rs in (k_reads, v_reads)]
+    windows = [tuple(slice_of(r.args[1]) for r in rs) for rs in (k_reads, v_reads)]
     if any(w is None for w in windows[0]) or not all(_same(a, b) for a, b in zip(*windows)):
         return "K and V windows differ"
     window = windows[0][-1]
@@ -195,13 +217,13 @@ def match_compact(site: AttentionSite) -> CacheAccesses | str:
         if sink.start not in (None, 0) or sink.stop is None:
             return f"NYI: a cat-window whose first part is not the cache's first tokens: {sink!r}"
         protected = sink.stop
-    write = _slice_of(wk.args[1])
+    write = slice_of(wk.args[1])
     rolls = tuple(
         RollPair(setitems=(rk[0], rv[0]), dst=rk[1].start, src=rk[2].start, src_end=rk[2].stop)
         for rk, rv in zip(k_rolls, v_rolls)
     )
     return CacheAccesses(writes=(wk, wv), k_new=wk.args[2], v_new=wv.args[2], start=write.start or 0, end=write.stop,
-                         window=(window.start or 0, window.stop), rolls=rolls, protected=protected)
+                         window=(window.start or 0, window.stop), rolls=rolls, protected=protected, staged=staged)
 
 
 def _feeds_only(node: fx.Node, site: AttentionSite) -> bool:
@@ -223,7 +245,7 @@ def _grown_part(cat: fx.Node, cache: fx.Node, site: AttentionSite) -> tuple[fx.N
     if history is cache:
         start = None
     elif history.op == "call_function" and history.target is operator.getitem and history.args[0] is cache:
-        window = _slice_of(history.args[1])
+        window = slice_of(history.args[1])
         if window is None or window.start not in (None, 0):
             return f"the grown cache's history is not its first tokens: {history.args[1]!r}"
         start = window.stop

@@ -9,7 +9,7 @@ from typing import Any
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..ops import GROWN_OP, OPS, ROLL_OP, SELECT_CACHE_OP
+from ..ops import GROWN_OP, OPS, ROLL_OP, SELECT_CACHE_OP, STAGED_OP
 from .attention import AttentionSite
 from .compact import CacheAccesses, GrownAccesses
 
@@ -100,9 +100,24 @@ def _erase_dead_chain(gm: fx.GraphModule, node: object) -> None:
 
 
 def rewrite_compact(gm: fx.GraphModule, site: AttentionSite, acc: CacheAccesses, *, session: int, site_id: int) -> None:
-    """Replace the site's rolls, write and attention by ``fkv::store_roll`` and ``fkv::store_attention``."""
-    tokens = _rewrite_rolls(gm, site, acc, session, site_id)
-    _rewrite_write_and_attention(gm, site, acc, OPS["compact"], (tokens,), session, site_id)
+    """Replace the site's rolls, write and attention by ``fkv::store_roll`` and ``fkv::store_attention`` (a staged
+    cache: all of them, on the clones, by one ``fkv::staged_store_attention``, and the clones go)."""
+    if acc.staged is None:
+        tokens = _rewrite_rolls(gm, site, acc, session, site_id)
+        _rewrite_write_and_attention(gm, site, acc, OPS["compact"], (tokens,), session, site_id)
+    else:
+        rolls = [bound for roll in acc.rolls for bound in (roll.dst, roll.src, roll.src_end)]
+        for roll in acc.rolls:
+            for setitem in roll.setitems:
+                source = setitem.args[2]
+                gm.graph.erase_node(setitem)
+                _erase_dead_chain(gm, source)
+        _rewrite_write_and_attention(gm, site, acc, STAGED_OP, (rolls,), session, site_id)
+        for clone in acc.staged:
+            for user in list(clone.users):  # the window reads, dead now
+                if not user.users:
+                    gm.graph.erase_node(user)
+            _erase_dead_chain(gm, clone)
     counters["fkv_compile"]["compact_attention"] += 1
 
 
