@@ -23,7 +23,7 @@ Each compressed rollout is set against its Amdahl limit: the dense run's attenti
 kept fraction of key tokens over the video (:func:`kept_fraction`), everything else unchanged; the
 row shows the share of that possible saving it realises.
 
-At ``longlive-window`` the miniature runs LongLive v1's clone-and-defer cache, and the time of the
+At ``longlive-window`` the miniature runs LongLive v1's staged cache, and the time of the
 per-layer clones of one chunk (which ``compact`` removes) is measured on its own.
 
 Geometries are real sizes scaled by ``side`` (latent height and width divided by it; tokens per
@@ -83,7 +83,7 @@ class BenchGeometry:
 GEOMETRIES = {
     "self-forcing-5s": BenchGeometry((60, 104), None, 3, 7, "Self Forcing 480p, 5 s = 21 latent frames, global"),
     "longlive-window": BenchGeometry((60, 104), 12, 3, 10, "LongLive v1 480p, 12-frame window with a 3-frame sink, "
-                                     "clone-and-defer cache", "longlive"),
+                                     "staged cache", "longlive"),
     "1080p": BenchGeometry((136, 240), None, 3, 7, "1080p-like (8160 tokens per frame), 21 frames, global"),
     "tiny": BenchGeometry((8, 12), 12, 3, 5, "a test geometry (24 tokens per frame)"),
 }
