@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from .attention import AttentionSite, CachePattern, CacheWindow, cat_operands, is_view_like, sliced_dim
 
-__all__ = ["CacheAccesses", "GrownAccesses", "RollPair", "is_clone", "match_compact", "match_grown", "roll_source",
+__all__ = ["CacheAccesses", "GrownAccesses", "RollPair", "classify_accesses", "is_clone", "match_compact", "match_grown", "roll_source",
            "slice_of"]
 
 
@@ -113,7 +113,7 @@ def _feeds_only_rolls(read: fx.Node, cache: fx.Node) -> bool:
     return True
 
 
-def _classify(cache: fx.Node, reads: tuple[fx.Node, ...]) -> tuple[list[fx.Node], list[tuple[fx.Node, slice, slice]]] | str:
+def classify_accesses(cache: fx.Node, reads: tuple[fx.Node, ...]) -> tuple[list[fx.Node], list[tuple[fx.Node, slice, slice]]] | str:
     writes, rolls = [], []
     for user in cache.users:
         if user in reads:
@@ -185,7 +185,7 @@ def match_compact(site: AttentionSite) -> CacheAccesses | str:
     staged = (k_base, v_base) if k_base is not site.k_window.cache else None
     if (staged is None) != (v_base is site.v_window.cache):
         return "K is staged in a clone and V is not (or the reverse)"
-    found = [_classify(k_base, k_reads), _classify(v_base, v_reads)]
+    found = [classify_accesses(k_base, k_reads), classify_accesses(v_base, v_reads)]
     for f in found:
         if isinstance(f, str):
             return f

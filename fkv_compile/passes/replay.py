@@ -17,7 +17,6 @@ and :func:`dropping_outputs` hides them from dynamo.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -25,44 +24,25 @@ import torch
 import torch.fx as fx
 
 from ..ops import REPLAY_ROLL_OP, REPLAY_WRITE_OP
-from .compact import is_clone, roll_source, slice_of
+from .compact import classify_accesses, slice_of
+from .rewrite import erase_dead_chain, with_example
 
 __all__ = ["rewrite_replays", "dropping_outputs"]
-
-
-def _is_setitem_into(node: fx.Node, buffer: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is operator.setitem and node.args[0] is buffer
 
 
 def _steps(buffer: fx.Node) -> list[tuple[fx.Node, slice, slice | None]] | None:
     """The writes and rolls of ``buffer`` in graph order as ``(setitem, destination, roll source or None)``, or
     ``None`` if the graph uses it otherwise (then its writes stay as traced, and the guard sees them)."""
     example = buffer.meta.get("example_value")
-    if not (isinstance(example, torch.Tensor) and example.dim() == 4):
+    found = classify_accesses(buffer, ()) if isinstance(example, torch.Tensor) and example.dim() == 4 else ""
+    if isinstance(found, str):
         return None
-    steps = []
-    for user in buffer.users:
-        if _is_setitem_into(user, buffer):
-            dst = slice_of(user.args[1])
-            if dst is None or dst.stop is None or dst.step not in (None, 1):
-                return None
-            steps.append((user, dst, roll_source(user.args[2], buffer)))
-            continue
-        if not _only_rolled(user, buffer):
-            return None
+    writes, rolls = found
+    steps = [(w, slice_of(w.args[1]), None) for w in writes] + [(r, dst, src) for r, dst, src in rolls]
+    if any(b.stop is None or b.step not in (None, 1) for _, dst, src in steps for b in (dst, src) if b is not None):
+        return None
     order = {node: i for i, node in enumerate(buffer.graph.nodes)}
     return sorted(steps, key=lambda step: order[step[0]]) or None
-
-
-def _only_rolled(read: fx.Node, buffer: fx.Node) -> bool:
-    """``read`` is a getitem of ``buffer`` written back into it (directly or through a clone): a roll's source."""
-    if not (read.op == "call_function" and read.target is operator.getitem and read.args[0] is buffer):
-        return False
-    for user in read.users:
-        writes = user.users if is_clone(user) else [user]
-        if not all(_is_setitem_into(w, buffer) and w.args[2] in (read, user) for w in writes):
-            return False
-    return True
 
 
 def rewrite_replays(gm: fx.GraphModule, session: int) -> int:
@@ -83,26 +63,14 @@ def rewrite_replays(gm: fx.GraphModule, session: int) -> int:
                 else:
                     token = gm.graph.call_function(REPLAY_ROLL_OP, args=(buffer, dst.start or 0, src.start or 0,
                                                                          src.stop, after, session))
-            token.meta["example_value"] = _empty_like(buffer)
-            tokens.append(token)
+            tokens.append(with_example(token, buffer, lambda b: b.new_empty(0)))
             value = setitem.args[2]
             gm.graph.erase_node(setitem)
-            while src is not None and isinstance(value, fx.Node) and not value.users:  # the roll's source read
-                inputs = value.all_input_nodes
-                gm.graph.erase_node(value)
-                value = inputs[0] if len(inputs) == 1 and inputs[0] is not buffer else None
+            if src is not None:  # the roll's source read
+                erase_dead_chain(gm, value)
     if tokens:
         output.args = ((*output.args[0], *tokens),)
     return len(tokens)
-
-
-def _empty_like(buffer: fx.Node) -> object:
-    example = buffer.meta["example_value"]
-    fake_mode = getattr(example, "fake_mode", None)
-    if fake_mode is None:
-        return example.new_empty(0)
-    with fake_mode:
-        return example.new_empty(0)
 
 
 def dropping_outputs(compiled: Callable[..., Any], extra: int) -> Callable[..., Any]:

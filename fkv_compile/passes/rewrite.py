@@ -13,14 +13,14 @@ from ..ops import GROWN_OP, OPS, ROLL_OP, SELECT_CACHE_OP, STAGED_OP
 from .attention import AttentionSite
 from .compact import CacheAccesses, GrownAccesses
 
-__all__ = ["rewrite_site", "rewrite_compact", "rewrite_select_cache", "rewrite_grown", "lint_and_recompile"]
+__all__ = ["with_example", "erase_dead_chain", "rewrite_site", "rewrite_compact", "rewrite_select_cache", "rewrite_grown", "lint_and_recompile"]
 
 
 def _example(node: fx.Node) -> object:
     return node.meta.get("example_value", node.meta.get("val"))
 
 
-def _with_example(node: fx.Node, source: fx.Node, compute: Callable[[Any], Any]) -> fx.Node:
+def with_example(node: fx.Node, source: fx.Node, compute: Callable[[Any], Any]) -> fx.Node:
     """``node`` with ``meta["example_value"] = compute(<source's example>)``, computed in that example's fake mode
     (the graph's own, not the backend context's), so later passes and Inductor see the right shape and strides."""
     example = _example(source)
@@ -43,7 +43,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, mode: str, session:
     with gm.graph.inserting_before(site.node):
         new = gm.graph.call_function(op, args=args)
     # the fake impl never reads layer_key; k stands in (a parameter's example may live in another fake mode)
-    _with_example(new, q, lambda qx: op(qx, _example(k), _example(v), _example(k), session, site_id, site.scale))
+    with_example(new, q, lambda qx: op(qx, _example(k), _example(v), _example(k), session, site_id, site.scale))
     _replace_site(gm, site, new)
     counters["fkv_compile"][f"{mode}_attention"] += 1
     return new
@@ -77,7 +77,7 @@ def _method(gm: fx.GraphModule, before: fx.Node, name: str, args: tuple) -> fx.N
     """``args[0].<name>(*args[1:])`` inserted before ``before``, with its example value."""
     with gm.graph.inserting_before(before):
         node = gm.graph.call_method(name, args=args)
-    return _with_example(node, args[0], lambda x: getattr(x, name)(*args[1:]))
+    return with_example(node, args[0], lambda x: getattr(x, name)(*args[1:]))
 
 
 def _cast_like(gm: fx.GraphModule, new: fx.Node, old: fx.Node) -> fx.Node:
@@ -88,10 +88,10 @@ def _cast_like(gm: fx.GraphModule, new: fx.Node, old: fx.Node) -> fx.Node:
         return new
     with gm.graph.inserting_after(new):
         cast = gm.graph.call_method("to", args=(new, before.dtype))
-    return _with_example(cast, new, lambda x: x.to(before.dtype))
+    return with_example(cast, new, lambda x: x.to(before.dtype))
 
 
-def _erase_dead_chain(gm: fx.GraphModule, node: object) -> None:
+def erase_dead_chain(gm: fx.GraphModule, node: object) -> None:
     """Erase ``node`` and then its inputs while they have no users (never placeholders)."""
     while isinstance(node, fx.Node) and not node.users and node.op != "placeholder":
         inputs = node.all_input_nodes
@@ -111,13 +111,13 @@ def rewrite_compact(gm: fx.GraphModule, site: AttentionSite, acc: CacheAccesses,
             for setitem in roll.setitems:
                 source = setitem.args[2]
                 gm.graph.erase_node(setitem)
-                _erase_dead_chain(gm, source)
+                erase_dead_chain(gm, source)
         _rewrite_write_and_attention(gm, site, acc, STAGED_OP, (rolls,), session, site_id)
         for clone in acc.staged:
             for user in list(clone.users):  # the window reads, dead now
                 if not user.users:
                     gm.graph.erase_node(user)
-            _erase_dead_chain(gm, clone)
+            erase_dead_chain(gm, clone)
     counters["fkv_compile"]["compact_attention"] += 1
 
 
@@ -139,11 +139,11 @@ def _rewrite_rolls(gm: fx.GraphModule, site: AttentionSite, acc: CacheAccesses, 
         with gm.graph.inserting_before(roll.setitems[0]):
             token = gm.graph.call_function(ROLL_OP, args=(site.layer_key, k_cache, v_cache, roll.dst, roll.src, roll.src_end,
                                                           session, site_id))
-        tokens.append(_with_example(token, site.layer_key, lambda key: key.new_empty(0)))
+        tokens.append(with_example(token, site.layer_key, lambda key: key.new_empty(0)))
         for setitem in roll.setitems:
             source = setitem.args[2]
             gm.graph.erase_node(setitem)
-            _erase_dead_chain(gm, source)
+            erase_dead_chain(gm, source)
     return tokens
 
 
@@ -156,11 +156,11 @@ def _rewrite_write_and_attention(gm: fx.GraphModule, site: AttentionSite, acc: C
             acc.end, *acc.window, acc.protected, session, site_id, site.scale)
     with gm.graph.inserting_before(site.node):
         new = gm.graph.call_function(op, args=args)
-    _with_example(new, q, lambda qx: qx.new_empty((*qx.shape[:-1], _example(acc.v_new).shape[-1])))
+    with_example(new, q, lambda qx: qx.new_empty((*qx.shape[:-1], _example(acc.v_new).shape[-1])))
     old_k, old_v = site.k, site.v
     _replace_site(gm, site, new)
     for read in (old_k, old_v):
-        _erase_dead_chain(gm, read)
+        erase_dead_chain(gm, read)
     for setitem in acc.writes:
         gm.graph.erase_node(setitem)
 
@@ -176,18 +176,18 @@ def rewrite_grown(gm: fx.GraphModule, site: AttentionSite, acc: GrownAccesses, *
             start = _method(gm, site.node, "size", (k_cache, 1))
         new = gm.graph.call_function(GROWN_OP, args=(q, acc.k_new, acc.v_new, k_cache, v_cache, site.layer_key, start,
                                                      session, site_id, site.scale))
-    _with_example(new, q, lambda qx: GROWN_OP(qx, _example(acc.k_new), _example(acc.v_new), _example(k_cache),
+    with_example(new, q, lambda qx: GROWN_OP(qx, _example(acc.k_new), _example(acc.v_new), _example(k_cache),
                                               _example(v_cache), _example(acc.k_new), _example_or_value(start),
                                               session, site_id, site.scale))
     out, k_grown, v_grown = (_item(gm, new, i) for i in range(3))
     old_k, old_v = site.k, site.v
     _replace_site(gm, site, out)
     for read in (old_k, old_v):
-        _erase_dead_chain(gm, read)
+        erase_dead_chain(gm, read)
     for cat, grown, history in zip(acc.cats, (k_grown, v_grown), acc.histories):
         cat.replace_all_uses_with(grown)
         gm.graph.erase_node(cat)
-        _erase_dead_chain(gm, history)
+        erase_dead_chain(gm, history)
     counters["fkv_compile"]["compact_attention"] += 1
 
 
@@ -195,7 +195,7 @@ def _item(gm: fx.GraphModule, node: fx.Node, index: int) -> fx.Node:
     """``node[index]`` inserted after ``node``, with its example value."""
     with gm.graph.inserting_after(node):
         item = gm.graph.call_function(operator.getitem, args=(node, index))
-    return _with_example(item, node, lambda x: x[index])
+    return with_example(item, node, lambda x: x[index])
 
 
 def _example_or_value(value: object) -> object:
