@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import importlib
 import os
 import subprocess
@@ -53,6 +54,7 @@ from torch.overrides import TorchFunctionMode
 
 import fkv_compile
 from fkv_compile import HeadPlan, semantics
+from fkv_compile.bundled import PLANS, bundled_plan
 from fkv_compile.tools.check import CONCLUSIVE, wrong_kept_sets
 from fkv_compile.tools.testing import error_budget, is_plain_sdpa, max_abs_error
 
@@ -91,6 +93,7 @@ class Tiny:
     chunk_frames: int = 3
     context_frames: int = 3  # krea: kv_cache_num_frames
     steps: tuple[int, ...] = (1000, 937, 833, 625)
+    channels: int = 16  # latent channels (Wan 2.1's VAE; Wan 2.2's 5B model has 48)
 
     @property
     def frame_tokens(self) -> int:
@@ -106,7 +109,9 @@ class Loaded:
     rollout: Callable[[torch.nn.Module, Callable[..., Any], list[torch.Tensor], torch.Tensor], list[torch.Tensor]]
     caches: Callable[[], list[dict]]  # the self-attention caches of the rollout running now
     heads: int  # attention heads per layer (the plan's)
+    tiny: Tiny  # the configuration it was built at (a pipeline may change the chunk, the channels)
     grad_mode: Callable[[], Any] = torch.no_grad  # what the pipeline generates under
+    dynamic: bool | None = None  # torch.compile's ``dynamic``, as the pipeline's own code compiles the model
 
 
 def _write_files(root: Path, files: dict[str, str]) -> None:
@@ -223,7 +228,7 @@ def load_krea(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -> Loa
         return out
 
     # release_server.generate_block_internal runs under torch.inference_mode(): caches without version counters
-    return Loaded(model, rollout, lambda: state["pipe"].kv_cache1, tiny.num_heads, torch.inference_mode)
+    return Loaded(model, rollout, lambda: state["pipe"].kv_cache1, tiny.num_heads, tiny, torch.inference_mode)
 
 
 class _Scheduler:
@@ -315,7 +320,7 @@ def _load_wan_inference(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dty
         state["pipe"] = pipe
         return list(latents.split(tiny.chunk_frames, dim=1))
 
-    return Loaded(model, rollout, lambda: state["pipe"].kv_cache1, heads)
+    return Loaded(model, rollout, lambda: state["pipe"].kv_cache1, heads, tiny)
 
 
 def load_self_forcing(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -> Loaded:
@@ -345,8 +350,117 @@ def load_longlive(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) ->
         attributes={"local_attn_size": window, "args": args})
 
 
+class _FlowEuler:
+    """Stands in for the pipeline's UniPC sampler: ``tiny.steps`` as timesteps, each step the deterministic flow
+    update ``x + (sigma_next - sigma) * flow`` with ``sigma = t / 1000``."""
+
+    def __init__(self, steps: tuple[int, ...]):
+        self.timesteps = torch.tensor(steps, dtype=torch.float32)
+        self.sigmas = [t / 1000 for t in steps] + [0.0]
+        self.index = 0
+
+    def step(self, flow: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, return_dict: bool = False):
+        sigma, following = self.sigmas[self.index], self.sigmas[self.index + 1]
+        self.index += 1
+        return (latents + (following - sigma) * flow,)
+
+
+def load_longlive2(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -> Loaded:
+    """LongLive 2.0 (Wan 2.2 TI2V-5B): ``CausalDiffusionInferencePipeline.inference`` and its helpers, and
+    ``WanDiffusionWrapper.forward``/``_call_model`` (which publishes the cache positions as Python ints before the
+    compiled model runs), all from the checkout; configs/inference.yaml's cache (a 32-frame window, an 8-frame sink
+    kept as the global sink, 8-frame chunks, 4 steps, no CFG)."""
+    window, sink, chunk = 32, 8, 8
+    tiny = dataclasses.replace(tiny, chunk_frames=chunk, channels=48)
+    files = ["wan_5b/modules/attention.py", "wan_5b/modules/model.py", "wan_5b/modules/causal_model.py",
+             "utils/position_embedding_utils.py", "utils/prompt_conditioning.py"]
+    _copy(checkout, root, files, {
+        "wan_5b/modules/attention.py": [("        q = q.transpose(1, 2).to(dtype)\n        k = k.transpose(1, 2).to(dtype)\n"
+                                         "        v = v.transpose(1, 2).to(dtype)\n",
+                                         "        q = q.transpose(1, 2)\n        k = k.transpose(1, 2)\n"
+                                         "        v = v.transpose(1, 2)\n")],
+        "wan_5b/modules/model.py": [("from .attention import flash_attention",
+                                     "from .attention import attention as flash_attention")],
+    })
+    _write_files(root, {"wan_5b/__init__.py": "", "wan_5b/modules/__init__.py": "", "utils/__init__.py": "",
+                        "transformers/__init__.py": "", "transformers/models/__init__.py": "",
+                        "transformers/models/x_clip/__init__.py": "",
+                        "transformers/models/x_clip/modeling_x_clip.py": "x_clip_loss = None\n", **DIFFUSERS_SHIM})
+    os.environ["LLV2_TRITON_ROPE"] = os.environ["LLV2_TRITON_ADALN"] = "0"  # CUDA-only kernels: their own fallbacks
+    sys.path.insert(0, str(root))
+    causal = importlib.import_module("wan_5b.modules.causal_model")
+    causal.flex_attention = torch.nn.attention.flex_attention.flex_attention
+    conditioning = importlib.import_module("utils.prompt_conditioning")
+    torch.manual_seed(0)
+    model = causal.CausalWanModel(model_type="ti2v", in_dim=tiny.channels, out_dim=tiny.channels, dim=tiny.dim,
+                                  ffn_dim=tiny.ffn_dim, num_heads=tiny.num_heads, num_layers=tiny.num_layers,
+                                  text_len=tiny.text_len, text_dim=tiny.text_dim, freq_dim=tiny.freq_dim,
+                                  local_attn_size=window, sink_size=sink, num_frame_per_block=chunk)
+    model = randomize(model).to(dtype).eval()
+    names = {"os": os, "tqdm": lambda steps: steps, "encode_prompt_blocks": conditioning.encode_prompt_blocks,
+             "wan_default_config": {"Wan2.2-TI2V-5B": {"num_heads": tiny.num_heads,
+                                                       "head_dim": tiny.dim // tiny.num_heads}},
+             "_LLV2_TIME": False, "_LLV2_PROFILE_SPEC": "", "_LLV2_PROFILE_OUTPUT_DIR": "",
+             "_LLV2_PROFILE_CALL_COUNTER": 0, "_LLV2_DUMP_LATENT_DIR": "", "List": list, "Optional": None}
+    source = "pipeline/causal_diffusion_inference.py"
+    methods = ("inference", "_inference_inner", "_initialize_kv_cache", "_initialize_crossattn_cache",
+               "_set_all_modules_max_attention_size", "_set_all_modules_sink_size",
+               "_set_all_modules_global_sink_size", "_is_shot_boundary", "_is_scene_cut", "_pin_current_chunk",
+               "_zero_kv_data", "_dit_model")
+    pipeline_methods = {name: _function(checkout, source, f"CausalDiffusionInferencePipeline.{name}", **names)
+                        for name in methods}
+    wrapper_methods = {name: _function(checkout, "utils/wan_5b_wrapper.py", f"WanDiffusionWrapper.{name}", **names)
+                       for name in ("forward", "_call_model", "_convert_flow_pred_to_x0")}
+
+    class Wrapper:  # WanDiffusionWrapper's call path from the checkout; the training scheduler's sigma = t / 1000
+        locals().update(wrapper_methods)
+        __call__ = wrapper_methods["forward"]
+
+        def __init__(self, call: Callable[..., Any]):
+            self.model, self._compiled_model_call = model, call
+            self.uniform_timestep, self.seq_len = False, 21 * tiny.frame_tokens
+            steps = torch.arange(1000, -1, -1, dtype=torch.float64)
+            self.scheduler = type("Scheduler", (), {"timesteps": steps, "sigmas": steps / 1000})()
+
+    class Pipeline:  # CausalDiffusionInferencePipeline's attributes at configs/inference.yaml, its methods
+        locals().update(pipeline_methods)
+
+        def __init__(self, call: Callable[..., Any], text: torch.Tensor):
+            self.generator, self.text = Wrapper(call), text
+            self.model_name, self.num_transformer_blocks = "Wan2.2-TI2V-5B", tiny.num_layers
+            self.frame_seq_length, self.num_frame_per_block = tiny.frame_tokens, chunk
+            self.local_attn_size, self.sink_size, self.multi_shot_sink = window, sink, True
+            self.global_sink_size, self.multi_shot_rope_offset, self.shot_clean_recache = sink, 8, False
+            self.scene_cut_prefix, self.guidance_scale, self.negative_prompt = "[scene cut]", 1.0, ""
+            self.quantize_kv, self.independent_first_frame, self.kv_quant_config = False, False, None
+            self.streaming_vae = self.async_vae = self.use_relative_rope = False
+            self.vae_device = self.inference_t_scale = None
+            self._rope_method_override = self._original_seq_len_override = None
+            self.kv_cache_pos = self.kv_cache_neg = self.crossattn_cache_pos = self.crossattn_cache_neg = None
+
+        def text_encoder(self, text_prompts: list[str]) -> dict[str, torch.Tensor]:
+            return {"prompt_embeds": self.text.expand(len(text_prompts), -1, -1)}
+
+        def _initialize_sample_scheduler(self, noise: torch.Tensor) -> _FlowEuler:
+            return _FlowEuler(tiny.steps)
+
+    pipes: dict[int, Pipeline] = {}  # one pipeline object per model call, across videos, as a server keeps it
+    state: dict[str, Any] = {}
+
+    def rollout(model: torch.nn.Module, call: Callable[..., Any], noise: list[torch.Tensor],
+                text: torch.Tensor) -> list[torch.Tensor]:
+        pipe = pipes.setdefault(id(call), Pipeline(call, text))
+        pipe.text = text
+        latents = pipe.inference(torch.cat(noise, 1), [[""] * len(noise)], return_latents=True)
+        state["pipe"] = pipe
+        return list(latents.split(chunk, dim=1))
+
+    # WanDiffusionWrapper.configure_torch_compile's default: dynamic=False
+    return Loaded(model, rollout, lambda: state["pipe"].kv_cache_pos, tiny.num_heads, tiny, dynamic=False)
+
+
 PIPELINES: dict[str, Callable[[Path, Path, Tiny, torch.dtype], Loaded]] = {
-    "krea": load_krea, "self-forcing": load_self_forcing, "longlive-v1": load_longlive}
+    "krea": load_krea, "self-forcing": load_self_forcing, "longlive-v1": load_longlive, "longlive-2": load_longlive2}
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -364,16 +478,24 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def _plan(tiny: Tiny, heads: int) -> HeadPlan:
-    """Static, dynamic and dense heads in every layer (heads cycle through the roles with the layer)."""
-    roles = ["static", "dynamic", "dense"]
-    return HeadPlan.from_roles([[roles[(layer + h) % 3] for h in range(heads)] for layer in range(tiny.num_layers)],
-                               frame_tokens=tiny.frame_tokens, chunk_frames=tiny.chunk_frames)
+def _plan(name: str, tiny: Tiny, heads: int) -> HeadPlan:
+    """``mixed``: static, dynamic and dense heads in every layer (heads cycle through the roles with the layer);
+    ``compressed``: static and dynamic heads alternating (no dense head: what the bundled plans are); otherwise the bundled plan ``name``'s first ``tiny.num_layers`` layers at the tiny geometry."""
+    if name in ("mixed", "compressed"):
+        roles = ["static", "dynamic", "dense"] if name == "mixed" else ["static", "dynamic"]
+        return HeadPlan.from_roles([[roles[(layer + h) % len(roles)] for h in range(heads)]
+                                    for layer in range(tiny.num_layers)],
+                                   frame_tokens=tiny.frame_tokens, chunk_frames=tiny.chunk_frames)
+    plan = bundled_plan(name, frame_tokens=tiny.frame_tokens, chunk_frames=tiny.chunk_frames)
+    if plan.num_heads != heads or plan.num_layers < tiny.num_layers:
+        raise SystemExit(f"real_code: plan {name!r} has {plan.num_layers} layers x {plan.num_heads} heads; this "
+                         f"pipeline's tiny model has {tiny.num_layers} x {heads}")
+    return dataclasses.replace(plan, roles=plan.roles[:tiny.num_layers])
 
 
 def _inputs(tiny: Tiny, blocks: int, seed: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    noise = [torch.randn(1, tiny.chunk_frames, 16, tiny.latent_height, tiny.latent_width, generator=gen)
+    noise = [torch.randn(1, tiny.chunk_frames, tiny.channels, tiny.latent_height, tiny.latent_width, generator=gen)
              for _ in range(blocks)]
     text = torch.randn(1, tiny.text_len, tiny.text_dim, generator=gen)
     return [n.to(dtype) for n in noise], text.to(dtype)
@@ -423,6 +545,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", required=True, choices=sorted(PIPELINES))
     parser.add_argument("--mode", default="select,compact", help="comma-separated modes to run")
     parser.add_argument("--blocks", type=int, default=6, help="blocks (chunks) per video")
+    parser.add_argument("--plan", default="mixed", choices=["mixed", "compressed", *sorted(PLANS)],
+                        help="mixed: static, dynamic and dense heads in every layer; compressed: static and dynamic "
+                             "heads alternating; or a bundled plan's first --layers layers at the tiny geometry")
+    parser.add_argument("--layers", type=int, default=Tiny.num_layers, help="transformer blocks of the tiny model")
+    parser.add_argument("--dynamic", default="pipeline", choices=["pipeline", "default", "true"],
+                        help="torch.compile's dynamic: as the pipeline's own code compiles the model (LongLive 2.0: "
+                             "False; the others: None), torch's default None, or True")
+    parser.add_argument("--recompile-limit", type=int, default=None,
+                        help="torch._dynamo.config.recompile_limit (default: torch's, 8)")
+    parser.add_argument("--kv-recache", action=argparse.BooleanOptionalAction, default=True,
+                        help="compact keeps the model's sink frames for an exact KV-recache (the default); "
+                             "--no-kv-recache frees them")
     parser.add_argument("--lowering", default="aot_eager", choices=fkv_compile.config.LOWERINGS)
     parser.add_argument("--no-grad", action="store_true",
                         help="generate under torch.no_grad() even where the pipeline uses torch.inference_mode()")
@@ -432,16 +566,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commit = subprocess.run(["git", "-C", str(args.checkout), "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
-    tiny = Tiny()
+    tiny = Tiny(num_layers=args.layers)
+    if args.recompile_limit is not None:
+        torch._dynamo.config.recompile_limit = args.recompile_limit
     with tempfile.TemporaryDirectory() as tmp:
         dtype = getattr(torch, args.dtype)
         loaded = PIPELINES[args.pipeline](args.checkout, Path(tmp), tiny, dtype)
         if args.no_grad:
             loaded.grad_mode = torch.no_grad
-        plan = _plan(tiny, loaded.heads)
+        tiny = loaded.tiny
+        plan = _plan(args.plan, tiny, loaded.heads)
         model64 = _to64(loaded.model)
         videos = [_inputs(tiny, args.blocks, seed, dtype) for seed in (0, 1)]
-        print(f"{args.pipeline} at {commit}: tiny config {tiny}, plan roles {plan.roles}, {args.dtype}, under "
+        print(f"{args.pipeline} at {commit}: tiny config {tiny}, plan {args.plan} "
+              f"({', '.join(f'{plan.count(r)} {r}' for r in ('static', 'dynamic', 'dense'))} heads), "
+              f"kv_recache={args.kv_recache}, {args.dtype}, under "
               f"{loaded.grad_mode.__name__}")
         references, budgets, smallest_effects = [], [], []
         for v, inputs in enumerate(videos):
@@ -461,8 +600,10 @@ def main(argv: list[str] | None = None) -> int:
         failed = False
         for mode in args.mode.split(","):
             torch._dynamo.reset()
-            compiled = torch.compile(loaded.model, backend="forcing_kv",
-                                     options={"plan": plan, "mode": mode, "lowering": args.lowering})
+            dynamic = {"pipeline": loaded.dynamic, "default": None, "true": True}[args.dynamic]
+            compiled = torch.compile(loaded.model, backend="forcing_kv", dynamic=dynamic,
+                                     options={"plan": plan, "mode": mode, "lowering": args.lowering,
+                                              "kv_recache": args.kv_recache})
             failed |= any(smallest <= CONCLUSIVE * b for smallest, b in zip(smallest_effects, budgets))
             graphs = []
             for v, inputs in enumerate(videos):

@@ -77,6 +77,14 @@ class FrameRecord:
     function: str
     compiles: int = 0  # variants compiled; the ones after the first are recompiles
     at_limit: bool = False  # reached torch._dynamo.config.recompile_limit: new variants (and callees') run eager
+    ints: dict[str, set[int]] = field(default_factory=dict)  # the Python ints its variants specialized on: values
+    exprs: dict[str, set[int]] = field(default_factory=dict)  # the int expressions its code pinned: values
+
+    def changing(self) -> tuple[list[str], list[str]]:
+        """The specialized ints, and the pinned expressions, whose value differs between variants (positions: a
+        recompile per new value)."""
+        return ([name for name, values in self.ints.items() if len(values) > 1],
+                [expr for expr, values in self.exprs.items() if len(values) > 1])
 
 
 @dataclass

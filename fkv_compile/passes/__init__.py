@@ -38,7 +38,7 @@ from ..modes.store import compact_unsupported
 from ..plan import PlanError
 from .attention import AttentionSite, CachePattern, Declined, find_attention_sites
 from .compact import CacheAccesses, GrownAccesses, match_compact, match_grown
-from .frames import compiled_variants, current_frame, recompile_limit
+from .frames import compiled_variants, current_frame, guarded_ints, recompile_limit, specialized_expressions
 from .geometry import traced_patch_geometry, watch_patch_embeddings
 from .replay import dropping_outputs, rewrite_replays
 from .rewrite import lint_and_recompile, rewrite_compact, rewrite_grown, rewrite_select_cache, rewrite_site
@@ -66,9 +66,29 @@ _AT_LIMIT: dict[int, tuple[str, types.CodeType | None]] = {}
 """Frames (dynamo's frame ids, one per code object) that reached dynamo's recompile limit in this process -> their
 function and code object (still at the limit while dynamo keeps that many variants: a reset clears them)."""
 
-_LIMIT_HINT = ("attention there is the model's dense attention (not compressed). A recompile per chunk usually means "
-               "positions are specialized (torch.compile(dynamic=False) with Python-int indices); compile with the "
-               "default dynamic=None, or raise torch._dynamo.config.recompile_limit (every new position then compiles)")
+_DENSE_THERE = "attention there is the model's dense attention (not compressed)"
+_LIMIT_HINT = (f"{_DENSE_THERE}. A recompile per chunk usually means positions are specialized "
+               "(torch.compile(dynamic=False) with Python-int indices); compile with the default dynamic=None, or raise "
+               "torch._dynamo.config.recompile_limit (every new position then compiles)")
+
+
+def _limit_hint(record: FrameRecord) -> str:
+    """What to do about a frame at the recompile limit: name the Python ints it recompiled on and the expressions
+    its code pinned, if any."""
+    ints, exprs = record.changing()
+    if not ints and not exprs:
+        return _LIMIT_HINT
+    hints = []
+    if ints:
+        hints.append(f"it recompiled on new values of the Python int(s) {', '.join(ints)} (positions that change every "
+                     "chunk: dynamo specializes ints read from globals, and every int under dynamic=False); mark them "
+                     f"dynamic before the first compile: torch.compiler.config.dynamic_sources = \"{','.join(ints)}\" "
+                     "(or the environment variable TORCH_COMPILE_DYNAMIC_SOURCES)")
+    if exprs:
+        hints.append(f"the model's code pins {'; '.join(exprs)} to a value that changes between calls (a dict or cache "
+                     "keyed by a position, say), which recompiles whatever dynamic is: take that lookup out of the "
+                     "compiled code or turn it off")
+    return f"{_DENSE_THERE}. " + "; ".join(h[0].upper() + h[1:] for h in hints)
 
 
 def _count_compile(gm: fx.GraphModule, session: Session, graph_id: int) -> None:
@@ -79,6 +99,9 @@ def _count_compile(gm: fx.GraphModule, session: Session, graph_id: int) -> None:
     ident = current_frame(gm, fallback=graph_id)
     record = session.frames.setdefault(ident.frame, FrameRecord(ident.frame, ident.function))
     record.compiles += 1
+    for found, into in ((guarded_ints(), record.ints), (specialized_expressions(), record.exprs)):
+        for name, value in found.items():
+            into.setdefault(name, set()).add(value)
     if session.config.mode == "off":
         return
     variants = max(record.compiles, ident.variants)
@@ -88,7 +111,7 @@ def _count_compile(gm: fx.GraphModule, session: Session, graph_id: int) -> None:
                   "per code object)" if variants > record.compiles else "")
         _reached_limit(session, record, f"{record.function} was compiled {variants} times{others}, "
                        f"torch._dynamo.config.recompile_limit: dynamo runs its next variants, and new variants of the "
-                       f"frames it calls, eagerly: {_LIMIT_HINT}")
+                       f"frames it calls, eagerly: {_limit_hint(record)}")
     file = ident.code.co_filename if ident.code is not None else None
     for frame, (function, code) in list(_AT_LIMIT.items()):
         if frame == ident.frame:
@@ -181,14 +204,15 @@ def _record_declined(declined: list[Declined], session: Session, graph_id: int) 
 
 
 def _rewrite_select(gm: fx.GraphModule, site: AttentionSite, session: Session, site_id: int) -> None:
-    """``select``: where the graph alone writes the chunk into the cache and reads the window, without a roll
+    """``select``: where the graph alone writes the chunk into the cache and reads the window, without a roll or a
+    staged copy
     (:func:`.compact.match_compact`), and autograd is off, the op makes the write itself, so that the buffers'
     version counters tell it when a layer's kept ranges can be reused
     (:class:`fkv_compile.modes.select.SelectionMemo`); elsewhere every call chooses its ranges."""
     accesses = None
     if site.k_window.pattern not in (CachePattern.CAT_GROWTH, CachePattern.WINDOW_INPUT) and not torch.is_grad_enabled():
         accesses = match_compact(site)
-    if isinstance(accesses, CacheAccesses) and not accesses.rolls:
+    if isinstance(accesses, CacheAccesses) and not accesses.rolls and accesses.staged is None:
         rewrite_select_cache(gm, site, accesses, session=session.id, site_id=site_id)
     else:
         rewrite_site(gm, site, mode="select", session=session.id, site_id=site_id)
@@ -292,8 +316,8 @@ def _start_calibration(session: Session, traced: list[Geometry], sites: list[Att
 
 def run_passes(gm: fx.GraphModule, session: Session, model: nn.Module | None = None) -> int:
     """Find the attention sites of ``gm``, record them in ``session``, and rewrite them per its mode. ``model``:
-    the module being compiled (its patch embedding tells a plan-less model's geometry). In ``compact``, after a
-    staged site, the write-backs of a graph without sites become replay ops (:mod:`.replay`); returns the number
+    the module being compiled (its patch embedding tells a plan-less model's geometry). In ``compact``, from the
+    first staged site on, the write-backs of its caches become replay ops (:mod:`.replay`); returns the number
     of their tokens added to the graph's outputs (:func:`dropping_outputs` hides them again)."""
     graph_id = session.graphs
     session.graphs += 1
@@ -314,7 +338,7 @@ def run_passes(gm: fx.GraphModule, session: Session, model: nn.Module | None = N
     _record_declined(declined, session, graph_id)
     for site in sites:
         _rewrite(gm, site, session, graph_id)
-    replays = rewrite_replays(gm, session.id) if session.staged and not sites else 0
+    replays = rewrite_replays(gm, session.id) if session.staged else 0
     if (sites and session.config.mode != "off") or replays:
         lint_and_recompile(gm)
     return replays

@@ -32,7 +32,7 @@ from .manual_attention import ManualAttention, match_manual_attention
 from .varlen_attention import VarlenAttention, arguments, is_flatten, match_varlen_attention
 
 __all__ = ["AttentionSite", "CachePattern", "CacheWindow", "Declined", "NotAWindow", "Miss", "find_attention_sites",
-           "source_name", "cat_operands", "is_attention"]
+           "source_name", "cat_operands", "is_attention", "is_clone"]
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 # methods and functions that neither move tokens between positions nor change values (bar casts)
@@ -137,6 +137,13 @@ def is_view_like(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
 
 
+def is_clone(node: object) -> bool:
+    """``x.clone()`` or ``torch.clone(x)``, with no other argument."""
+    return isinstance(node, fx.Node) and not node.kwargs and len(node.args) == 1 and (
+        (node.op == "call_method" and node.target == "clone")
+        or (node.op == "call_function" and node.target is torch.clone))
+
+
 def sliced_dim(index: object) -> int | None:
     """The dim of an index that slices exactly one dim with step 1 and keeps every other dim whole."""
     items = index if isinstance(index, tuple) else (index,)
@@ -235,6 +242,8 @@ def _trace_window(node: fx.Node) -> CacheWindow | NotAWindow:
                           "cross-attention)")
     if current.op == "call_function" and current.target is operator.getitem:
         base, index = current.args
+        if is_clone(base):  # a copy of the cache the graph rolls and writes before reading (LongLive 2.0: staged)
+            base = base.args[0]
         if isinstance(base, fx.Node) and base.op == "placeholder":
             dim = sliced_dim(index)
             if dim is not None:

@@ -13,10 +13,11 @@ Accepted accesses of the K and V cache inputs of one graph (Self Forcing's code 
 Anything else leaves the site to ``select`` with the reason in the report. The write is moved to
 the attention (one fused op): legal because nothing but the rewritten ops touches the caches.
 
-A *staged* cache (LongLive v1's real code) is the same accesses made on ``clone(cache)``, the cache input used by
-nothing but that clone: the graph rolls and writes a copy of the cache and attends over it, and the pipeline
-repeats the roll and the write on the cache itself after all layers, in a later graph
-(:mod:`fkv_compile.passes.replay`). The store makes them at the attention; the later ones are checked against it.
+A *staged* cache (LongLive's real code) is the same accesses made on ``clone(cache)``: the graph rolls and writes a
+copy of the cache and attends over it, and the pipeline repeats the roll and the write on the cache itself after all
+layers, in a later graph (LongLive v1) or at the end of the same one (LongLive 2.0); the cache input is used by
+nothing else. The store makes them at the attention; the repeats become replay ops checked against it
+(:mod:`fkv_compile.passes.replay`).
 
 A cache grown by concatenation (:func:`match_grown`) is accepted when the cache input is only read
 as the history ``cache[:, :start]`` of ``cat([history, new], 1)`` and the concatenation only feeds
@@ -31,9 +32,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .attention import AttentionSite, CachePattern, CacheWindow, cat_operands, is_view_like, sliced_dim
+from .attention import AttentionSite, CachePattern, CacheWindow, cat_operands, is_clone, is_view_like, sliced_dim
 
-__all__ = ["CacheAccesses", "GrownAccesses", "RollPair", "classify_accesses", "is_clone", "match_compact", "match_grown", "roll_source",
+__all__ = ["CacheAccesses", "GrownAccesses", "RollPair", "classify_accesses", "match_compact", "match_grown", "roll_source",
            "slice_of"]
 
 
@@ -79,13 +80,6 @@ def slice_of(index: object) -> slice | None:
 
 def _is_setitem(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is operator.setitem
-
-
-def is_clone(node: object) -> bool:
-    """``x.clone()`` or ``torch.clone(x)``, with no other argument."""
-    return isinstance(node, fx.Node) and not node.kwargs and len(node.args) == 1 and (
-        (node.op == "call_method" and node.target == "clone")
-        or (node.op == "call_function" and node.target is torch.clone))
 
 
 def roll_source(value: object, cache: fx.Node) -> slice | None:
@@ -156,13 +150,25 @@ def _before(a: fx.Node, b: fx.Node) -> bool:
     return False
 
 
+def _write_back_only(cache: fx.Node, clone: fx.Node, site: fx.Node) -> str | None:
+    """Why the staged ``cache`` is used otherwise than by its ``clone`` and, after the ``site``, by the pipeline's
+    write-back of it (writes and rolls along dim 1: LongLive 2.0 makes it in the attention's graph), or ``None``."""
+    found = classify_accesses(cache, (clone,))
+    if isinstance(found, str):
+        return f"a staged cache is also used besides its clone and its write-back: {found}"
+    writes, rolls = found
+    if any(not _before(site, step) for step in (*writes, *(roll for roll, _, _ in rolls))):
+        return "NYI: a staged cache written before its attention reads the clone"
+    return None
+
+
 def _window_reads(window: CacheWindow) -> tuple[fx.Node, tuple[fx.Node, ...]] | str:
     """The tensor the window is read from (the cache input, or its staged clone) and the getitems of it the read
     consists of: the window slice, or the sink and window slices a cat-window concatenates (each used by the
     concatenation only)."""
     parts = cat_operands(window.read)[0] if window.pattern is CachePattern.CAT_WINDOW else (window.read,)
     base = parts[0].args[0] if parts[0].op == "call_function" and parts[0].target is operator.getitem else None
-    staged = is_clone(base) and base.args[0] is window.cache and set(window.cache.users) == {base}
+    staged = is_clone(base) and base.args[0] is window.cache
     if base is not window.cache and not staged:
         return "NYI: compact for a window whose slices are not read straight from the cache or its clone"
     for part in parts:
@@ -185,6 +191,10 @@ def match_compact(site: AttentionSite) -> CacheAccesses | str:
     staged = (k_base, v_base) if k_base is not site.k_window.cache else None
     if (staged is None) != (v_base is site.v_window.cache):
         return "K is staged in a clone and V is not (or the reverse)"
+    for clone in staged or ():
+        why = _write_back_only(clone.args[0], clone, site.node)
+        if why:
+            return why
     found = [classify_accesses(k_base, k_reads), classify_accesses(v_base, v_reads)]
     for f in found:
         if isinstance(f, str):

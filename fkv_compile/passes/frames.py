@@ -13,10 +13,11 @@ import re
 import types
 from dataclasses import dataclass
 
+import sympy
 import torch
 import torch.fx as fx
 
-__all__ = ["FrameId", "current_frame", "compiled_variants", "recompile_limit"]
+__all__ = ["FrameId", "current_frame", "compiled_variants", "recompile_limit", "guarded_ints", "specialized_expressions"]
 
 _FILE_LINE = re.compile(r'File "(?P<file>[^"]+)", line \d+, in (?P<function>\S+)')
 
@@ -55,3 +56,49 @@ def compiled_variants(code: object) -> int:
 
 def recompile_limit() -> int:
     return int(torch._dynamo.config.recompile_limit)
+
+
+
+def guarded_ints() -> dict[str, int]:
+    """The Python ints the graph being compiled is specialized on (dynamo's value guards on globals and locals), by
+    source name as ``torch.compiler.config.dynamic_sources`` takes it, with their values in this call."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    context, tx = torch._guards.TracingContext.try_get(), InstructionTranslator.current_tx()
+    if context is None or tx is None:
+        return {}
+    scope = {"L": tx.f_locals, "G": tx.f_globals}
+    found = {}
+    for guard in context.guards_context.dynamo_guards:
+        kind = getattr(guard.create_fn, "func", guard.create_fn)
+        if getattr(kind, "__name__", "") not in ("CONSTANT_MATCH", "EQUALS_MATCH"):
+            continue
+        try:
+            value = eval(guard.name, {}, scope)  # noqa: S307  a source name: subscripts and attributes of L and G
+        except Exception:  # a source that is not a plain expression of the frame's scope
+            continue
+        if type(value) is int:
+            found[guard.name] = value
+    return found
+
+
+def specialized_expressions() -> dict[str, int]:
+    """The expressions of dynamic ints the model's own code pinned to a value in the graph being compiled (a dict
+    keyed by ``n // 24``, say: dynamo guards ``Eq(n // 24, 8)``), as ``"<expression> (<file:line>)"`` with the
+    value: a value that changes every chunk recompiles whatever ``dynamic`` is."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    env = getattr(getattr(tx, "output", None), "shape_env", None)
+    if env is None:
+        return {}
+    found = {}
+    for guard in env.guards:
+        expr = guard.expr
+        if not (isinstance(expr, sympy.Eq) and isinstance(expr.rhs, sympy.Integer) and expr.lhs.free_symbols):
+            continue
+        names = {s: sympy.Symbol(env.var_to_sources[s][0].name) for s in expr.lhs.free_symbols
+                 if env.var_to_sources.get(s)}
+        where = guard.sloc.maybe_user_loc or guard.sloc.framework_loc
+        found[f"{expr.lhs.xreplace(names)} ({where})"] = int(expr.rhs)
+    return found

@@ -1,14 +1,15 @@
-"""The pipeline's write-back of a staged cache, in a graph of its own (LongLive v1's ``_apply_cache_updates``).
+"""The pipeline's write-back of a staged cache (LongLive's ``_apply_cache_updates``).
 
-LongLive v1's attention reads its position indices with ``.item()`` (a graph break), clones its layer's cache,
-rolls and writes the clone, and attends over it; after all layers, the pipeline makes the same roll and write on the
-cache itself, in a later graph that holds no attention. ``compact`` serves the attention from the store
-(:func:`fkv_compile.passes.compact.match_compact`, *staged*), so that later graph must not write buffers the store
-released, and must prove that it repeats what the store made.
+LongLive's attention clones its layer's cache, rolls and writes the clone, and attends over it; after all layers,
+the pipeline makes the same roll and write on the cache itself: in a later graph that holds no attention (v1, whose
+attention reads its indices with ``.item()``, a graph break), or at the end of the attention's own graph (2.0).
+``compact`` serves the attention from the store (:func:`fkv_compile.passes.compact.match_compact`, *staged*), so
+that write-back must not write buffers the store released, and must prove that it repeats what the store made.
 
 In a graph compiled by a session with staged sites, every input laid out like a cache ``[B, L, H, D]`` that the
-graph only writes along dim 1 (``buf[:, a:b] = x``) and rolls (``buf[:, d:d+n] = buf[:, a:b].clone()``) has each
-of those steps replaced by ``fkv::replay_write`` / ``fkv::replay_roll``, in order. At run time they make the step
+graph only writes along dim 1 (``buf[:, a:b] = x``) and rolls (``buf[:, d:d+n] = buf[:, a:b].clone()``), besides
+serving a staged attention op of the same graph, has each of those steps replaced by ``fkv::replay_write`` /
+``fkv::replay_roll``, in order (after that attention op). At run time they make the step
 on buffers compact does not own, and check it against the store's on buffers it does
 (:meth:`fkv_compile.modes.guard.CompactCaches.replayed`). The ops declare no mutation (a released buffer must not
 be copied back by functionalization): their tokens become extra graph outputs, which keeps them live and ordered,
@@ -23,18 +24,20 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..ops import REPLAY_ROLL_OP, REPLAY_WRITE_OP
+from ..ops import REPLAY_ROLL_OP, REPLAY_WRITE_OP, STAGED_OP
 from .compact import classify_accesses, slice_of
 from .rewrite import erase_dead_chain, with_example
 
 __all__ = ["rewrite_replays", "dropping_outputs"]
 
 
-def _steps(buffer: fx.Node) -> list[tuple[fx.Node, slice, slice | None]] | None:
+def _steps(buffer: fx.Node, staged: fx.Node | None) -> list[tuple[fx.Node, slice, slice | None]] | None:
     """The writes and rolls of ``buffer`` in graph order as ``(setitem, destination, roll source or None)``, or
-    ``None`` if the graph uses it otherwise (then its writes stay as traced, and the guard sees them)."""
+    ``None`` if the graph uses it otherwise than by them and the ``staged`` op it serves, if any (then its writes
+    stay as traced, and the guard sees them)."""
     example = buffer.meta.get("example_value")
-    found = classify_accesses(buffer, ()) if isinstance(example, torch.Tensor) and example.dim() == 4 else ""
+    uses = (staged,) if staged is not None else ()
+    found = classify_accesses(buffer, uses) if isinstance(example, torch.Tensor) and example.dim() == 4 else ""
     if isinstance(found, str):
         return None
     writes, rolls = found
@@ -51,11 +54,15 @@ def rewrite_replays(gm: fx.GraphModule, session: int) -> int:
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     if not isinstance(output.args[0], (tuple, list)):
         return 0
+    staged = {buffer: node for node in gm.graph.nodes if node.target is STAGED_OP for buffer in node.args[3:5]}
     tokens = []
     for buffer in [n for n in gm.graph.nodes if n.op == "placeholder"]:
-        steps = _steps(buffer)
+        steps = _steps(buffer, staged.get(buffer))
         for setitem, dst, src in steps or ():
-            after = [tokens.pop()] if tokens and tokens[-1].args[0] is buffer else []
+            if tokens and tokens[-1].args[0] is buffer:
+                after = [tokens.pop()]
+            else:  # a write-back in the staged attention's own graph comes after it (its output orders them)
+                after = [staged[buffer]] if buffer in staged else []
             with gm.graph.inserting_before(setitem):
                 if src is None:
                     token = gm.graph.call_function(REPLAY_WRITE_OP, args=(buffer, setitem.args[2], dst.start or 0,
