@@ -2,14 +2,18 @@
 made on the cache after all layers), the cat(sink, window) attention and the KV-recache."""
 
 import dataclasses
+import re
+import warnings
 
 import pytest
 import torch
 from rollouts import assert_calls_match_the_oracle_conclusively, mixed_plan, oracle_reference, record_store_calls
 
 import fkv_compile
+from fkv_compile import HeadPlan
 from fkv_compile.models import MiniConfig, build, make_inputs, new_caches, rollout
 from fkv_compile.modes.store import StoreError
+from fkv_compile.semantics import oracle_attention
 from fkv_compile.tools.testing import assert_within_budget
 
 # LongLive v1 as run: 12-frame window with a 3-frame sink, unmerged LoRA on every Linear of a block
@@ -162,3 +166,90 @@ def test_a_compiled_function_returning_a_clone_still_returns_a_copy_in_compact()
         before = x.clone()
         assert torch.equal(compiled(x), before) and torch.equal(x, before + 1)
     assert torch.allclose(x, expected + 2)
+
+
+# LongLive 2.0 as run: positions as Python ints (no graph break), every layer's staged attention and then the
+# write-back of every layer's cache in one graph; its window is as long as the cache (a slice of the clone)
+LONGLIVE2 = dataclasses.replace(LONGLIVE, cache_style="longlive2", index_style="int", lora_rank=0)
+TWIN2 = dataclasses.replace(LONGLIVE2, cache_style="slots")
+
+
+@pytest.mark.parametrize("mode", ["select", "compact"])
+def test_longlive2_write_back_in_the_attention_graph_is_replayed_after_the_store(mode):
+    model, twin = build(LONGLIVE2, seed=0), build(TWIN2, seed=0)
+    twin.load_state_dict(model.state_dict())
+    plan = mixed_plan(LONGLIVE2)
+    inputs = make_inputs(LONGLIVE2, chunks=6, seed=0)  # the window rolls from chunk 4 on
+    reference, budget = oracle_reference(twin, TWIN2, inputs, plan)
+    compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "mode": mode, "lowering": "aot_eager"})
+    for video in range(2):  # the first video's buffers are watched and kept, the second's released
+        kv, cross = new_caches(LONGLIVE2, batch=1, dtype=torch.float32)
+        with torch.compiler.set_stance("fail_on_recompile" if video else "default"):
+            outputs = rollout(compiled, LONGLIVE2, inputs, caches=(kv, cross))
+        assert_within_budget(outputs, reference, budget, f"{mode} on LongLive 2.0, video {video}")
+        released = [fkv_compile.is_released(c[name]) for c in kv for name in ("k", "v")]
+        assert all(released) == (mode == "compact" and video == 1) and (all(released) or not any(released))
+    rep = fkv_compile.report(compiled, print_table=False)
+    sites = [s for s in rep.sites if s.pattern != "-"]
+    assert {s.action for s in sites} == {"compact" if mode == "compact" else "rewritten"}
+    assert {s.pattern for s in sites} == {"cache-window, sdpa (+writes)"}  # the write-back, in the same graph
+    assert {s.graph for s in sites} == set(range(rep.graphs))  # no graph without attention
+
+
+def test_longlive2_compiled_with_dynamic_false_and_with_the_ints_the_warning_names_marked_dynamic_compiles_once():
+    # the advice of the recompile-limit warning, followed: the positions it named marked dynamic before the first
+    # compile (the limit of 3 brings the warning early; 4 variants are the model's own branches)
+    model, plan = build(LONGLIVE2, seed=0), mixed_plan(LONGLIVE2)
+    with torch._dynamo.config.patch(recompile_limit=3), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(model, backend="forcing_kv", dynamic=False,
+                                 options={"plan": plan, "lowering": "aot_eager"})
+        rollout(compiled, LONGLIVE2, make_inputs(LONGLIVE2, chunks=5, seed=0))
+    named = [re.search(r'dynamic_sources = "([^"]+)"', str(w.message)) for w in caught
+             if issubclass(w.category, fkv_compile.RecompileLimitWarning)]
+    sources = ",".join(dict.fromkeys(s for m in named if m for s in m[1].split(",")))
+    assert "L['current_start']" in sources
+    torch._dynamo.reset()
+    twin = build(TWIN2, seed=0)
+    twin.load_state_dict(model.state_dict())
+    long_inputs = make_inputs(LONGLIVE2, chunks=9, seed=1)  # more chunk positions than the recompile limit
+    reference, budget = oracle_reference(twin, TWIN2, long_inputs, plan)
+    with torch.compiler.config.patch(dynamic_sources=sources):
+        compiled = torch.compile(model, backend="forcing_kv", dynamic=False,
+                                 options={"plan": plan, "mode": "compact", "lowering": "aot_eager"})
+        rollout(compiled, LONGLIVE2, make_inputs(LONGLIVE2, chunks=5, seed=0))
+        graphs = fkv_compile.report(compiled, print_table=False).graphs
+        with torch.compiler.set_stance("fail_on_recompile"):
+            outputs = rollout(compiled, LONGLIVE2, long_inputs)
+    assert_within_budget(outputs, reference, budget, "compact on LongLive 2.0, positions marked dynamic")
+    rep = fkv_compile.report(compiled, print_table=False)
+    assert rep.graphs == graphs and not any(f.at_limit for f in rep.frames)
+    assert {s.action for s in rep.sites if s.pattern != "-"} == {"compact"}
+
+
+class _StagedAfterAWrite(torch.nn.Module):
+    """A staged cache (a clone written and attended over) whose cache input the graph also writes before the
+    attention: not LongLive's write-back (which repeats the clone's steps after it), so the store cannot own it."""
+
+    def __init__(self, attention=torch.nn.functional.scaled_dot_product_attention):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, q, k_new, v_new, cache):
+        cache["k"][:, :12], cache["v"][:, :12] = k_new, v_new
+        k, v = cache["k"].clone(), cache["v"].clone()
+        k[:, 12:24], v[:, 12:24] = k_new, v_new
+        return self.attention(*(t.transpose(1, 2) for t in (q, k[:, :24], v[:, :24]))).transpose(1, 2)
+
+
+def test_a_staged_cache_written_before_its_attention_falls_back_to_select_exactly():
+    plan = HeadPlan.from_roles([["static", "dynamic"]], frame_tokens=4, chunk_frames=3, segments_per_frame=2)
+    q, k_new, v_new = (torch.randn(1, 12, 2, 8, dtype=torch.float64) for _ in range(3))
+    cache = {"k": torch.randn(1, 24, 2, 8, dtype=torch.float64), "v": torch.randn(1, 24, 2, 8, dtype=torch.float64)}
+    oracle = _StagedAfterAWrite(lambda q, k, v: oracle_attention(q, k, v, plan, 0))
+    expected = oracle(q, k_new, v_new, {name: t.clone() for name, t in cache.items()})
+    compiled = torch.compile(_StagedAfterAWrite(), backend="forcing_kv",
+                             options={"plan": plan, "mode": "compact", "lowering": "eager"})
+    torch.testing.assert_close(compiled(q, k_new, v_new, cache), expected)
+    (site,) = fkv_compile.report(compiled, print_table=False).sites
+    assert site.action == "select" and site.reason.endswith("a staged cache written before its attention reads the clone")

@@ -310,7 +310,9 @@ def test_longlive2_dynamic_false_recompiles_per_chunk_and_the_report_says_so():
     with torch._dynamo.config.patch(recompile_limit=3):
         compiled = torch.compile(model, backend="forcing_kv", dynamic=False,
                                  options={"plan": plan, "lowering": "aot_eager"})
-        with pytest.warns(fkv_compile.RecompileLimitWarning, match="dynamic=False"):
+        # the warning names the Python ints the frame recompiled on, as dynamic_sources takes them
+        with pytest.warns(fkv_compile.RecompileLimitWarning,
+                          match=r"dynamic_sources = \"[^\"]*L\['current_start'\][^\"]*\""):
             outs = rollout(compiled, LONGLIVE2, inputs)
         rep = fkv_compile.report(compiled, print_table=False)
         limited = [f for f in rep.frames if f.at_limit]
@@ -426,3 +428,22 @@ def test_off_is_bit_identical_to_inductor_on_the_other_patterns(cfg):
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="forcing_kv", options={"plan": mixed_plan(cfg), "mode": "off"})
     assert all(torch.equal(a, b) for a, b in zip(rollout(compiled, cfg, inputs), expected))
+
+
+_TABLE = {i: float(i) for i in range(64)}
+
+
+class _PositionKeyedTable(torch.nn.Module):
+    """A per-frame table looked up by ``start // 4`` (LongLive 2.0's RoPE frequency cache): the lookup pins the
+    dynamic position to a value, so every new frame recompiles whatever ``dynamic`` is."""
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        return x * _TABLE[start // 4]
+
+
+def test_a_lookup_keyed_by_a_position_is_named_when_it_brings_a_frame_to_the_recompile_limit():
+    compiled = torch.compile(_PositionKeyedTable(), backend="forcing_kv", options={"lowering": "aot_eager"})
+    with torch._dynamo.config.patch(recompile_limit=3), pytest.warns(
+            fkv_compile.RecompileLimitWarning, match=r"pins \(L\['start'\]//4\) \(return x \* _TABLE"):
+        for start in range(0, 40, 4):
+            compiled(torch.ones(2), start)

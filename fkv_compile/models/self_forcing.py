@@ -55,6 +55,8 @@ class MiniConfig:
     # "slots": preallocated buffer, indices in the dict (Self Forcing); "absolute": slots at the absolute
     # position, no indices (CausVid; global); "cat": grown by torch.cat (research forks; global);
     # "longlive": LongLive v1's per-layer clone, attention over cat(sink, window), cache written after all layers;
+    # "longlive2": LongLive 2.0's: the same clone, attention over a slice of it (its window is the whole cache), the
+    # write-back at the end of the model's forward (one graph with the attention when index_style="int");
     # "rolling": Rolling Forcing-like, keys stored un-rotated and the window re-rotated at every call (order-dependent);
     # "recompute": Krea-style streaming, the cache zeroed and rebuilt from position 0 at every block by a forward
     # over the clean context frames (frame-causal mask), the chunk written after it (models.rollout.recompute_rollout)
@@ -71,8 +73,13 @@ class MiniConfig:
     graph_break: str = "none"
     sequence_parallel: int = 1  # Ulysses over this many ranks of the default process group (see the module doc)
 
+    @property
+    def staged(self) -> bool:
+        """LongLive's cache: a clone rolled, written and attended over; the cache written after all layers."""
+        return self.cache_style in ("longlive", "longlive2")
+
     def __post_init__(self) -> None:
-        styles = ("slots", "absolute", "cat", "longlive", "rolling", "recompute")
+        styles = ("slots", "absolute", "cat", "longlive", "longlive2", "rolling", "recompute")
         if self.cache_style not in styles or self.attention not in ("sdpa", "manual", "varlen"):
             raise ValueError(f"cache_style expected one of {styles}, attention 'sdpa', 'manual' or 'varlen'; got "
                              f"{self.cache_style!r}, {self.attention!r}")
@@ -126,12 +133,19 @@ def _rope_table(head_dim: int, positions: int) -> torch.Tensor:
     return torch.cat(tables, dim=1)
 
 
-def rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor, start_frame: int) -> torch.Tensor:
+Grid = torch.Tensor | list[tuple[int, int, int]]  # (F, h, w) per batch item: a tensor, or Python ints (LongLive 2.0)
+
+
+def _rows(grid_sizes: Grid) -> list[tuple[int, int, int]]:
+    return grid_sizes if isinstance(grid_sizes, list) else grid_sizes.tolist()
+
+
+def rope_apply(x: torch.Tensor, grid_sizes: Grid, freqs: torch.Tensor, start_frame: int) -> torch.Tensor:
     """Rotate ``x [B, L, H, D]`` at absolute frame positions ``start_frame + f`` (3-axis, complex128)."""
     n, c = x.size(2), x.size(3) // 2
     bands = freqs.split([c - 2 * (c // 3), c // 3, c // 3], dim=1)
     out = []
-    for i, (f, h, w) in enumerate(grid_sizes.tolist()):
+    for i, (f, h, w) in enumerate(_rows(grid_sizes)):
         seq = f * h * w
         xi = torch.view_as_complex(x[i, :seq].to(torch.float64).reshape(seq, n, -1, 2))
         fi = torch.cat(
@@ -239,7 +253,8 @@ class CausalSelfAttention(nn.Module):
         self.max_attention_tokens = cfg.cache_frames * cfg.frame_tokens
         self.grow = cfg.cache_style == "cat"
         self.absolute = cfg.cache_style == "absolute"
-        self.defer = cfg.cache_style == "longlive"
+        self.defer = cfg.staged
+        self.cat_window = cfg.cache_style == "longlive"
         self.rerotate = cfg.cache_style == "rolling"
         self.recompute = cfg.cache_style == "recompute"
         self.attention = cfg.attention
@@ -251,7 +266,7 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        grid_sizes: torch.Tensor,
+        grid_sizes: Grid,
         freqs: torch.Tensor,
         kv_cache: KVCache,
         current_start: int,
@@ -264,7 +279,7 @@ class CausalSelfAttention(nn.Module):
         if self.sequence_parallel > 1:  # Ulysses: all tokens, this rank's heads
             q, k, v = (sequence_to_heads(t, self.sequence_parallel) for t in (q, k, v))
             s = q.shape[1]
-        frame_tokens = math.prod(grid_sizes[0][1:]).item()
+        frame_tokens = math.prod(_rows(grid_sizes)[0][1:])
         current_start_frame = current_start // frame_tokens
         roped_q = rope_apply(q, grid_sizes, freqs, current_start_frame).type_as(v)
         roped_k = rope_apply(k, grid_sizes, freqs, current_start_frame).type_as(v)
@@ -295,7 +310,7 @@ class CausalSelfAttention(nn.Module):
             local_end = local_end_prev + current_end - global_end - evicted
         else:
             local_end = local_end_prev + current_end - global_end
-        if self.defer:  # LongLive v1 rolls and writes a clone, and repeats both on the cache after all layers
+        if self.defer:  # LongLive rolls and writes a clone, and repeats both on the cache after all layers
             keys, values = keys.clone(), values.clone()
         if roll is not None:
             dst, src, length = roll
@@ -308,16 +323,20 @@ class CausalSelfAttention(nn.Module):
         new_k, new_v = stored_k[:, write_start - local_start :], v[:, write_start - local_start :]
         keys[:, write_start:local_end] = new_k
         values[:, write_start:local_end] = new_v
-        if self.defer:  # the sink, then the window after it: adjacent slices, concatenated
-            start = max(sink_tokens, local_end - (self.max_attention_tokens - sink_tokens))
-            k_w = torch.cat([keys[:, :sink_tokens], keys[:, start:local_end]], dim=1)
-            v_w = torch.cat([values[:, :sink_tokens], values[:, start:local_end]], dim=1)
+        if self.defer:
+            if self.cat_window:  # v1: the sink, then the window after it: adjacent slices, concatenated
+                start = max(sink_tokens, local_end - (self.max_attention_tokens - sink_tokens))
+                k_w = torch.cat([keys[:, :sink_tokens], keys[:, start:local_end]], dim=1)
+                v_w = torch.cat([values[:, :sink_tokens], values[:, start:local_end]], dim=1)
+            else:  # 2.0: the window is as long as the cache, a slice of the clone
+                start = max(0, local_end - self.max_attention_tokens)
+                k_w, v_w = keys[:, start:local_end], values[:, start:local_end]
             kv_cache["deferred"] = (roll, write_start, local_end, new_k, new_v, current_end)
             return self._project(attend(roped_q, k_w, v_w, self.attention))
         window = slice(max(0, local_end - self.max_attention_tokens), local_end)
         if self.rerotate:  # positions relative to the window: every cached key is rotated anew at every call
             frames = (window.stop - window.start) // frame_tokens
-            grid = torch.tensor([[frames, *grid_sizes[0][1:].tolist()]] * b, dtype=torch.long)
+            grid = torch.tensor([[frames, *_rows(grid_sizes)[0][1:]]] * b, dtype=torch.long)
             k_w = rope_apply(keys[:, window], grid, freqs, 0).type_as(v)
             q_w = rope_apply(q, grid_sizes, freqs, frames - s // frame_tokens).type_as(v)
             out = attend(q_w, k_w, values[:, window], self.attention)
@@ -358,7 +377,7 @@ class CausalSelfAttention(nn.Module):
 
 
 def apply_deferred_cache_updates(kv_caches: list[KVCache]) -> None:
-    """LongLive v1: after all layers ran, each layer's roll and write again, now on its cache, and its indices."""
+    """LongLive: after all layers ran, each layer's roll and write again, now on its cache, and its indices."""
     for cache in kv_caches:
         roll, write_start, local_end, new_k, new_v, current_end = cache.pop("deferred")
         for buffer, new in ((cache["k"], new_k), (cache["v"], new_v)):
@@ -460,7 +479,10 @@ class CausalVideoDiT(nn.Module):
         cfg = self.cfg
         b, frames = x.shape[:2]
         h = self.patch_embedding(x.transpose(1, 2))  # [B, C, F, h, w]
-        grid_sizes = torch.tensor([h.shape[2:]] * b, dtype=torch.long)
+        if cfg.cache_style == "longlive2":  # its model publishes the grid as Python ints: no .item() graph break
+            grid_sizes: Grid = [tuple(h.shape[2:])] * b
+        else:
+            grid_sizes = torch.tensor([h.shape[2:]] * b, dtype=torch.long)
         h = h.flatten(2).transpose(1, 2)  # [B, F * h * w, C]
         e = self.time_embedding(_sinusoidal(cfg.freq_dim, t.flatten()).type_as(h))  # [B * F, C]
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (b, frames))  # [B, F, 6, C]
@@ -475,7 +497,7 @@ class CausalVideoDiT(nn.Module):
             gathered = h.new_empty((n * h.shape[0], *h.shape[1:]))  # [N * B, S/N, C], by rank
             dist.all_gather_into_tensor(gathered, h.contiguous())
             h = gathered.unflatten(0, (n, -1)).transpose(0, 1).flatten(1, 2)
-        if cfg.cache_style == "longlive":
+        if cfg.staged:
             apply_deferred_cache_updates(kv_cache)
         shift, scale = (self.head_modulation.unsqueeze(1) + e.unflatten(0, (b, frames)).unsqueeze(2)).chunk(2, dim=2)
         h = (self.head_norm(h).unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2)
