@@ -30,6 +30,20 @@ Pipelines:
   cross-attention's ``flash_attention`` (CUDA only) is the module's ``attention()`` (its SDPA fallback, keeping the
   inputs' dtype), the module's ``flex_attention`` is the eager one. The model has the 12 heads x 128 the pipeline's
   cache functions allocate.
+- ``longlive-v1``: NVlabs/LongLive, branch v1.0: the same ``inference`` (with its
+  ``_set_all_modules_max_attention_size``) at configs/longlive_inference.yaml's cache (a 12-frame window, a 3-frame
+  sink); shims as for ``self-forcing`` plus ``utils.debug_option`` and ``utils.memory``. Change to the copy:
+  ``max_local * 1560`` (hard-coded 480p) becomes the tiny frame's size.
+- ``longlive-2``: NVlabs/LongLive, branch main (Wan 2.2 TI2V-5B): ``CausalDiffusionInferencePipeline.inference`` and
+  its helpers, and ``WanDiffusionWrapper.forward`` / ``_call_model`` (which publishes the positions as Python ints
+  before the compiled model runs), from the checkout, at configs/inference.yaml's cache (a 32-frame window, an
+  8-frame sink kept as its global sink, 8-frame chunks, no CFG); the model is compiled as
+  ``configure_torch_compile`` compiles it (``dynamic=False``). Shims: the UniPC sampler (:class:`_FlowEuler`), the
+  text encoder, the training scheduler's sigmas (``t / 1000``), ``transformers``' ``x_clip_loss`` import,
+  ``wan_default_config`` (the tiny heads). Its CUDA-only Triton RoPE and adaLN kernels are off through its own
+  switches (``LLV2_TRITON_ROPE=0``, ``LLV2_TRITON_ADALN=0``). Changes to the copy: the cross-attention's
+  ``flash_attention`` (CUDA only) is the module's ``attention()``, whose SDPA fallback keeps the inputs' dtype. It
+  recompiles per chunk unless its position ints are marked dynamic (docs/patterns.md: the warning names them).
 """
 
 from __future__ import annotations
