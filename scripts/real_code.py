@@ -64,6 +64,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 from torch.overrides import TorchFunctionMode
 
 import fkv_compile
@@ -179,7 +180,7 @@ def load_krea(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -> Loa
     os.environ["DISABLE_SAGEATTENTION"] = "1"
     sys.path.insert(0, str(root))
     causal = importlib.import_module("wan.modules.causal_model")
-    causal.flex_attention = torch.nn.attention.flex_attention.flex_attention
+    causal.flex_attention = flex_attention
     torch.manual_seed(0)
     model = causal.CausalWanModel(dim=tiny.dim, ffn_dim=tiny.ffn_dim, num_heads=tiny.num_heads,
                                   num_layers=tiny.num_layers, text_len=tiny.text_len, text_dim=tiny.text_dim,
@@ -263,10 +264,12 @@ class _Scheduler:
 
 def _load_wan_inference(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype, *, edits: dict,
                         shims: dict[str, str], model_kwargs: dict[str, Any], methods: tuple[str, ...],
-                        attributes: dict[str, Any]) -> Loaded:
-    """A Self Forcing-family pipeline whose ``CausalInferencePipeline.inference`` (with ``methods``, all from the
-    checkout) runs the model: the generator, text encoder, VAE and scheduler are shims, the pipeline object keeps
-    ``attributes`` and lives across videos as a server keeps it."""
+                        attributes: dict[str, Any], source: str = "pipeline/causal_inference.py",
+                        entry: str = "inference", cache_attribute: str = "kv_cache1") -> Loaded:
+    """A Self Forcing-family pipeline whose ``CausalInferencePipeline.<entry>`` (with ``methods``, all from the
+    checkout's ``source``) runs the model: the generator, text encoder, VAE and scheduler are shims, the pipeline
+    object keeps ``attributes`` and lives across videos as a server keeps it; its self-attention caches are
+    ``cache_attribute``."""
     files = ["wan/modules/attention.py", "wan/modules/model.py", "wan/modules/causal_model.py"]
     _copy(checkout, root, files, {
         "wan/modules/attention.py": [("        q = q.transpose(1, 2).to(dtype)\n        k = k.transpose(1, 2).to(dtype)\n"
@@ -280,7 +283,7 @@ def _load_wan_inference(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dty
     _write_files(root, {"wan/__init__.py": "", "wan/modules/__init__.py": "", **DIFFUSERS_SHIM, **shims})
     sys.path.insert(0, str(root))
     causal = importlib.import_module("wan.modules.causal_model")
-    causal.flex_attention = torch.nn.attention.flex_attention.flex_attention
+    causal.flex_attention = flex_attention
     # the pipelines' own cache functions allocate 12 heads x 128: the model has them, at a tiny width otherwise
     heads, head_dim = 12, 128
     torch.manual_seed(0)  # the model's own initialisation (its modulations) draws from the global generator
@@ -288,10 +291,9 @@ def _load_wan_inference(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dty
                                   num_layers=tiny.num_layers, text_len=tiny.text_len, text_dim=tiny.text_dim,
                                   freq_dim=tiny.freq_dim, **model_kwargs)
     model = randomize(model).to(dtype).eval()
-    source = "pipeline/causal_inference.py"
     bound = {name: _function(checkout, source, f"CausalInferencePipeline.{name}", List=list, Optional=None,
                              gpu=torch.device("cpu"))
-             for name in ("inference", *methods)}
+             for name in (entry, *methods)}
     seq_len = 21 * tiny.frame_tokens
 
     class Generator:
@@ -300,15 +302,18 @@ def _load_wan_inference(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dty
         def __init__(self, call: Callable[..., Any]):
             self.call, self.model = call, model
 
-        def __call__(self, noisy_image_or_video, conditional_dict, timestep, kv_cache, crossattn_cache, current_start):
+        def __call__(self, noisy_image_or_video, conditional_dict, timestep, kv_cache, crossattn_cache, current_start,
+                     cache_start=None, **extra):  # Rolling Forcing: updating_cache
+            # cache_start=None as the wrapper passes it (the model's own default is 0; the attention reads None as
+            # current_start)
             flow = self.call(noisy_image_or_video.transpose(1, 2), timestep, list(conditional_dict["prompt_embeds"]),
                              seq_len, kv_cache=kv_cache, crossattn_cache=crossattn_cache,
-                             current_start=current_start).transpose(1, 2)
+                             current_start=current_start, cache_start=cache_start, **extra).transpose(1, 2)
             sigma = (timestep.to(torch.float64) / 1000).to(flow.dtype)[..., None, None, None]
             return flow, noisy_image_or_video - sigma * flow
 
     class Pipeline:  # CausalInferencePipeline's attributes, its methods from the checkout, shims for the rest
-        locals().update({name: fn for name, fn in bound.items() if name != "inference"})
+        locals().update({name: fn for name, fn in bound.items() if name != entry})
 
         def __init__(self, call: Callable[..., Any], text: torch.Tensor):
             self.generator, self.text = Generator(call), text
@@ -317,7 +322,7 @@ def _load_wan_inference(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dty
             self.denoising_step_list = torch.tensor(tiny.steps, dtype=torch.long)
             self.scheduler = _Scheduler()
             self.vae = type("Vae", (), {"decode_to_pixel": staticmethod(lambda latents, use_cache=False: latents)})()
-            self.kv_cache1 = None
+            setattr(self, cache_attribute, None)
             self.__dict__.update(attributes)
 
         def text_encoder(self, text_prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -330,11 +335,11 @@ def _load_wan_inference(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dty
                 text: torch.Tensor) -> list[torch.Tensor]:
         pipe = pipes.setdefault(id(call), Pipeline(call, text))
         pipe.text, pipe.scheduler.calls = text, 0
-        _, latents = bound["inference"](pipe, torch.cat(noise, 1), [""], return_latents=True)
+        _, latents = bound[entry](pipe, torch.cat(noise, 1), [""], return_latents=True)
         state["pipe"] = pipe
         return list(latents.split(tiny.chunk_frames, dim=1))
 
-    return Loaded(model, rollout, lambda: state["pipe"].kv_cache1, heads, tiny)
+    return Loaded(model, rollout, lambda: getattr(state["pipe"], cache_attribute), heads, tiny)
 
 
 def load_self_forcing(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -> Loaded:
@@ -403,7 +408,7 @@ def load_longlive2(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -
     os.environ["LLV2_TRITON_ROPE"] = os.environ["LLV2_TRITON_ADALN"] = "0"  # CUDA-only kernels: their own fallbacks
     sys.path.insert(0, str(root))
     causal = importlib.import_module("wan_5b.modules.causal_model")
-    causal.flex_attention = torch.nn.attention.flex_attention.flex_attention
+    causal.flex_attention = flex_attention
     conditioning = importlib.import_module("utils.prompt_conditioning")
     torch.manual_seed(0)
     model = causal.CausalWanModel(model_type="ti2v", in_dim=tiny.channels, out_dim=tiny.channels, dim=tiny.dim,
@@ -473,8 +478,26 @@ def load_longlive2(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -
     return Loaded(model, rollout, lambda: state["pipe"].kv_cache_pos, tiny.num_heads, tiny, dynamic=False)
 
 
+def load_rolling_forcing(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -> Loaded:
+    """TencentARC/RollingForcing: ``CausalInferencePipeline.inference_rolling_forcing`` from the checkout (a rolling
+    window of as many blocks as denoising steps, each block one step further; the window's first block, clean, cached
+    by a pass with ``updating_cache=True``); its cache stores the first block un-rotated and re-rotates it as an
+    anchor in front of the working cache at every call."""
+    return _load_wan_inference(
+        checkout, root, tiny, dtype,
+        edits={"wan/modules/causal_model.py": [("self.frame_length = 1560",
+                                                f"self.frame_length = {tiny.frame_tokens}")]},
+        shims={"utils/__init__.py": "", "utils/wan_wrapper.py": "WanDiffusionWrapper = WanTextEncoder = "
+                                                                 "WanVAEWrapper = None\n"},
+        model_kwargs={}, methods=("_initialize_kv_cache", "_initialize_crossattn_cache"),
+        attributes={"args": type("Args", (), {"context_noise": 0})()},
+        source="pipeline/rolling_forcing_inference.py", entry="inference_rolling_forcing",
+        cache_attribute="kv_cache_clean")
+
+
 PIPELINES: dict[str, Callable[[Path, Path, Tiny, torch.dtype], Loaded]] = {
-    "krea": load_krea, "self-forcing": load_self_forcing, "longlive-v1": load_longlive, "longlive-2": load_longlive2}
+    "krea": load_krea, "self-forcing": load_self_forcing, "longlive-v1": load_longlive, "longlive-2": load_longlive2,
+    "rolling-forcing": load_rolling_forcing}
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
