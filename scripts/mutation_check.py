@@ -243,6 +243,19 @@ MUTATIONS = (
              "        found[f\"{expr.lhs.xreplace(names)} ({where})\"] = int(expr.rhs)\n", "",
              ("tests/test_patterns.py::test_a_lookup_keyed_by_a_position_is_named_when_it_brings_a_frame_to_the_"
               "recompile_limit",)),
+    Mutation("attention: Rolling Forcing's anchored window not recognised (its one-chunk calls left dense)",
+             "passes/attention.py", "if isinstance(parts, (list, tuple)) and len(parts) == 3 and isinstance(dim, int):",
+             "if False:",
+             ("tests/test_patterns.py::test_an_anchored_window_is_compressed_when_the_query_is_one_chunk_and_exactly_"
+              "dense_otherwise",)),
+    Mutation("attention: keys re-rotated outside the graph left dense", "passes/attention.py",
+             "    if len(found) == 1 and misses[0].kind is Miss.WHOLE_INPUT:\n", "    if False:\n",
+             ("tests/test_patterns.py::test_rolling_forcing_re_rotated_keys_are_compressed_per_call_and_compact_falls_"
+              "back_to_select",)),
+    Mutation("passes: compact tries to own keys recomputed at every call", "passes/__init__.py",
+             "    if recomputed:\n", "    if False:\n",
+             ("tests/test_patterns.py::test_rolling_forcing_re_rotated_keys_are_compressed_per_call_and_compact_falls_"
+              "back_to_select",)),
     Mutation("Ulysses: the layer selection's partial sums not all-reduced", "modes/sharding.py",
              "        dist.all_reduce(sums, group=self.group)\n",
              "",

@@ -215,21 +215,27 @@ def test_hand_written_forms(form):
         assert not sites
 
 
-def test_rolling_forcing_re_rotation_is_order_dependent_left_dense_and_reported():
+def test_rolling_forcing_re_rotated_keys_are_compressed_per_call_and_compact_falls_back_to_select():
+    # the window's keys re-rotated at every call and handed to the attention after a graph break, the values a window
+    # of the cache: the keep rule applies to each call's keys as they are; the store cannot hold re-rotated keys
     cfg = MiniConfig(num_layers=2, window_frames=12, sink_frames=3, cache_style="rolling")
     model, inputs = build(cfg, seed=0), make_inputs(cfg, chunks=5, seed=0)
     plan = mixed_plan(cfg)
-    plain = rollout(torch.compile(model, backend="aot_eager"), cfg, inputs)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "lowering": "aot_eager"})
-    assert all(torch.equal(a, b) for a, b in zip(rollout(compiled, cfg, inputs), plain))  # untouched
-    rep = fkv_compile.report(compiled, print_table=False)
-    assert not rep.layers and all(s.action == "left alone" for s in rep.sites)
-    assert any(s.reason.startswith("order-dependent: the keys arrive computed outside this graph") for s in rep.sites)
-    torch._dynamo.reset()
-    strict = torch.compile(model, backend="forcing_kv", options={"plan": plan, "lowering": "aot_eager", "strict": True})
-    with pytest.raises(Exception, match=r"strict: attention \w+ in graph \d+ left dense: order-dependent"):
-        rollout(strict, cfg, inputs)
+    reference, budget = oracle_reference(model, cfg, inputs, plan)
+    for mode in ("select", "compact"):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "mode": mode,
+                                                                       "lowering": "aot_eager"})
+        with torch._dynamo.config.patch(recompile_limit=16):  # the re-rotation's grid: a variant per window length
+            outputs = rollout(compiled, cfg, inputs)
+        assert_within_budget(outputs, reference, budget, f"{mode} on re-rotated keys")
+        rep = fkv_compile.report(compiled, print_table=False)
+        sites = [s for s in rep.sites if s.pattern != "-"]
+        assert sites and {s.pattern.split(",")[0] for s in sites} == {"recomputed-keys"}
+        assert [r.layer for r in rep.layers] == [0, 1] and all(r.kept_ratio < 1 for r in rep.layers)
+        if mode == "compact":
+            assert all(s.action == "select" and "recomputed-keys: keys transformed from the cache" in s.reason
+                       for s in sites)
 
 
 def test_flash_attn_varlen_calls_are_rewritten(windowed_reference):
@@ -447,3 +453,40 @@ def test_a_lookup_keyed_by_a_position_is_named_when_it_brings_a_frame_to_the_rec
             fkv_compile.RecompileLimitWarning, match=r"pins \(L\['start'\]//4\) \(return x \* _TABLE"):
         for start in range(0, 40, 4):
             compiled(torch.ones(2), start)
+
+
+class _Anchored(torch.nn.Module):
+    """Rolling Forcing's keys: ``cat([anchor, cache[:, a:b], new])``, the anchor the cache's first frame transformed
+    at every call (here scaled; Rolling Forcing re-rotates it to sit just before the window)."""
+
+    def __init__(self, attention=F.scaled_dot_product_attention):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, q, k_new, v_new, cache, start: int):
+        anchor = cache["k"][:, :4] * 0.5
+        k = torch.cat([anchor, cache["k"][:, start:16], k_new], dim=1)
+        v = torch.cat([cache["v"][:, :4], cache["v"][:, start:16], v_new], dim=1)
+        return self.attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+
+def test_an_anchored_window_is_compressed_when_the_query_is_one_chunk_and_exactly_dense_otherwise():
+    plan = HeadPlan.from_roles([["static", "dynamic"]], frame_tokens=4, chunk_frames=1, segments_per_frame=2,
+                               candidate_frames=2)
+    gen = torch.Generator().manual_seed(0)
+    cache = {name: torch.randn(1, 16, 2, 8, generator=gen, dtype=torch.float64) for name in "kv"}
+    oracle = _Anchored(lambda q, k, v: oracle_attention(q, k, v, plan, 0))
+    for mode in ("select", "compact"):
+        torch._dynamo.reset()
+        compiled = torch.compile(_Anchored(), backend="forcing_kv", options={"plan": plan, "mode": mode,
+                                                                             "lowering": "eager"})
+        for chunks in (1, 2):  # a one-chunk query: the keep rule; two chunks (Rolling Forcing's window): dense
+            q, k_new, v_new = (torch.randn(1, 4 * chunks, 2, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+            got = compiled(q, k_new, v_new, cache, 4)
+            expected = (oracle if chunks == 1 else _Anchored())(q, k_new, v_new, cache, 4)
+            torch.testing.assert_close(got, expected)
+            if chunks == 1:  # the rule drops tokens here: the comparison can tell
+                assert (got - _Anchored()(q, k_new, v_new, cache, 4)).abs().max() > 1e-3
+        sites = [s for s in fkv_compile.report(compiled, print_table=False).sites if s.pattern != "-"]
+        assert sites and {s.pattern for s in sites} == {"anchored-window, sdpa"}
+        assert {s.action for s in sites} == {"select" if mode == "compact" else "rewritten"}

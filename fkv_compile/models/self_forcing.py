@@ -279,7 +279,9 @@ class CausalSelfAttention(nn.Module):
         if self.sequence_parallel > 1:  # Ulysses: all tokens, this rank's heads
             q, k, v = (sequence_to_heads(t, self.sequence_parallel) for t in (q, k, v))
             s = q.shape[1]
-        frame_tokens = math.prod(_rows(grid_sizes)[0][1:])
+        frame_tokens = math.prod(grid_sizes[0][1:])
+        if isinstance(frame_tokens, torch.Tensor):  # Self Forcing reads it with .item() (a graph break)
+            frame_tokens = frame_tokens.item()
         current_start_frame = current_start // frame_tokens
         roped_q = rope_apply(q, grid_sizes, freqs, current_start_frame).type_as(v)
         roped_k = rope_apply(k, grid_sizes, freqs, current_start_frame).type_as(v)

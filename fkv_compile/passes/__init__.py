@@ -192,6 +192,10 @@ def _compact_pattern(site: AttentionSite) -> str | None:
     if site.k_window.pattern is CachePattern.WINDOW_INPUT:
         return (f"NYI: compact for {CachePattern.WINDOW_INPUT} caches (the window is read in an earlier graph, where "
                 "its cache stays dense)")
+    recomputed = [w.pattern for w in (site.k_window, site.v_window) if w.recomputed]
+    if recomputed:
+        return (f"{recomputed[0]}: keys transformed from the cache at every call (re-rotated) cannot be served from "
+                "a store of the cached ones")
     return None
 
 

@@ -11,7 +11,15 @@ A site is an attention call (SDPA, or hand-written ``softmax(q @ k^T * s) @ v``,
   its in-graph clone (LongLive v1: the sink, then the window);
 - ``window-input``: a graph input that *is* such a slice, taken in an earlier graph (a graph break
   between the window read and the attention): its example value is a view of a larger buffer along
-  one dim, which dynamo records for inputs that alias (a fresh tensor, e.g. cross-attention's K, is not).
+  one dim, which dynamo records for inputs that alias (a fresh tensor, e.g. cross-attention's K, is not);
+- ``anchored-window``: ``torch.cat([anchor, buf[:, a:b], new], dim)``: a first part (Rolling Forcing's anchor,
+  the cache's first block re-rotated at every call to sit just before the window), a slice of a cache input, and
+  new tokens not read from it;
+- ``recomputed-keys``: one operand a whole graph input (computed outside this graph, e.g. Rolling Forcing's
+  keys re-rotated from a clone of the window), the other a window of a cache.
+
+The last two are transformed from the cache at every call: the keep rule applies to each call's keys as they are
+(``select`` chooses at every call, reusing nothing), and ``compact`` cannot own them (it falls back to ``select``).
 
 Matchers return a dataclass or a :class:`NotAWindow` / reason string; they never raise.
 """
@@ -52,6 +60,11 @@ class CachePattern(Choice):
     CAT_GROWTH = "cat-growth"
     CAT_WINDOW = "cat-window"
     WINDOW_INPUT = "window-input"
+    ANCHORED = "anchored-window"
+    RECOMPUTED = "recomputed-keys"
+
+
+RECOMPUTED_PATTERNS = (CachePattern.ANCHORED, CachePattern.RECOMPUTED)
 
 
 @dataclass(frozen=True)
@@ -67,8 +80,14 @@ class CacheWindow:
 
     @property
     def grown(self) -> bool:
-        """The cache's length is only known per call (a grown tensor, or a window taken in an earlier graph)."""
-        return self.pattern in (CachePattern.CAT_GROWTH, CachePattern.WINDOW_INPUT)
+        """The window's length is only known per call (a grown tensor, a window taken in an earlier graph, one
+        recomputed at every call)."""
+        return self.pattern in (CachePattern.CAT_GROWTH, CachePattern.WINDOW_INPUT, *RECOMPUTED_PATTERNS)
+
+    @property
+    def recomputed(self) -> bool:
+        """Transformed from the cache at every call: the store cannot hold it."""
+        return self.pattern in RECOMPUTED_PATTERNS
 
 
 class Miss(enum.Enum):
@@ -168,6 +187,8 @@ def cat_operands(cat: fx.Node) -> tuple[object, object]:
 def _trace_cat(cat: fx.Node) -> CacheWindow | NotAWindow:
     """``torch.cat([history, new], dim)`` with ``history`` a cache input (or a slice of it along ``dim``)."""
     parts, dim = cat_operands(cat)
+    if isinstance(parts, (list, tuple)) and len(parts) == 3 and isinstance(dim, int):
+        return _anchored(cat, parts, dim)
     if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not isinstance(dim, int):
         return NotAWindow(Miss.OTHER, "keys/values are a concatenation the pass does not support (expected [history, "
                           "new] along one dim)")
@@ -187,6 +208,21 @@ def _trace_cat(cat: fx.Node) -> CacheWindow | NotAWindow:
     return CacheWindow(cache=base, read=cat, source=source_name(base), dim=dim, pattern=CachePattern.CAT_GROWTH)
 
 
+def _anchored(cat: fx.Node, parts: list[fx.Node], dim: int) -> CacheWindow | NotAWindow:
+    """``torch.cat([anchor, cache[:, a:b], new], dim)`` (Rolling Forcing): the window is the concatenation."""
+    middle, new = (_through_views(p) for p in parts[1:])
+    base = _slice_base(middle, dim) if isinstance(middle, fx.Node) else None
+    if base is None and isinstance(middle, fx.Node) and middle.op == "placeholder":  # sliced in an earlier graph
+        base = middle if _window_of_base(middle.meta.get("example_value")) == dim else None
+    if base is None or not isinstance(new, fx.Node):
+        return NotAWindow(Miss.OTHER, "keys/values are a three-part concatenation whose middle part is not a slice "
+                          "of a cache input along the concatenated dim")
+    if base in _inputs_under(new):
+        return NotAWindow(Miss.OTHER, f"the new tokens of the concatenation with cache {source_name(base)} are read "
+                          "from the cache too")
+    return CacheWindow(cache=base, read=cat, source=source_name(base), dim=dim, pattern=CachePattern.ANCHORED)
+
+
 def _window_of_base(example: object) -> int | None:
     """The dim along which ``example`` (an input's fake tensor) is a slice of its base buffer, else ``None``.
 
@@ -200,8 +236,19 @@ def _window_of_base(example: object) -> int | None:
     if len(shorter) > 1 or (not shorter and example.dim() != 4):
         return None
     dim = shorter[0] if shorter else 1
-    start, rest = divmod(example.storage_offset(), base.stride(dim))
-    return dim if rest == 0 and start + example.shape[dim] <= base.shape[dim] else None
+    # symbolic under dynamic shapes: judged on the traced values, without a guard (what is decided here only tells a
+    # cache window from a fresh tensor, and names the layer's cache; the ops take the window as it comes)
+    offset, stride, length, whole = map(_hint, (example.storage_offset(), base.stride(dim), example.shape[dim],
+                                               base.shape[dim]))
+    if None in (offset, stride, length, whole) or stride == 0:
+        return None
+    start, rest = divmod(offset, stride)
+    return dim if rest == 0 and start + length <= whole else None
+
+
+def _hint(value: object) -> int | None:
+    """An int, or a symbolic int's traced value (``None`` if it has none)."""
+    return value.node.hint if isinstance(value, torch.SymInt) else value
 
 
 def _slice_base(node: fx.Node, dim: int) -> fx.Node | None:
@@ -306,21 +353,23 @@ def _writes_into(cache: fx.Node) -> bool:
 def _windows(node: fx.Node, k: object, v: object) -> list[CacheWindow] | Declined:
     """The cache windows of the keys and values of ``node``, or why it is declined.
 
-    Keys (or values) that arrive as a whole graph input while the other operand is a cache window
-    were computed from the cache outside this graph (after a graph break): transformed per call,
-    e.g. re-rotated to window-relative positions. Which tokens a head keeps then depends on the
-    call's order: declined as order-dependent (``strict`` raises).
+    Keys (or values) that arrive as a whole graph input of the other operand's length while the other is a
+    cache window were computed from the cache outside this graph (after a graph break): transformed per call,
+    e.g. re-rotated (Rolling Forcing's clean pass). They are ``recomputed-keys``: the keep rule applies to each
+    call's keys as they are.
     """
     windows = [_trace_window(k), _trace_window(v)]
     misses = [w for w in windows if isinstance(w, NotAWindow)]
     if not misses:
         return windows
     found = [w for w in windows if isinstance(w, CacheWindow)]
-    if found and any(m.kind is Miss.WHOLE_INPUT for m in misses):
-        name = "keys" if isinstance(windows[1], CacheWindow) else "values"
-        return Declined(node, f"{ORDER_DEPENDENT}: the {name} arrive computed outside this graph while the other "
-                        f"operand is a window of cache {found[0].source}: they are transformed from the cache at "
-                        "every call (e.g. re-rotated anchors); left dense", candidate=True)
+    if len(found) == 1 and misses[0].kind is Miss.WHOLE_INPUT:
+        other = _through_views(k if isinstance(windows[1], CacheWindow) else v)
+        shapes = [n.meta.get("example_value") for n in (other, found[0].read)]
+        if all(isinstance(x, torch.Tensor) for x in shapes) and shapes[0].shape == shapes[1].shape:
+            recomputed = CacheWindow(cache=other, read=other, source=source_name(other), dim=found[0].dim,
+                                     pattern=CachePattern.RECOMPUTED)
+            return [recomputed, found[0]] if windows[1] is found[0] else [found[0], recomputed]
     return Declined(node, misses[0].reason, candidate=misses[0].kind is Miss.ORDER_DEPENDENT)
 
 

@@ -109,19 +109,21 @@ def is_plain_sdpa(args: tuple, kwargs: Mapping[str, Any]) -> bool:
 class OracleAttentionMode(TorchFunctionMode):
     """Eagerly replace SDPA over the given KV caches by the masked-dense oracle of ``plan``.
 
-    The layer of a call is the index of the cache its keys are a view of; attention over anything
-    else (cross-attention) runs unchanged.
+    The layer of a call is the index of the cache its keys are a view of (or its values, where the keys are
+    recomputed from the cache at every call: re-rotated); attention over anything else (cross-attention) runs
+    unchanged.
     """
 
     def __init__(self, plan: HeadPlan, kv_caches: Sequence[Mapping[str, torch.Tensor]]):
         super().__init__()
         self.plan = plan
-        self.layer_of = {c["k"].untyped_storage().data_ptr(): i for i, c in enumerate(kv_caches)}
+        self.layer_of = {c[name].untyped_storage().data_ptr(): i for i, c in enumerate(kv_caches) for name in "kv"}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and is_plain_sdpa(args, kwargs):
-            layer = self.layer_of.get(args[1].untyped_storage().data_ptr())
+            layer = self.layer_of.get(args[1].untyped_storage().data_ptr(),
+                                      self.layer_of.get(args[2].untyped_storage().data_ptr()))
             if layer is not None:
                 return semantics.oracle_attention(*args[:3], self.plan, layer, scale=kwargs.get("scale"))
         return func(*args, **kwargs)
