@@ -44,6 +44,10 @@ Pipelines:
   switches (``LLV2_TRITON_ROPE=0``, ``LLV2_TRITON_ADALN=0``). Changes to the copy: the cross-attention's
   ``flash_attention`` (CUDA only) is the module's ``attention()``, whose SDPA fallback keeps the inputs' dtype. It
   recompiles per chunk unless its position ints are marked dynamic (docs/patterns.md: the warning names them).
+- ``rolling-forcing``: TencentARC/RollingForcing: ``CausalInferencePipeline.inference_rolling_forcing`` (rolling
+  windows of as many blocks as denoising steps; after each window its first block, clean, is cached by a call with
+  ``updating_cache=True``), with its ``_initialize_kv_cache`` and ``_initialize_crossattn_cache``, the shims of
+  ``self-forcing``. Change to the copy: ``self.frame_length = 1560`` (hard-coded 480p) becomes the tiny frame's size.
 """
 
 from __future__ import annotations
@@ -478,6 +482,18 @@ def load_longlive2(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -
     return Loaded(model, rollout, lambda: state["pipe"].kv_cache_pos, tiny.num_heads, tiny, dynamic=False)
 
 
+def load_causal_forcing(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -> Loaded:
+    """thu-ml/Causal-Forcing: Self Forcing's model file and ``inference``, frame-wise as its
+    configs/causal_forcing_dmd_framewise_2step.yaml runs it: 1-frame blocks, 2 denoising steps per frame and 4 for
+    the first (``denoising_step_list_first_chunk``)."""
+    tiny = dataclasses.replace(tiny, chunk_frames=1)
+    steps = torch.tensor(tiny.steps, dtype=torch.long)
+    return _load_wan_inference(checkout, root, tiny, dtype, edits={}, shims={}, model_kwargs={},
+                               methods=("_initialize_kv_cache", "_initialize_crossattn_cache"),
+                               attributes={"local_attn_size": -1, "args": type("Args", (), {"context_noise": 0})(),
+                                           "denoising_step_list": steps[::2], "denoising_step_list_first_chunk": steps})
+
+
 def load_rolling_forcing(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -> Loaded:
     """TencentARC/RollingForcing: ``CausalInferencePipeline.inference_rolling_forcing`` from the checkout (a rolling
     window of as many blocks as denoising steps, each block one step further; the window's first block, clean, cached
@@ -497,7 +513,7 @@ def load_rolling_forcing(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dt
 
 PIPELINES: dict[str, Callable[[Path, Path, Tiny, torch.dtype], Loaded]] = {
     "krea": load_krea, "self-forcing": load_self_forcing, "longlive-v1": load_longlive, "longlive-2": load_longlive2,
-    "rolling-forcing": load_rolling_forcing}
+    "rolling-forcing": load_rolling_forcing, "causal-forcing": load_causal_forcing}
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
