@@ -44,6 +44,9 @@ Pipelines:
   switches (``LLV2_TRITON_ROPE=0``, ``LLV2_TRITON_ADALN=0``). Changes to the copy: the cross-attention's
   ``flash_attention`` (CUDA only) is the module's ``attention()``, whose SDPA fallback keeps the inputs' dtype. It
   recompiles per chunk unless its position ints are marked dynamic (docs/patterns.md: the warning names them).
+- ``causal-forcing``: thu-ml/Causal-Forcing: Self Forcing's model file and its own ``inference``, frame-wise as
+  configs/causal_forcing_dmd_framewise_2step.yaml runs it (1-frame blocks, 2 steps, 4 for the first frame); the
+  shims of ``self-forcing`` plus its ``tqdm`` progress bar (silent).
 - ``rolling-forcing``: TencentARC/RollingForcing: ``CausalInferencePipeline.inference_rolling_forcing`` (rolling
   windows of as many blocks as denoising steps; after each window its first block, clean, is cached by a call with
   ``updating_cache=True``), with its ``_initialize_kv_cache`` and ``_initialize_crossattn_cache``, the shims of
@@ -61,6 +64,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,8 +300,9 @@ def _load_wan_inference(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dty
                                   num_layers=tiny.num_layers, text_len=tiny.text_len, text_dim=tiny.text_dim,
                                   freq_dim=tiny.freq_dim, **model_kwargs)
     model = randomize(model).to(dtype).eval()
+    quiet = types.SimpleNamespace(tqdm=lambda steps, *args, **kwargs: steps)  # Causal Forcing's progress bar
     bound = {name: _function(checkout, source, f"CausalInferencePipeline.{name}", List=list, Optional=None,
-                             gpu=torch.device("cpu"))
+                             gpu=torch.device("cpu"), tqdm=quiet, time=time)
              for name in (entry, *methods)}
     seq_len = 21 * tiny.frame_tokens
 
