@@ -365,8 +365,9 @@ def _windows(node: fx.Node, k: object, v: object) -> list[CacheWindow] | Decline
     found = [w for w in windows if isinstance(w, CacheWindow)]
     if len(found) == 1 and misses[0].kind is Miss.WHOLE_INPUT:
         other = _through_views(k if isinstance(windows[1], CacheWindow) else v)
-        shapes = [n.meta.get("example_value") for n in (other, found[0].read)]
-        if all(isinstance(x, torch.Tensor) for x in shapes) and shapes[0].shape == shapes[1].shape:
+        examples = [n.meta.get("example_value") for n in (other, found[0].read)]
+        traced = [[_hint(d) for d in x.shape] for x in examples if isinstance(x, torch.Tensor)]
+        if len(traced) == 2 and traced[0] == traced[1]:  # the traced shapes (no guard on symbolic ones)
             recomputed = CacheWindow(cache=other, read=other, source=source_name(other), dim=found[0].dim,
                                      pattern=CachePattern.RECOMPUTED)
             return [recomputed, found[0]] if windows[1] is found[0] else [found[0], recomputed]

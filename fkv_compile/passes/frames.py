@@ -58,7 +58,6 @@ def recompile_limit() -> int:
     return int(torch._dynamo.config.recompile_limit)
 
 
-
 def guarded_ints() -> dict[str, int]:
     """The Python ints the graph being compiled is specialized on (dynamo's value guards on globals and locals), by
     source name as ``torch.compiler.config.dynamic_sources`` takes it, with their values in this call."""
