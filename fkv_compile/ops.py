@@ -20,6 +20,7 @@ Fixed-arity schemas, each fake beside its op; the layer is resolved at run time 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -341,7 +342,8 @@ def staged_store_attention(
     entry = _entered(s, layer, cache_k, cache_v, q, write_start, window)
     s.compact.expect(layer, entry, triples, write, k_new, v_new)
     store = entry.store
-    if store is None or (store.chunk is None and triples):  # dense, or a store adopting a rolled history
+    adopting = store is not None and store.chunk is None and bool(triples)  # a new store adopting a rolled history
+    if store is None or adopting:  # the clone with the rolls, as the graph had it
         staged = [c.clone() for c in (cache_k, cache_v)]
         for dst, src, length in triples:
             _roll(*staged, dst, src, length)
@@ -350,7 +352,7 @@ def staged_store_attention(
     else:
         for dst, src, length in triples if store.chunk is not None else ():
             store.roll(dst, src, length)
-        history = staged if store.chunk is None and triples else (cache_k, cache_v)
+        history = staged if adopting else (cache_k, cache_v)
         out = _serve(s, site, layer, store, q, k_new, v_new, *history, write, window, scale, protected)
     s.compact.wrote(layer, entry, cache_k, cache_v, write_start)
     return out
@@ -382,10 +384,7 @@ def replay_roll(buffer: torch.Tensor, dst: int, src: int, src_end: int, after: l
     """The pipeline's ``buffer[:, dst:dst + n] = buffer[:, src:src_end].clone()`` in a graph without attention, as
     :func:`replay_write`."""
     length = src_end - src
-
-    def make() -> None:
-        buffer[:, dst : dst + length] = buffer[:, src:src_end].clone()
-
+    make = functools.partial(_shift, buffer, dst, src, length)
     state.running_session(session).compact.replayed(buffer, roll_step(dst, src, length), make)
     return buffer.new_empty(0)
 
@@ -447,10 +446,15 @@ def store_roll(
     return layer_key.new_empty(0)
 
 
+def _shift(buffer: torch.Tensor, dst: int, src: int, length: int) -> None:
+    """The pipeline's own eviction on a dense buffer: ``buffer[:, dst:dst + n] = buffer[:, src:src + n].clone()``."""
+    buffer[:, dst : dst + length] = buffer[:, src : src + length].clone()
+
+
 def _roll(cache_k: torch.Tensor, cache_v: torch.Tensor, dst: int, src: int, length: int) -> None:
-    """The pipeline's own eviction on its dense buffers."""
+    """The pipeline's own eviction on its dense K and V buffers."""
     for cache in (cache_k, cache_v):
-        cache[:, dst : dst + length] = cache[:, src : src + length].clone()
+        _shift(cache, dst, src, length)
 
 
 @store_roll.register_fake
