@@ -202,10 +202,15 @@ def _trace_cat(cat: fx.Node) -> CacheWindow | NotAWindow:
     if base is None:
         return NotAWindow(Miss.OTHER, "keys/values are a concatenation whose first part is not a cache input or a "
                           "slice of one along the concatenated dim")
+    return _onto(cat, base, new, dim, CachePattern.CAT_GROWTH)
+
+
+def _onto(cat: fx.Node, base: fx.Node, new: fx.Node, dim: int, pattern: CachePattern) -> CacheWindow | NotAWindow:
+    """The concatenation ``cat`` of cache ``base``'s tokens with ``new`` ones, which must not be read from it."""
     if base in _inputs_under(new):
         return NotAWindow(Miss.OTHER, f"the new tokens of the concatenation with cache {source_name(base)} are read "
                           "from the cache too")
-    return CacheWindow(cache=base, read=cat, source=source_name(base), dim=dim, pattern=CachePattern.CAT_GROWTH)
+    return CacheWindow(cache=base, read=cat, source=source_name(base), dim=dim, pattern=pattern)
 
 
 def _anchored(cat: fx.Node, parts: list[fx.Node], dim: int) -> CacheWindow | NotAWindow:
@@ -217,10 +222,7 @@ def _anchored(cat: fx.Node, parts: list[fx.Node], dim: int) -> CacheWindow | Not
     if base is None or not isinstance(new, fx.Node):
         return NotAWindow(Miss.OTHER, "keys/values are a three-part concatenation whose middle part is not a slice "
                           "of a cache input along the concatenated dim")
-    if base in _inputs_under(new):
-        return NotAWindow(Miss.OTHER, f"the new tokens of the concatenation with cache {source_name(base)} are read "
-                          "from the cache too")
-    return CacheWindow(cache=base, read=cat, source=source_name(base), dim=dim, pattern=CachePattern.ANCHORED)
+    return _onto(cat, base, new, dim, CachePattern.ANCHORED)
 
 
 def _window_of_base(example: object) -> int | None:

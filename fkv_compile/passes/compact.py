@@ -29,7 +29,6 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
 from .attention import AttentionSite, CachePattern, CacheWindow, cat_operands, is_clone, is_view_like, sliced_dim
