@@ -129,6 +129,8 @@ def _select(s: state.Session, site: int, layer: int, q, k, v, scale, history: Hi
             "another site of this layer, but this site could not be served compactly (see fkv_compile.report); "
             "compile with mode='select' for this model"
         )
+    if not _in_order(s, site, layer, q, k, v):
+        return _out_of_order(s, site, layer, q, k, v, scale)
     out, kept = compressed_attention(q, k, v, s.plan, layer, scale, s.kernels(q.device), s.shard, s.selections,
                                      history)
     s.record(site, layer, kept.kept, kept.window, kept.layout_fits)
@@ -136,11 +138,27 @@ def _select(s: state.Session, site: int, layer: int, q, k, v, scale, history: Hi
 
 
 def _oracle(s: state.Session, site: int, layer: int, q, k, v, scale):
+    if not _in_order(s, site, layer, q, k, v):
+        return _out_of_order(s, site, layer, q, k, v, scale)
     plan = s.plan
     mask = semantics.keep_mask(k, plan, layer, q.shape[-2])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, None, :], scale=scale)
     fits = semantics.window_layout(q.shape[-2], k.shape[-2], plan.frame_tokens, plan.chunk_frames) is not None
     s.record(site, layer, tuple(mask.sum(-1).float().mean(0).tolist()), k.shape[-2], fits)
+    return out
+
+
+def _in_order(s: state.Session, site: int, layer: int, q, k, v) -> bool:
+    """Whether the keep rule's positions apply: proven at run time for a window written outside the graph
+    (:mod:`fkv_compile.modes.order`), by the pass elsewhere."""
+    return not s.sites[site].checks_order or s.order.sampled(layer, k, v, q.shape[-2], s.plan.frame_tokens)
+
+
+def _out_of_order(s: state.Session, site: int, layer: int, q, k, v, scale):
+    """A window not in written order: the model's own attention, counted apart in the report."""
+    s.selections.forget(layer)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    s.record(site, layer, (float(k.shape[-2]),) * q.shape[1], k.shape[-2], True, ordered=False)
     return out
 
 
@@ -229,8 +247,11 @@ def _select_over_cache(s: state.Session, site: int, layer: int, q: torch.Tensor,
     _write(cache_k, cache_v, k_new, v_new, *write)
     s.selections.after_write(layer, cache_k, cache_v)
     k, v = (_window(c, *window, protected) for c in (cache_k, cache_v))
+    ordered = s.order.written(layer, cache_k, cache_v, write, window[1], k.shape[2], q.shape[2])
     if s.calibrating(layer, q, k, scale):
         return _dense(s, site, layer, q, k, v, scale).contiguous()
+    if not ordered:
+        return _out_of_order(s, site, layer, q, k, v, scale).contiguous()
     return _select(s, site, layer, q, k, v, scale, (write[0], window[0])).contiguous()
 
 

@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 import torch
 
+from .modes.order import OUT_OF_ORDER
 from .modes.state import FrameRecord, LayerStats, Session, SiteRecord, session_for_options, session_of_compiled
 from .plan import DENSE, DYNAMIC, STATIC, HeadPlan
 from .semantics import rank_costs
@@ -30,7 +31,8 @@ class LayerRow:
     kept_tokens: float  # mean over heads, last call that fit the geometry
     dense_tokens: int  # the dense window of that call
     calls: int
-    dense_calls: int  # calls left dense because their shapes did not fit the plan's geometry
+    dense_calls: int  # calls left dense: their shapes did not fit the plan's geometry, or their window its order
+    out_of_order: int  # of those, calls whose window was not in written order (fkv_compile.modes.order)
 
     @property
     def kept_ratio(self) -> float:
@@ -99,6 +101,9 @@ class Report:
             chosen, reused, whole = self.selections
             lines.append(f"kept ranges: chosen in {chosen} calls, reused in {reused} (a chunk's later calls over the "
                          f"same history), none needed in {whole} (every head kept its whole window)")
+        unordered = sum(r.out_of_order for r in self.layers)
+        if unordered:
+            lines.append(f"out of written order: {unordered} calls ran dense ({OUT_OF_ORDER})")
         for f in self.frames:
             if f.at_limit:
                 lines.append(f"WARNING: {f.function} hit torch._dynamo.config.recompile_limit ({f.compiles} compiles): "
@@ -242,6 +247,7 @@ def _layer_row(session: Session, stats: LayerStats) -> LayerRow:
         dense_tokens=stats.window,
         calls=stats.calls,
         dense_calls=stats.dense_calls,
+        out_of_order=stats.out_of_order,
     )
 
 

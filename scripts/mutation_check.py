@@ -249,6 +249,19 @@ MUTATIONS = (
              "if False:",
              ("tests/test_patterns.py::test_an_anchored_window_is_compressed_when_the_query_is_one_chunk_and_exactly_"
               "dense_otherwise",)),
+    Mutation("order: a window written outside the graph trusted to be in written order", "passes/__init__.py",
+             "        checks_order=site.k_window.pattern in", "        checks_order=False and site.k_window.pattern in",
+             ("tests/test_patterns.py::test_a_ring_buffer_is_compressed_while_written_in_order_and_exactly_dense_once_"
+              "a_write_lands_inside",)),
+    Mutation("order: blocks written out of turn before the query's tokens not seen (stamps ignored)", "modes/order.py",
+             "                   and all(a <= b for a, b in zip(stamps, stamps[1:])))", ")",
+             ("tests/test_order.py",)),
+    Mutation("order: a write inside the window trusted when the op made it", "modes/order.py",
+             "        at_end = write[1] == window_end and write[0] >= window_end - query_tokens\n",
+             "        at_end = True\n", ("tests/test_order.py",)),
+    Mutation("order: content changes not compared (every block taken as unchanged)", "modes/order.py",
+             "                changed[lo:hi] = (firsts[:, :, lo:hi] != before).any(-1).any(1).any(0)\n",
+             "                changed[lo:hi] = False\n", ("tests/test_order.py",)),
     Mutation("attention: keys re-rotated outside the graph left dense", "passes/attention.py",
              "    if len(found) == 1 and misses[0].kind is Miss.WHOLE_INPUT:\n", "    if False:\n",
              ("tests/test_patterns.py::test_rolling_forcing_re_rotated_keys_are_compressed_per_call_and_compact_falls_"

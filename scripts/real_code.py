@@ -80,7 +80,7 @@ import fkv_compile
 from fkv_compile import HeadPlan, semantics
 from fkv_compile.bundled import PLANS, bundled_plan
 from fkv_compile.tools.check import CONCLUSIVE, wrong_kept_sets
-from fkv_compile.tools.testing import error_budget, is_plain_sdpa, max_abs_error
+from fkv_compile.tools.testing import WriteStamps, error_budget, is_plain_sdpa, max_abs_error
 
 DIFFUSERS_SHIM = {
     "diffusers/__init__.py": "",
@@ -136,6 +136,7 @@ class Loaded:
     tiny: Tiny  # the configuration it was built at (a pipeline may change the chunk, the channels)
     grad_mode: Callable[[], Any] = torch.no_grad  # what the pipeline generates under
     dynamic: bool | None = None  # torch.compile's ``dynamic``, as the pipeline's own code compiles the model
+    blocks: int = 6  # blocks (chunks) per video unless --blocks says otherwise: enough for its cache's every regime
 
 
 def _write_files(root: Path, files: dict[str, str]) -> None:
@@ -517,9 +518,103 @@ def load_rolling_forcing(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dt
         cache_attribute="kv_cache_clean")
 
 
+def load_streamdiffusion_v2(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -> Loaded:
+    """chenfengxu714/StreamDiffusionV2: ``CausalStreamInferencePipeline.prepare`` (``batch_denoise=False``) and
+    ``inference_wo_batch`` from the checkout, driven as streamv2v/inference_wo_batch.py's ``run_inference`` drives them
+    (a first call of two latent frames, then one frame per call, the position reset at frame 50), at
+    configs/wan_causal_dmd_v2v_fast.yaml's cache: 5 frames, a 2-frame sink, 1-frame blocks, the steps 700, 500, 400,
+    200. Once full, the cache is a ring: a new frame overwrites the slot its model's eviction queue names, and
+    attention reads the whole buffer in slot order. (configs/wan_causal_dmd_v2v.yaml also refreshes a sink frame when
+    its cosine similarity to the new frame falls below 0.2; under random weights those similarities sit near 0.2, so
+    a difference of 1e-6 flips the decision and no comparison can be budgeted.)"""
+    tiny = dataclasses.replace(tiny, chunk_frames=1, steps=(700, 500, 400, 200))
+    files = ["models/wan/causal_model.py", "models/wan/wan_base/modules/attention.py",
+             "models/wan/wan_base/modules/model.py"]
+    _copy(checkout, root, files, {
+        # its SDPA fallback casts to its bf16 default (to float32 on a CPU): keep the inputs' dtype
+        "models/wan/wan_base/modules/attention.py": [("def _prepare_sdpa_inputs(q, k, v, dtype):\n",
+                                                      "def _prepare_sdpa_inputs(q, k, v, dtype):\n"
+                                                      "    dtype = q.dtype\n")],
+    })
+    _write_files(root, {"models/__init__.py": "", "models/wan/__init__.py": "", "models/wan/wan_base/__init__.py": "",
+                        "models/wan/wan_base/modules/__init__.py": "", **DIFFUSERS_SHIM})
+    sys.path.insert(0, str(root))
+    causal = importlib.import_module("models.wan.causal_model")
+    causal.flex_attention = flex_attention  # not compiled with max-autotune at import
+    heads, head_dim = 12, 128  # what its _initialize_kv_cache allocates
+    torch.manual_seed(0)
+    model = causal.CausalWanModel(dim=heads * head_dim, ffn_dim=tiny.ffn_dim, num_heads=heads,
+                                  num_layers=tiny.num_layers, text_len=tiny.text_len, text_dim=tiny.text_dim,
+                                  freq_dim=tiny.freq_dim)
+    model = randomize(model).to(dtype).eval()
+    source = "models/wan/causal_stream_inference.py"
+    bound = {name: _function(checkout, source, f"CausalStreamInferencePipeline.{name}", List=list,
+                             dist=torch.distributed)
+             for name in ("prepare", "inference_wo_batch", "_initialize_kv_cache", "_initialize_crossattn_cache")}
+    seq_len = 21 * tiny.frame_tokens
+    frames, sink, threshold, refresh = 5, 2, -1, 50  # num_kv_cache, num_sink_tokens, adapt_sink_threshold, t_refresh
+
+    class Generator:
+        """CausalWanDiffusionWrapper's call: the flow prediction per frame's timestep, ``x0 = x_t - sigma_t * flow``."""
+
+        def __init__(self, call: Callable[..., Any], model: torch.nn.Module):
+            self.call, self.model = call, model  # its _initialize_kv_cache sets the sink on self.model's blocks
+
+        def __call__(self, noisy_image_or_video, conditional_dict, timestep, kv_cache, crossattn_cache, current_start,
+                     current_end):
+            flow = self.call(noisy_image_or_video.permute(0, 2, 1, 3, 4), t=timestep,
+                             context=conditional_dict["prompt_embeds"], seq_len=seq_len, kv_cache=kv_cache,
+                             crossattn_cache=crossattn_cache, current_start=current_start,
+                             current_end=current_end).permute(0, 2, 1, 3, 4)
+            sigma = (timestep.to(torch.float64) / 1000).to(flow.dtype)[..., None, None, None]
+            return noisy_image_or_video - sigma * flow
+
+    class Pipeline:  # CausalStreamInferencePipeline's attributes, its methods from the checkout, shims for the rest
+        locals().update(bound)
+
+        def __init__(self, call: Callable[..., Any], model: torch.nn.Module, text: torch.Tensor):
+            self.generator, self.text, self.device = Generator(call, model), text, "cpu"
+            self.num_transformer_blocks, self.num_heads, self.frame_seq_length = tiny.num_layers, heads, \
+                tiny.frame_tokens
+            self.num_kv_cache, self.kv_cache_length = frames, frames * tiny.frame_tokens
+            self.num_sink_tokens, self.adapt_sink_threshold = sink, threshold
+            self.num_frame_per_block, self.kv_cache1, self.conditional_dict = 1, None, None
+            self.denoising_step_list = torch.tensor(tiny.steps, dtype=torch.long)
+            self.scheduler = _Scheduler()
+
+        def text_encoder(self, text_prompts: list[str]) -> dict[str, torch.Tensor]:
+            return {"prompt_embeds": self.text}
+
+    state: dict[str, Any] = {}
+
+    def rollout(model: torch.nn.Module, call: Callable[..., Any], noise: list[torch.Tensor],
+                text: torch.Tensor) -> list[torch.Tensor]:
+        """One stream from a fresh start: a new pipeline object and the model's eviction queues emptied (a second
+        stream on the same objects would start inside the first one's ring, whose queue may name a slot before the
+        first chunk's two frames: its own code then fails on the empty slice)."""
+        for block in model.blocks:
+            block.self_attn.evict_idx = None
+        pipe = state["pipe"] = Pipeline(call, model, text)
+        frame = tiny.frame_tokens
+        start, end = 0, 2 * frame  # the first chunk: 1 + chunk_size // 4 latent frames
+        out = [pipe.prepare(text_prompts=[""], device="cpu", dtype=noise[0].dtype, noise=torch.cat(noise[:2], 1),
+                            current_start=start, current_end=end, batch_denoise=False)]
+        for x in noise[2:]:
+            start, end = end, end + frame
+            if start // frame >= refresh:
+                start = pipe.kv_cache_length - frame
+                end = start + frame
+            out.append(pipe.inference_wo_batch(noise=x, current_start=start, current_end=end,
+                                               current_step=tiny.steps[0]))
+        return out
+
+    return Loaded(model, rollout, lambda: state["pipe"].kv_cache1, heads, tiny, blocks=12)
+
+
 PIPELINES: dict[str, Callable[[Path, Path, Tiny, torch.dtype], Loaded]] = {
     "krea": load_krea, "self-forcing": load_self_forcing, "longlive-v1": load_longlive, "longlive-2": load_longlive2,
-    "rolling-forcing": load_rolling_forcing, "causal-forcing": load_causal_forcing}
+    "rolling-forcing": load_rolling_forcing, "causal-forcing": load_causal_forcing,
+    "streamdiffusion-v2": load_streamdiffusion_v2}
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -572,17 +667,24 @@ class _LayerOrderOracle(TorchFunctionMode):
     """Every self-attention SDPA call of one model call replaced by the masked-dense oracle, the i-th call being layer
     i. The pipelines' keys are not always views of their cache (LongLive v1 attends over ``cat`` of slices of a
     per-layer clone), so the layer is told by the order of the calls; cross-attention, whose keys have the text's
-    length, runs unchanged."""
+    length, runs unchanged.
 
-    def __init__(self, plan: HeadPlan, text_len: int):
+    A call whose keys are a window not written front to back (StreamDiffusionV2's ring, once full: see
+    :class:`~fkv_compile.tools.testing.WriteStamps`) runs dense, which is what the pass promises there."""
+
+    def __init__(self, plan: HeadPlan, text_len: int, stamps: WriteStamps):
         super().__init__()
-        self.plan, self.text_len, self.calls = plan, text_len, 0
+        self.plan, self.text_len, self.calls, self.stamps = plan, text_len, 0, stamps
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if (func is F.scaled_dot_product_attention and is_plain_sdpa(args, kwargs)
+        if func is torch.Tensor.__setitem__:
+            self.stamps.stamp(*args[:2])
+        elif (func is F.scaled_dot_product_attention and is_plain_sdpa(args, kwargs)
                 and args[1].shape[-2] != self.text_len):
             layer, self.calls = self.calls % self.plan.num_layers, self.calls + 1
+            if not self.stamps.in_written_order(args[1]):
+                return func(*args, **kwargs)
             return semantics.oracle_attention(*args[:3], self.plan, layer, scale=kwargs.get("scale"))
         return func(*args, **kwargs)
 
@@ -590,9 +692,10 @@ class _LayerOrderOracle(TorchFunctionMode):
 def _oracle_rollout(loaded: Loaded, model: torch.nn.Module, inputs, plan: HeadPlan) -> list[torch.Tensor]:
     """The rollout with the oracle installed around every model call."""
     text_len = inputs[1].shape[1]
+    stamps = WriteStamps()
 
     def oracle_model(*args, **kwargs):
-        with _LayerOrderOracle(plan, text_len):
+        with _LayerOrderOracle(plan, text_len, stamps):
             return model(*args, **kwargs)
 
     return _run(loaded, model, inputs, oracle_model)
@@ -603,7 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkout", required=True, type=Path, help="a checkout of the pipeline's public repository")
     parser.add_argument("--pipeline", required=True, choices=sorted(PIPELINES))
     parser.add_argument("--mode", default="select,compact", help="comma-separated modes to run")
-    parser.add_argument("--blocks", type=int, default=6, help="blocks (chunks) per video")
+    parser.add_argument("--blocks", type=int, default=None,
+                        help="blocks (chunks) per video (default: the pipeline's, 6 unless its cache needs more)")
     parser.add_argument("--plan", default="mixed", choices=["mixed", "compressed", *sorted(PLANS)],
                         help="mixed: static, dynamic and dense heads in every layer; compressed: static and dynamic "
                              "heads alternating; or a bundled plan's first --layers layers at the tiny geometry")
@@ -636,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         tiny = loaded.tiny
         plan = _plan(args.plan, tiny, loaded.heads)
         model64 = _to64(loaded.model)
-        videos = [_inputs(tiny, args.blocks, seed, dtype) for seed in (0, 1)]
+        videos = [_inputs(tiny, args.blocks or loaded.blocks, seed, dtype) for seed in (0, 1)]
         print(f"{args.pipeline} at {commit}: tiny config {tiny}, plan {args.plan} "
               f"({', '.join(f'{plan.count(r)} {r}' for r in ('static', 'dynamic', 'dense'))} heads), "
               f"kv_recache={args.kv_recache}, {args.dtype}, under "
@@ -699,7 +803,8 @@ def _summary(compiled: torch.nn.Module) -> None:
         if not s.action.is_site:
             print(f"  left alone: {s.node} in graph {s.graph}: {s.reason}")
     chosen, reused, whole = rep.selections
-    print(f"  kept ranges: chosen {chosen}, reused {reused}, none needed {whole}")
+    print(f"  kept ranges: chosen {chosen}, reused {reused}, none needed {whole}; "
+          f"{sum(r.out_of_order for r in rep.layers)} calls dense out of written order")
     if rep.compact:
         print("  " + rep.compact.replace("\n", "\n  "))
     if rep.memory is not None:

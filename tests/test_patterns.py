@@ -490,3 +490,25 @@ def test_an_anchored_window_is_compressed_when_the_query_is_one_chunk_and_exactl
         sites = [s for s in fkv_compile.report(compiled, print_table=False).sites if s.pattern != "-"]
         assert sites and {s.pattern for s in sites} == {"anchored-window, sdpa"}
         assert {s.action for s in sites} == {"select" if mode == "compact" else "rewritten"}
+
+
+RING = MiniConfig(num_layers=2, window_frames=12, sink_frames=3, cache_style="ring")
+
+
+def test_a_ring_buffer_is_compressed_while_written_in_order_and_exactly_dense_once_a_write_lands_inside():
+    # StreamDiffusionV2's op sequence: appended until full, then each chunk over the next slot after the sink, the
+    # window (the whole filled buffer) cut in an earlier graph; the oracle runs dense where the window is not written
+    # front to back, as the pass must
+    model, inputs = build(RING, seed=0), make_inputs(RING, chunks=7, seed=0)  # full after 4 chunks, 3 ring writes
+    plan = mixed_plan(RING)
+    ref, budget = oracle_reference(model, RING, inputs, plan)
+    with torch._dynamo.config.patch(recompile_limit=16):
+        compiled = torch.compile(model, backend="forcing_kv", options={"plan": plan, "lowering": "aot_eager"})
+        assert_within_budget(rollout(compiled, RING, inputs), ref, budget, "select over a ring buffer")
+    rep = fkv_compile.report(compiled, print_table=False)
+    assert {s.pattern for s in rep.sites if s.action == "rewritten"} == {"window-input, sdpa"}
+    calls_per_chunk = len(DENOISING_STEPS) + 1
+    # ring writes into slots 3 and 6 of 0..9 frames/3 are inside the window; the one into the last slot is in order
+    assert [r.out_of_order for r in rep.layers] == [2 * calls_per_chunk] * 2
+    assert all(r.kept_ratio < 1 for r in rep.layers), "the calls in order are compressed"
+    assert "out of written order" in rep.table()

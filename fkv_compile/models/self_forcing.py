@@ -60,6 +60,9 @@ class MiniConfig:
     # "rolling": Rolling Forcing-like, keys stored un-rotated and the window re-rotated at every call (order-dependent);
     # "recompute": Krea-style streaming, the cache zeroed and rebuilt from position 0 at every block by a forward
     # over the clean context frames (frame-causal mask), the chunk written after it (models.rollout.recompute_rollout)
+    # "ring": StreamDiffusionV2-like, appended until full, then each new chunk written over the next non-sink slot in
+    # turn; a graph break after the write and one before the attention, which reads the whole filled buffer in slot
+    # order (a window cut in an earlier graph, written by code before it)
     cache_style: str = "slots"
     context_frames: int = 4  # "recompute": the frames rebuilt per block, the first frame and the latest others
     attention: str = "sdpa"  # "sdpa", "manual" (softmax(q @ k^T * scale) @ v written out) or "varlen" (flash-attn)
@@ -79,7 +82,7 @@ class MiniConfig:
         return self.cache_style in ("longlive", "longlive2")
 
     def __post_init__(self) -> None:
-        styles = ("slots", "absolute", "cat", "longlive", "longlive2", "rolling", "recompute")
+        styles = ("slots", "absolute", "cat", "longlive", "longlive2", "rolling", "recompute", "ring")
         if self.cache_style not in styles or self.attention not in ("sdpa", "manual", "varlen"):
             raise ValueError(f"cache_style expected one of {styles}, attention 'sdpa', 'manual' or 'varlen'; got "
                              f"{self.cache_style!r}, {self.attention!r}")
@@ -89,6 +92,11 @@ class MiniConfig:
             raise ValueError(f"lora_rank expected >= 0, got {self.lora_rank}")
         if self.cache_style in ("absolute", "cat", "recompute") and self.window_frames is not None:
             raise ValueError(f"cache_style={self.cache_style!r} sizes its own cache: window_frames must be None")
+        if self.cache_style == "ring" and (self.window_frames is None
+                                           or (self.window_frames - self.sink_frames) % self.chunk_frames):
+            raise ValueError("cache_style='ring' needs window_frames whose frames after the sink are whole chunks, got "
+                             f"window_frames={self.window_frames}, sink_frames={self.sink_frames}, "
+                             f"chunk_frames={self.chunk_frames}")
         if self.context_frames < 1:
             raise ValueError(f"context_frames expected >= 1, got {self.context_frames}")
         n = self.sequence_parallel
@@ -257,6 +265,7 @@ class CausalSelfAttention(nn.Module):
         self.cat_window = cfg.cache_style == "longlive"
         self.rerotate = cfg.cache_style == "rolling"
         self.recompute = cfg.cache_style == "recompute"
+        self.ring = cfg.cache_style == "ring"
         self.attention = cfg.attention
         self.graph_break = cfg.graph_break
         self.sequence_parallel = cfg.sequence_parallel
@@ -293,6 +302,8 @@ class CausalSelfAttention(nn.Module):
             return self._project(attend(roped_q, k_all, v_all, self.attention))
         if self.recompute:
             return self._project(self._recompute(roped_q, roped_k, v, kv_cache, frame_tokens))
+        if self.ring:
+            return self._project(self._ring(roped_q, roped_k, v, kv_cache, current_start, frame_tokens))
         current_end = current_start + s
         if self.absolute:  # CausVid: the chunk's slots are its absolute positions
             kv_cache["k"][:, current_start:current_end] = roped_k
@@ -352,6 +363,31 @@ class CausalSelfAttention(nn.Module):
         write_index(kv_cache, "global_end_index", current_end)
         write_index(kv_cache, "local_end_index", local_end)
         return self._project(out)
+
+    def _ring(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, current_start: int,
+              frame_tokens: int) -> torch.Tensor:
+        """A ring buffer: a new chunk is appended while there is room, then written over the next slot after the
+        sink in turn (the chunk's later denoising steps write its slot again); the attention reads the whole filled
+        buffer in slot order, so once full the query's own chunk is inside the window."""
+        s, keys, values = q.shape[1], kv_cache["k"], kv_cache["v"]
+        global_end = _read_index(kv_cache, "global_end_index")
+        filled = _read_index(kv_cache, "local_end_index")
+        current_end = current_start + s
+        if current_end > global_end:  # a new chunk: its slot
+            if filled + s <= keys.shape[1]:
+                kv_cache["slot"], filled = filled, filled + s
+            else:
+                following = kv_cache["slot"] + s
+                kv_cache["slot"] = following if following + s <= keys.shape[1] else self.sink_size * frame_tokens
+        slot = kv_cache["slot"]
+        keys[:, slot:slot + s] = k
+        values[:, slot:slot + s] = v
+        write_index(kv_cache, "global_end_index", current_end)
+        write_index(kv_cache, "local_end_index", filled)
+        torch._dynamo.graph_break()
+        k_w, v_w = keys[:, :filled], values[:, :filled]
+        torch._dynamo.graph_break()
+        return attend(q, k_w, v_w, self.attention)
 
     def _recompute(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                    frame_tokens: int) -> torch.Tensor:

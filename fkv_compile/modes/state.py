@@ -32,6 +32,7 @@ from ..plan import HeadPlan, PlanError
 from .calibration import Calibrator, Geometry
 from .dispatch import Kernels, kernels_for
 from .guard import CompactCaches
+from .order import WindowOrder
 from .select import SelectionMemo
 from .sharding import HeadShard
 from .store import LayerStore
@@ -67,6 +68,7 @@ class SiteRecord:
     reason: str = ""
     cache: str = ""
     layer_key: str = ""  # "param" or "cache": which tensor identifies the layer at run time
+    checks_order: bool = False  # written by code outside the graph: its order is proven at run time (.order)
 
 
 @dataclass
@@ -95,6 +97,7 @@ class LayerStats:
     sites: set[int] = field(default_factory=set)
     calls: int = 0
     dense_calls: int = 0  # calls whose shapes did not fit the plan's geometry
+    out_of_order: int = 0  # calls whose window was not in written order (.order), dense too
     kept: tuple[float, ...] | torch.Tensor = ()  # key tokens per head in the last fitting call (compact: on device)
     window: int = 0  # key tokens of the dense window in that call
 
@@ -119,6 +122,7 @@ class Session:
         self.profile_records: list = []  # fkv_compile.modes.profile.MassRecord, in call order (mode "profile")
         self.compact = CompactCaches(self._new_store, trust=config.release == "trust")  # mode "compact"
         self.selections = SelectionMemo()  # mode "select" (and compact's dense layers): ranges chosen once per chunk
+        self.order = WindowOrder()  # whether each call's window is in written order
         self.staged = False  # a compact site on a staged cache was compiled: write-back graphs get replay ops
         self.owned = False  # by a compiled module (else by the compiled functions)
         self._bindings: dict[tuple[str, int], int] = {}
@@ -213,15 +217,17 @@ class Session:
         return LayerStore(self.plan, layer, self.kernels(device), keep_protected=self.config.kv_recache,
                           shard=self.shard)
 
-    def record(self, site: int, layer: int, kept: tuple[float, ...] | torch.Tensor, window: int, fits: bool) -> None:
+    def record(self, site: int, layer: int, kept: tuple[float, ...] | torch.Tensor, window: int, fits: bool,
+               ordered: bool = True) -> None:
         """Count a call of the rewritten attention; ``kept`` may be a device tensor (read only by the report)."""
         stats = self.layers.setdefault(layer, LayerStats(layer))
         stats.sites.add(site)
         stats.calls += 1
-        if fits:
+        if fits and ordered:
             stats.kept, stats.window = kept, window
         else:
             stats.dense_calls += 1
+            stats.out_of_order += not ordered
 
 
 _LIVE: weakref.WeakValueDictionary[int, Session] = weakref.WeakValueDictionary()  # id -> session, for the ops

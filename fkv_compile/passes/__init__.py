@@ -231,6 +231,8 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, session: Session, graph_id
         action=SiteAction.FOUND if config.mode == "off" else SiteAction.REWRITTEN,
         cache=site.k_window.source,
         layer_key=site.layer_key_kind,
+        checks_order=site.k_window.pattern in (CachePattern.CACHE_WINDOW, CachePattern.WINDOW_INPUT)
+        and not site.writes_in_graph,
     )
     if config.mode == "compact":
         plan = session.shard.plan if session.shard is not None else session.plan

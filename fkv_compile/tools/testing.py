@@ -25,6 +25,7 @@ __all__ = [
     "assert_within_budget",
     "selection_margin",
     "OracleAttentionMode",
+    "WriteStamps",
     "is_plain_sdpa",
 ]
 
@@ -106,24 +107,57 @@ def is_plain_sdpa(args: tuple, kwargs: Mapping[str, Any]) -> bool:
                for name, default in _SDPA_DEFAULTS.items() if name in kwargs)
 
 
+class WriteStamps:
+    """The writes an eager rollout made into its ``[B, L, H, D]`` buffers, to tell whether a window was written front
+    to back: what the keep rule's positions assume (:mod:`fkv_compile.modes.order`). Every ``buf[:, a:b] = new``
+    stamps tokens ``a:b`` with the write's number; a window is in written order if its stamps never decrease. A
+    ring buffer's write inside the window (StreamDiffusionV2, once full) breaks it; there the pass runs dense."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[int, torch.Tensor] = {}  # per buffer (its storage): the last write's number per token
+        self.writes = 0
+
+    def stamp(self, buffer: torch.Tensor, index: object) -> None:
+        tokens = index[1] if isinstance(index, tuple) and len(index) > 1 else None
+        if buffer.dim() == 4 and isinstance(tokens, slice):
+            stamps = self.tokens.setdefault(buffer.untyped_storage().data_ptr(),
+                                            torch.zeros(buffer.shape[1], dtype=torch.long))
+            self.writes += 1
+            stamps[tokens] = self.writes
+
+    def in_written_order(self, k: torch.Tensor) -> bool:
+        """Whether the window ``k`` ``[B, H, L, D]`` was written front to back (a window of no stamped buffer: yes)."""
+        stamps = self.tokens.get(k.untyped_storage().data_ptr())
+        if stamps is None or not k.stride(2):
+            return True
+        start = k.storage_offset() // k.stride(2)
+        window = stamps[start:start + k.shape[2]]
+        return bool((window[1:] >= window[:-1]).all())
+
+
 class OracleAttentionMode(TorchFunctionMode):
     """Eagerly replace SDPA over the given KV caches by the masked-dense oracle of ``plan``.
 
     The layer of a call is the index of the cache its keys are a view of (or its values, where the keys are
     recomputed from the cache at every call: re-rotated); attention over anything else (cross-attention) runs
-    unchanged.
+    unchanged, and so does attention over a window not in written order (:class:`WriteStamps`, kept across the
+    calls of a rollout in ``stamps``).
     """
 
-    def __init__(self, plan: HeadPlan, kv_caches: Sequence[Mapping[str, torch.Tensor]]):
+    def __init__(self, plan: HeadPlan, kv_caches: Sequence[Mapping[str, torch.Tensor]],
+                 stamps: WriteStamps | None = None):
         super().__init__()
         self.plan = plan
         self.layer_of = {c[name].untyped_storage().data_ptr(): i for i, c in enumerate(kv_caches) for name in "kv"}
+        self.stamps = stamps if stamps is not None else WriteStamps()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and is_plain_sdpa(args, kwargs):
+        if func is torch.Tensor.__setitem__:
+            self.stamps.stamp(*args[:2])
+        elif func is F.scaled_dot_product_attention and is_plain_sdpa(args, kwargs):
             layer = self.layer_of.get(args[1].untyped_storage().data_ptr(),
                                       self.layer_of.get(args[2].untyped_storage().data_ptr()))
-            if layer is not None:
+            if layer is not None and self.stamps.in_written_order(args[1]):
                 return semantics.oracle_attention(*args[:3], self.plan, layer, scale=kwargs.get("scale"))
         return func(*args, **kwargs)

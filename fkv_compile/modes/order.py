@@ -1,0 +1,102 @@
+"""Whether the window an attention reads is in the order the keep rule assumes: written front to back, the query's
+own chunk last.
+
+The keep rule is positional (:mod:`fkv_compile.semantics`): a head keeps the window's first frames (the sink), the
+frames just before its last chunk (recent) and that last chunk (the query's own). Caches written by appending, or
+rolled so that they stay in order, are. A ring buffer is not: StreamDiffusionV2, once its cache is full, writes each
+new frame over the slot its eviction queue names and attends over the whole buffer in slot order, so the query's own
+frame sits inside the window and the positional rule would keep the wrong frames and drop it.
+
+The order is proven per layer, over its calls on one pair of buffers. Where the op makes the write itself
+(:func:`fkv_compile.ops.select_cache_attention`) the written range is known: a call is in order if it wrote the
+window's last tokens and the previous window was in order, or if the window is the query's tokens alone (a stream's
+start). Where the window was cut in an earlier graph and written by code the pass never saw (a graph break inside
+the pipeline's cache update: the ``window-input`` pattern), the writes are found by content: the layer keeps the
+first key token of each frame-sized block of its window and the number of the call that last saw it change. A
+frame-aligned write of at least one frame changes at least one of those tokens (a write of identical values changes
+nothing the attention reads). A call is in order if the blocks that changed since the layer's previous call (all,
+for buffers not seen before) lie in its query's tokens and every block changed no earlier than the blocks before it:
+the window reads as written front to back. (StreamDiffusionV2's ring is in order again whenever the slot it writes
+is the last one and the slots before it were written in turn.) Comparing the tokens waits for the device once per
+call: the price of a window whose writes the graph does not show. A call out of order runs dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .watch import CacheMark
+
+__all__ = ["WindowOrder", "OUT_OF_ORDER"]
+
+OUT_OF_ORDER = "a write landed inside the window, not at its end (a ring buffer): the keep rule's positions do not apply"
+
+
+@dataclass
+class _Seen:
+    """A layer's previous call: its buffers, whether its window was in order and, for content checks, the window's
+    first token per frame block with the number of the call that last saw each block change."""
+
+    mark: CacheMark
+    ordered: bool
+    offset: int = 0  # the window's storage offset, in tokens
+    firsts: torch.Tensor | None = None  # [B, H, blocks, D]
+    stamps: tuple[int, ...] = ()
+
+
+class WindowOrder:
+    """Per layer: whether each call's window is in written order (module docstring)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, _Seen] = {}
+        self._calls = 0
+
+    def written(self, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor, write: tuple[int, int],
+                window_end: int, window_tokens: int, query_tokens: int) -> bool:
+        """A call whose op wrote ``cache[:, write[0]:write[1]]`` just before reading a window of ``window_tokens``
+        ending at buffer token ``window_end``."""
+        seen = self._seen.get(layer)
+        same = seen is not None and seen.mark.describes(cache_k, cache_v)
+        at_end = write[1] == window_end and write[0] >= window_end - query_tokens
+        ordered = at_end and (window_tokens == query_tokens or (same and seen.ordered))
+        self._seen[layer] = _Seen(CacheMark.of(cache_k, cache_v), ordered)
+        return ordered
+
+    def sampled(self, layer: int, k: torch.Tensor, v: torch.Tensor, query_tokens: int, frame_tokens: int) -> bool:
+        """A call over the window ``k``/``v`` ``[B, H, L, D]`` (views of the buffers) written by code outside the
+        graph. The blocks that changed since the layer's previous call (all, for buffers or positions not seen
+        before) must lie in the query's last tokens, and every block's last change must come no earlier than the
+        blocks before it: the window reads as written front to back."""
+        self._calls += 1
+        stride = k.stride(2)
+        offset, rest = divmod(k.storage_offset(), stride) if stride else (0, 1)
+        firsts = k[:, :, ::frame_tokens].clone()
+        seen = self._seen.get(layer)
+        if seen is not None and (rest or not seen.mark.describes(k, v) or seen.firsts is None):
+            seen = None
+        changed, stamps = self._changes(seen, offset, firsts, frame_tokens)
+        current = -(-(k.shape[2] - query_tokens) // frame_tokens)  # the first block inside the query's tokens
+        stamps = [self._calls if c else s for c, s in zip(changed, stamps)]
+        ordered = (not any(changed[:current])
+                   and all(a <= b for a, b in zip(stamps, stamps[1:])))
+        self._seen[layer] = _Seen(CacheMark.of(k, v), ordered, offset, firsts, tuple(stamps))
+        return ordered
+
+    @staticmethod
+    def _changes(seen: _Seen | None, offset: int, firsts: torch.Tensor,
+                 frame_tokens: int) -> tuple[list[bool], list[int]]:
+        """Per frame block of the window: whether it changed since ``seen`` (blocks it did not see: yes), and the
+        stamp it had then (0 if unseen). The one wait for the device."""
+        blocks = firsts.shape[2]
+        changed = torch.ones(blocks, dtype=torch.bool, device=firsts.device)
+        stamps = [0] * blocks
+        shift, rest = divmod(offset - seen.offset, frame_tokens) if seen is not None else (0, 1)
+        if not rest and seen.firsts.shape[:2] == firsts.shape[:2]:
+            lo, hi = max(0, -shift), min(blocks, seen.firsts.shape[2] - shift)  # the blocks seen before
+            if lo < hi:
+                before = seen.firsts[:, :, lo + shift:hi + shift]
+                changed[lo:hi] = (firsts[:, :, lo:hi] != before).any(-1).any(1).any(0)
+                stamps[lo:hi] = seen.stamps[lo + shift:hi + shift]
+        return changed.tolist(), stamps
