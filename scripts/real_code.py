@@ -51,6 +51,13 @@ Pipelines:
   windows of as many blocks as denoising steps; after each window its first block, clean, is cached by a call with
   ``updating_cache=True``), with its ``_initialize_kv_cache`` and ``_initialize_crossattn_cache``, the shims of
   ``self-forcing``. Change to the copy: ``self.frame_length = 1560`` (hard-coded 480p) becomes the tiny frame's size.
+- ``streamdiffusion-v2``: chenfengxu714/StreamDiffusionV2: ``CausalStreamInferencePipeline.prepare`` and
+  ``inference_wo_batch`` with its cache functions, driven as streamv2v/inference_wo_batch.py drives them, each video a
+  fresh stream (a new pipeline object, the model's eviction queues emptied), 12 blocks by default so that its ring
+  buffer wraps (:func:`load_streamdiffusion_v2`). Shims: the generator (``CausalWanDiffusionWrapper``'s call), the
+  text encoder, the scheduler; flash-attn absent, so its attention is its own SDPA fallback. Change to the copy: the
+  SDPA fallback of ``wan_base/modules/attention.py`` keeps the inputs' dtype (it casts to its bf16 default, float32
+  on a CPU).
 """
 
 from __future__ import annotations

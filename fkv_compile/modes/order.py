@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .watch import CacheMark
+from .watch import CacheMark, storage_id
 
 __all__ = ["WindowOrder", "OUT_OF_ORDER"]
 
@@ -47,21 +47,31 @@ class _Seen:
 
 
 class WindowOrder:
-    """Per layer: whether each call's window is in written order (module docstring)."""
+    """Per layer and pair of buffers (two streams served in turns each keep their own): whether each call's window is
+    in written order (module docstring)."""
 
     def __init__(self) -> None:
-        self._seen: dict[int, _Seen] = {}
+        self._seen: dict[tuple[int, int], _Seen] = {}  # (layer, K's storage) -> the previous call over those buffers
         self._calls = 0
+
+    def _previous(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> _Seen | None:
+        seen = self._seen.get((layer, storage_id(k)))
+        return seen if seen is not None and seen.mark.describes(k, v) else None
+
+    def _remember(self, layer: int, k: torch.Tensor, seen: _Seen) -> None:
+        key = (layer, storage_id(k))
+        if key not in self._seen:  # a new pair of buffers: forget the ones freed since
+            self._seen = {kept: old for kept, old in self._seen.items() if old.mark.owner() is not None}
+        self._seen[key] = seen
 
     def written(self, layer: int, cache_k: torch.Tensor, cache_v: torch.Tensor, write: tuple[int, int],
                 window_end: int, window_tokens: int, query_tokens: int) -> bool:
         """A call whose op wrote ``cache[:, write[0]:write[1]]`` just before reading a window of ``window_tokens``
         ending at buffer token ``window_end``."""
-        seen = self._seen.get(layer)
-        same = seen is not None and seen.mark.describes(cache_k, cache_v)
+        seen = self._previous(layer, cache_k, cache_v)
         at_end = write[1] == window_end and write[0] >= window_end - query_tokens
-        ordered = at_end and (window_tokens == query_tokens or (same and seen.ordered))
-        self._seen[layer] = _Seen(CacheMark.of(cache_k, cache_v), ordered)
+        ordered = at_end and (window_tokens == query_tokens or (seen is not None and seen.ordered))
+        self._remember(layer, cache_k, _Seen(CacheMark.of(cache_k, cache_v), ordered))
         return ordered
 
     def sampled(self, layer: int, k: torch.Tensor, v: torch.Tensor, query_tokens: int, frame_tokens: int) -> bool:
@@ -73,15 +83,15 @@ class WindowOrder:
         stride = k.stride(2)
         offset, rest = divmod(k.storage_offset(), stride) if stride else (0, 1)
         firsts = k[:, :, ::frame_tokens].clone()
-        seen = self._seen.get(layer)
-        if seen is not None and (rest or not seen.mark.describes(k, v) or seen.firsts is None):
+        seen = self._previous(layer, k, v)
+        if seen is not None and (rest or seen.firsts is None):
             seen = None
         changed, stamps = self._changes(seen, offset, firsts, frame_tokens)
         current = -(-(k.shape[2] - query_tokens) // frame_tokens)  # the first block inside the query's tokens
         stamps = [self._calls if c else s for c, s in zip(changed, stamps)]
         ordered = (not any(changed[:current])
                    and all(a <= b for a, b in zip(stamps, stamps[1:])))
-        self._seen[layer] = _Seen(CacheMark.of(k, v), ordered, offset, firsts, tuple(stamps))
+        self._remember(layer, k, _Seen(CacheMark.of(k, v), ordered, offset, firsts, tuple(stamps)))
         return ordered
 
     @staticmethod

@@ -24,7 +24,7 @@ import torch
 
 from ..config import Choice
 
-__all__ = ["Touch", "CacheMark"]
+__all__ = ["Touch", "CacheMark", "storage_id"]
 
 
 class Touch(Choice):
@@ -36,7 +36,7 @@ class Touch(Choice):
     UNTRACKED = "untracked"  # the marked buffers, but without version counters (inference tensors)
 
 
-def _storage_id(t: torch.Tensor) -> int:
+def storage_id(t: torch.Tensor) -> int:
     """The identity of ``t``'s storage (the same for all its views, and after the storage is released)."""
     return t.untyped_storage()._cdata
 
@@ -63,7 +63,7 @@ class CacheMark:
 
     @classmethod
     def of(cls, k: torch.Tensor, v: torch.Tensor) -> CacheMark:
-        return cls(weakref.ref(_owner(k)), (_storage_id(k), _storage_id(v)), _versions(k, v))
+        return cls(weakref.ref(_owner(k)), (storage_id(k), storage_id(v)), _versions(k, v))
 
     @property
     def tracked(self) -> bool:
@@ -71,7 +71,7 @@ class CacheMark:
 
     def describes(self, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Whether ``k``, ``v`` are the marked buffers (or views of them), still alive."""
-        return self.owner() is not None and self.storages == (_storage_id(k), _storage_id(v))
+        return self.owner() is not None and self.storages == (storage_id(k), storage_id(v))
 
     def advanced(self, slot: int, buffer: torch.Tensor) -> CacheMark:
         """This mark after a write the guard allowed into one of the buffers (``slot`` 0: K, 1: V)."""
