@@ -40,14 +40,15 @@ def forcing_kv(
     mode: str | None = None,
 ) -> Callable:
     """Dynamo backend; ``options`` are the fields of :class:`fkv_compile.Config` (none required).
-    ``mode`` (the torch.compile argument) goes to Inductor."""
+    ``mode`` (the torch.compile argument, possible without options) goes to Inductor, as does the option
+    ``inductor_mode``."""
     from . import ops  # noqa: F401  registers the custom ops before any graph uses them
 
     compiled = compiling_module()
     session: Session = open_session(options, compiled, Config.from_options)
     config = session.config
     replay_tokens = run_passes(gm, session, compiled._orig_mod if compiled is not None else None)
-    lowered = _lower(gm, example_inputs, config.lowering, mode)
+    lowered = _lower(gm, example_inputs, config.lowering, config.inductor_mode or mode)
     if replay_tokens:  # a staged cache's write-back: the replay ops' tokens are outputs dynamo does not expect
         lowered = dropping_outputs(lowered, replay_tokens)
     return session.owns(lowered)

@@ -20,13 +20,16 @@ from .bundled import bundled_plan, is_bundled_name
 from .classify import ProfileSettings
 from .plan import DYNAMIC, HeadPlan, PlanError
 
-__all__ = ["Config", "Calibration", "OptionsError", "Choice", "MODES", "LOWERINGS", "KERNELS", "RELEASES",
+__all__ = ["Config", "Calibration", "OptionsError", "Choice", "MODES", "LOWERINGS", "INDUCTOR_MODES", "KERNELS",
+           "RELEASES",
            "KERNELS_ENV", "CONFIG_TYPE", "default_kernels"]
 
 MODES: tuple[str, ...] = ("off", "oracle", "select", "compact", "profile")
 """What the pass does with the attention it finds (README, "Modes")."""
 LOWERINGS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
 """What compiles the rewritten graph."""
+INDUCTOR_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""torch.compile's ``mode`` for the Inductor lowering: torch.compile takes ``mode`` or ``options``, not both."""
 KERNELS: tuple[str, ...] = ("auto", "torch", "triton")
 """Which implementation the compressed ops run: ``auto`` is Triton on CUDA and torch on CPU."""
 RELEASES: tuple[str, ...] = ("watch", "trust")
@@ -183,6 +186,9 @@ class Config:
         ``off``, ``oracle``, ``select`` (default), ``compact`` or ``profile`` (see :data:`MODES`).
     lowering:
         ``inductor`` (default), ``aot_eager`` (fast tests) or ``eager`` (debugging).
+    inductor_mode:
+        What ``torch.compile(mode=...)`` would tell Inductor (:data:`INDUCTOR_MODES`, e.g. ``max-autotune``):
+        torch.compile refuses ``mode`` together with ``options``, so with options it is given here.
     strict:
         Raise on an attention over a KV cache the pass cannot rewrite, and when a compiled frame
         reaches dynamo's recompile limit, instead of leaving attention dense.
@@ -216,6 +222,7 @@ class Config:
     calibration: Calibration = Calibration()
     mode: str = "select"
     lowering: str = "inductor"
+    inductor_mode: str | None = None
     strict: bool = False
     kv_recache: bool = True
     release: str = "watch"
@@ -229,6 +236,11 @@ class Config:
                                f"{type(self.plan).__name__}; pass a HeadPlan or the path of one saved with HeadPlan.save")
         _choice("mode", self.mode, MODES)
         _choice("lowering", self.lowering, LOWERINGS)
+        if self.inductor_mode is not None:
+            _choice("inductor_mode", self.inductor_mode, INDUCTOR_MODES)
+            if self.lowering != "inductor":
+                raise OptionsError(f"option inductor_mode={self.inductor_mode!r} needs lowering='inductor', got "
+                                   f"lowering={self.lowering!r}")
         for name in ("strict", "kv_recache"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"option {name} expected a bool, got {getattr(self, name)!r}")
@@ -271,7 +283,7 @@ class Config:
         plan = self.plan_name or (None if self.plan is None else self.plan.to_dict())
         return {"type": CONFIG_TYPE, "plan": plan, "frame_tokens": self.frame_tokens, "chunk_frames": self.chunk_frames,
                 "calibration": self.calibration.to_dict(), "mode": self.mode, "lowering": self.lowering,
-                "strict": self.strict, "kv_recache": self.kv_recache, "release": self.release, "kernels": self.kernels,
+                "inductor_mode": self.inductor_mode, "strict": self.strict, "kv_recache": self.kv_recache, "release": self.release, "kernels": self.kernels,
                 "head_range": None if self.head_range is None else list(self.head_range)}
 
     @classmethod

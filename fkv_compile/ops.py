@@ -37,8 +37,22 @@ from .modes.store import LayerStore, StoreError
 __all__ = ["select_attention", "oracle_attention", "profile_attention"]
 
 
-def _fake_attention(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+def _attention_out(q: torch.Tensor, v: torch.Tensor, result: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention ops' output, ``[..., Lq, Dv]`` contiguous in q's dtype, for the fake (``result`` None: empty)
+    and the real op (``result`` in that layout) alike, so that the two cannot drift apart: q and v are often
+    transposed views of ``[B, L, H, D]`` buffers, whose strides the output must not take."""
+    shape = (*q.shape[:-1], v.shape[-1])
+    if result is None:
+        return q.new_empty(shape)
+    if tuple(result.shape) != shape or result.dtype != q.dtype:
+        raise RuntimeError(f"fkv internal error: an attention op computed {tuple(result.shape)} {result.dtype}, its "
+                           f"schema promises {shape} {q.dtype}")
+    return result.contiguous()
+
+
+def _token(like: torch.Tensor) -> torch.Tensor:
+    """The empty tensor the cache-step ops return (real and fake) so that later ops can be ordered after them."""
+    return like.new_empty(0)
 
 
 AttentionBody = Callable[[state.Session, int, int, torch.Tensor, torch.Tensor, torch.Tensor, "float | None"],
@@ -100,12 +114,12 @@ def _attention_op(name: str, body: AttentionBody, doc: str, *, masked: bool):
     ) -> torch.Tensor:
         s, layer = state.resolve(session, site, layer_key)
         if s.calibrating(layer, q, k, scale):
-            return _dense(s, site, layer, q, k, v, scale).contiguous()
-        return body(s, site, layer, q, k, v, scale).contiguous()
+            return _attention_out(q, v, _dense(s, site, layer, q, k, v, scale))
+        return _attention_out(q, v, body(s, site, layer, q, k, v, scale))
 
     op.__doc__ = doc
     registered = torch.library.custom_op(f"fkv::{name}", op, mutates_args=())
-    registered.register_fake(lambda q, k, v, layer_key, session, site, scale=None: _fake_attention(q, v))
+    registered.register_fake(lambda q, k, v, layer_key, session, site, scale=None: _attention_out(q, v))
 
     def setup_context(ctx, inputs, output) -> None:
         q, k, v, layer_key, session, site, scale = inputs[:7]
@@ -228,8 +242,9 @@ def select_cache_attention(
     reads nor writes the caches but through this op, and the pipeline sees them written as before.
     """
     s, layer = state.resolve(session, site, layer_key)
-    return _select_over_cache(s, site, layer, q, k_new, v_new, cache_k, cache_v, (write_start, write_end),
-                              (window_start, window_end), protected, scale)
+    return _attention_out(q, v_new, _select_over_cache(s, site, layer, q, k_new, v_new, cache_k, cache_v,
+                                                       (write_start, write_end), (window_start, window_end),
+                                                       protected, scale))
 
 
 def _write(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, start: int,
@@ -241,24 +256,27 @@ def _write(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor, v_
 
 def _select_over_cache(s: state.Session, site: int, layer: int, q: torch.Tensor, k_new: torch.Tensor,
                        v_new: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, write: tuple[int, int],
-                       window: tuple[int, int], protected: int, scale: float | None) -> torch.Tensor:
-    """The chunk's write, made here between the memo's two looks at the buffers, then ``select`` over the window."""
+                       window: tuple[int, int], protected: int, scale: float | None,
+                       history: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The chunk's write, made here between the memo's two looks at the buffers, then ``select`` over the window.
+    ``history``: the pipeline's buffers whose history ``cache_k``/``cache_v`` hold (a staged clone's), for the
+    window's order."""
     s.selections.before_write(layer, cache_k, cache_v)
     _write(cache_k, cache_v, k_new, v_new, *write)
     s.selections.after_write(layer, cache_k, cache_v)
     k, v = (_window(c, *window, protected) for c in (cache_k, cache_v))
-    ordered = s.order.written(layer, cache_k, cache_v, write, window[1], k.shape[2], q.shape[2])
+    ordered = s.order.written(layer, *(history or (cache_k, cache_v)), write, window[1], k.shape[2], q.shape[2])
     if s.calibrating(layer, q, k, scale):
-        return _dense(s, site, layer, q, k, v, scale).contiguous()
+        return _dense(s, site, layer, q, k, v, scale)
     if not ordered:
-        return _out_of_order(s, site, layer, q, k, v, scale).contiguous()
-    return _select(s, site, layer, q, k, v, scale, (write[0], window[0])).contiguous()
+        return _out_of_order(s, site, layer, q, k, v, scale)
+    return _select(s, site, layer, q, k, v, scale, (write[0], window[0]))
 
 
 @select_cache_attention.register_fake
 def _(q, k_new, v_new, cache_k, cache_v, layer_key, write_start, write_end, window_start, window_end, protected,
       session, site, scale=None):
-    return _fake_attention(q, v_new)
+    return _attention_out(q, v_new)
 
 
 @torch.library.custom_op("fkv::store_attention", mutates_args=())
@@ -299,7 +317,7 @@ def store_attention(
         s.compact.wrote(layer, entry, cache_k, cache_v, write_start)
         k, v = (_window(c, *window, 0) for c in (cache_k, cache_v))
         if s.calibrating(layer, q, k, scale):
-            return _dense(s, site, layer, q, k, v, scale).contiguous()
+            return _attention_out(q, v_new, _dense(s, site, layer, q, k, v, scale))
     entry = _entered(s, layer, cache_k, cache_v, q, write_start, window)
     if entry.store is None:
         out = _select_over_cache(s, site, layer, q, k_new, v_new, cache_k, cache_v, write, window, 0, scale)
@@ -308,7 +326,7 @@ def store_attention(
         if entry.keeps_dense():  # watched, not yet released: the buffers stay what the pipeline expects
             _write(cache_k, cache_v, k_new, v_new, write_start, write_end)
     s.compact.wrote(layer, entry, cache_k, cache_v, write_start)
-    return out
+    return _attention_out(q, v_new, out)
 
 
 def _served_window(site: int, layer: int, protected: int, window_start: int, window_end: int) -> tuple[int, int]:
@@ -369,20 +387,21 @@ def staged_store_attention(
         for dst, src, length in triples:
             _roll(*staged, dst, src, length)
     if store is None:
-        out = _select_over_cache(s, site, layer, q, k_new, v_new, *staged, write, window, 0, scale)
+        out = _select_over_cache(s, site, layer, q, k_new, v_new, *staged, write, window, 0, scale,
+                                 (cache_k, cache_v))
     else:
         for dst, src, length in triples if store.chunk is not None else ():
             store.roll(dst, src, length)
         history = staged if adopting else (cache_k, cache_v)
         out = _serve(s, site, layer, store, q, k_new, v_new, *history, write, window, scale, protected)
     s.compact.wrote(layer, entry, cache_k, cache_v, write_start)
-    return out
+    return _attention_out(q, v_new, out)
 
 
 @staged_store_attention.register_fake
 def _(q, k_new, v_new, cache_k, cache_v, layer_key, rolls, write_start, write_end, window_start, window_end, protected,
       session, site, scale=None):
-    return _fake_attention(q, v_new)
+    return _attention_out(q, v_new)
 
 
 @torch.library.custom_op("fkv::replay_write", mutates_args=())
@@ -396,7 +415,7 @@ def replay_write(buffer: torch.Tensor, value: torch.Tensor, start: int, end: int
         buffer[:, start:end] = value
 
     state.running_session(session).compact.replayed(buffer, write_step(start, end, value), make)
-    return buffer.new_empty(0)
+    return _token(buffer)
 
 
 @torch.library.custom_op("fkv::replay_roll", mutates_args=())
@@ -407,17 +426,17 @@ def replay_roll(buffer: torch.Tensor, dst: int, src: int, src_end: int, after: l
     length = src_end - src
     make = functools.partial(_shift, buffer, dst, src, length)
     state.running_session(session).compact.replayed(buffer, roll_step(dst, src, length), make)
-    return buffer.new_empty(0)
+    return _token(buffer)
 
 
 @replay_write.register_fake
 def _(buffer, value, start, end, after, session):
-    return buffer.new_empty(0)
+    return _token(buffer)
 
 
 @replay_roll.register_fake
 def _(buffer, dst, src, src_end, after, session):
-    return buffer.new_empty(0)
+    return _token(buffer)
 
 
 def _fits(s: state.Session, q: torch.Tensor, window: tuple[int, int]) -> bool:
@@ -443,7 +462,7 @@ def _serve(s: state.Session, site: int, layer: int, store: LayerStore, q: torch.
 @store_attention.register_fake
 def _(q, k_new, v_new, cache_k, cache_v, layer_key, after, write_start, write_end, window_start, window_end, protected,
       session, site, scale=None):
-    return _fake_attention(q, v_new)
+    return _attention_out(q, v_new)
 
 
 @torch.library.custom_op("fkv::store_roll", mutates_args=())
@@ -464,7 +483,7 @@ def store_roll(
     if entry.keeps_dense():
         _roll(cache_k, cache_v, dst, src, length)
     s.compact.wrote(layer, entry, cache_k, cache_v)
-    return layer_key.new_empty(0)
+    return _token(layer_key)
 
 
 def _shift(buffer: torch.Tensor, dst: int, src: int, length: int) -> None:
@@ -480,7 +499,7 @@ def _roll(cache_k: torch.Tensor, cache_v: torch.Tensor, dst: int, src: int, leng
 
 @store_roll.register_fake
 def _(layer_key, cache_k, cache_v, dst, src, src_end, session, site):
-    return layer_key.new_empty(0)
+    return _token(layer_key)
 
 
 def _no_autograd_in_compact(ctx, inputs, output) -> None:
@@ -522,18 +541,23 @@ def store_grown_attention(
     if s.plan is None:  # calibrating: the pipeline's own concatenation, then dense attention over it
         k, v = (torch.cat([c[:, :start], new], 1) for c, new in ((cache_k, k_new), (cache_v, v_new)))
         if s.calibrating(layer, q, k.transpose(1, 2), scale):
-            return _dense(s, site, layer, q, k.transpose(1, 2), v.transpose(1, 2), scale).contiguous(), k, v
+            return _attention_out(q, v_new, _dense(s, site, layer, q, k.transpose(1, 2), v.transpose(1, 2), scale)), k, v
     out = _serve(s, site, layer, s.compact.unwatched(layer, q.device), q, k_new, v_new, cache_k, cache_v, (start, end),
                  (0, end), scale)
-    grown = [new.new_empty((new.shape[0], end, *new.shape[2:])) for new in (k_new, v_new)]
+    grown = _grown(k_new, v_new, start)
     s.compact.release_unwatched(layer, *grown)
-    return out, *grown
+    return _attention_out(q, v_new, out), *grown
 
 
 @store_grown_attention.register_fake
 def _(q, k_new, v_new, cache_k, cache_v, layer_key, start, session, site, scale=None):
-    grown = [new.new_empty((new.shape[0], start + new.shape[1], *new.shape[2:])) for new in (k_new, v_new)]
-    return _fake_attention(q, v_new), *grown
+    return _attention_out(q, v_new), *_grown(k_new, v_new, start)
+
+
+def _grown(k_new: torch.Tensor, v_new: torch.Tensor, start: int) -> list[torch.Tensor]:
+    """The grown K and V ``store_grown_attention`` returns, real (then released) and fake alike: ``start`` tokens of
+    history and the new ones."""
+    return [new.new_empty((new.shape[0], start + new.shape[1], *new.shape[2:])) for new in (k_new, v_new)]
 
 
 for _op in (store_attention, staged_store_attention, store_grown_attention):

@@ -249,6 +249,12 @@ MUTATIONS = (
              "if False:",
              ("tests/test_patterns.py::test_an_anchored_window_is_compressed_when_the_query_is_one_chunk_and_exactly_"
               "dense_otherwise",)),
+    Mutation("ops: the attention ops return their result's strides, not the contiguous layout the fake declares",
+             "ops.py", "    return result.contiguous()\n", "    return result\n",
+             ("tests/test_opcheck.py",)),
+    Mutation("ops: the attention fake declares q's layout (a transposed view's strides)", "ops.py",
+             "        return q.new_empty(shape)\n", "        return torch.empty_like(q)[..., :shape[-1]]\n",
+             ("tests/test_opcheck.py",)),
     Mutation("order: a window written outside the graph trusted to be in written order", "passes/__init__.py",
              "        checks_order=site.k_window.pattern in", "        checks_order=False and site.k_window.pattern in",
              ("tests/test_patterns.py::test_a_ring_buffer_is_compressed_while_written_in_order_and_exactly_dense_once_"
@@ -260,7 +266,7 @@ MUTATIONS = (
              "        at_end = write[1] == window_end and write[0] >= window_end - query_tokens\n",
              "        at_end = True\n", ("tests/test_order.py",)),
     Mutation("order: one state per layer, whichever buffers (two streams in turns)", "modes/order.py",
-             "        key = (layer, storage_id(k))\n", "        key = (layer, 0)\n",
+             "        return layer, storage_id(k)\n", "        return layer, 0\n",
              ("tests/test_guard.py::test_one_compiled_model_serves_two_videos_in_turns",)),
     Mutation("order: content changes not compared (every block taken as unchanged)", "modes/order.py",
              "                changed[lo:hi] = (firsts[:, :, lo:hi] != before).any(-1).any(1).any(0)\n",

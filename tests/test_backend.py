@@ -1,5 +1,7 @@
 """The forcing_kv backend end to end on the Self Forcing-style miniature."""
 
+import dataclasses
+
 import pytest
 import torch
 from rollouts import (
@@ -17,7 +19,7 @@ from rollouts import (
 
 import fkv_compile
 from fkv_compile import HeadPlan, PlanError, SiteError
-from fkv_compile.models import make_inputs, rollout
+from fkv_compile.models import MiniConfig, build, make_inputs, rollout
 from fkv_compile.models.rollout import DENOISING_STEPS
 from fkv_compile.tools.testing import assert_within_budget, max_abs_error
 
@@ -259,3 +261,40 @@ def test_select_chooses_once_per_chunk_and_again_after_a_roll_a_recache_and_a_ne
     # never reused: the first chunk needs no ranges, every later chunk's choice reads the chunk's first frame
     chosen, reused, whole = fkv_compile.report(compiled, print_table=False).selections
     assert reused == 0 and whole == WINDOWED.num_layers * (len(DENOISING_STEPS) + 1) and chosen == 4 * whole
+
+
+_STAGED = MiniConfig(num_layers=2, window_frames=12, sink_frames=3, cache_style="longlive")
+
+
+@pytest.mark.parametrize("cfg,twin", [
+    pytest.param(WINDOWED, WINDOWED, id="slots-and-rolls"),
+    pytest.param(MiniConfig(num_layers=2, cache_style="cat"), MiniConfig(num_layers=2), id="cat-grown",
+                 marks=pytest.mark.slow),
+    pytest.param(_STAGED, dataclasses.replace(_STAGED, cache_style="slots"), id="staged-and-replayed",
+                 marks=pytest.mark.slow),
+])
+def test_the_inserted_ops_work_under_max_autotune_and_dynamic_true(cfg, twin):
+    # every op the pass inserts for the cache family (select's fused write and attention, compact's store, roll,
+    # grown, staged and replay ops), lowered by Inductor in max-autotune with dynamic=True; the reference is the
+    # oracle of the twin model on Self Forcing's cache (the same function and weights)
+    model = build(twin, seed=0)
+    m = build(cfg, seed=0)
+    m.load_state_dict(model.state_dict())
+    inputs, plan = make_inputs(cfg, chunks=5, seed=0), mixed_plan(cfg)
+    reference, budget = oracle_reference(model, twin, inputs, plan)
+    for mode, action in (("select", "rewritten"), ("compact", "compact")):
+        torch._dynamo.reset()
+        compiled = torch.compile(m, backend="forcing_kv", dynamic=True,
+                                 options={"plan": plan, "mode": mode, "inductor_mode": "max-autotune"})
+        with torch.no_grad():
+            assert_within_budget(rollout(compiled, cfg, inputs), reference, budget, f"{mode}, max-autotune, dynamic")
+        assert action in {s.action for s in fkv_compile.report(compiled, print_table=False).sites}
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"inductor_mode": "fastest"}, "option inductor_mode expected one of"),
+    ({"inductor_mode": "max-autotune", "lowering": "aot_eager"}, "needs lowering='inductor'"),
+])
+def test_an_inductor_mode_is_an_option_and_a_wrong_one_is_named(options, message):
+    with pytest.raises(fkv_compile.OptionsError, match=message):
+        fkv_compile.Config.from_options(options)

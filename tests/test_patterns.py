@@ -203,13 +203,14 @@ def test_hand_written_forms(form):
     with torch.no_grad():
         eager = module(x, cache, 24)
         compiled = torch.compile(module, backend="forcing_kv", options={"plan": plan, "mode": "oracle", "lowering": "eager"})
+        compiled(x, cache, 4)  # the first chunk: a read-only window is trusted in order only from a stream's start
         got = compiled(x, cache, 24)
     sites = fkv_compile.report(compiled, print_table=False).sites
     if form in FORMS:
         q = module.proj(x).transpose(1, 2).detach()
         expected = oracle_attention(q, cache["k"].transpose(1, 2), cache["v"].transpose(1, 2), plan, 0, scale=FORMS[form])
         torch.testing.assert_close(got, expected)
-        assert [s.pattern for s in sites] == ["cache-window, matmul-softmax"]
+        assert {s.pattern for s in sites} == {"cache-window, matmul-softmax"}
     else:  # not recognised: untouched
         torch.testing.assert_close(got, eager, rtol=0, atol=0)
         assert not sites

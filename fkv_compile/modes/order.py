@@ -11,14 +11,15 @@ The order is proven per layer, over its calls on one pair of buffers. Where the 
 (:func:`fkv_compile.ops.select_cache_attention`) the written range is known: a call is in order if it wrote the
 window's last tokens and the previous window was in order, or if the window is the query's tokens alone (a stream's
 start). Where the window was cut in an earlier graph and written by code the pass never saw (a graph break inside
-the pipeline's cache update: the ``window-input`` pattern), the writes are found by content: the layer keeps the
-first key token of each frame-sized block of its window and the number of the call that last saw it change. A
-frame-aligned write of at least one frame changes at least one of those tokens (a write of identical values changes
-nothing the attention reads). A call is in order if the blocks that changed since the layer's previous call (all,
-for buffers not seen before) lie in its query's tokens and every block changed no earlier than the blocks before it:
-the window reads as written front to back. (StreamDiffusionV2's ring is in order again whenever the slot it writes
-is the last one and the slots before it were written in turn.) Comparing the tokens waits for the device once per
-call: the price of a window whose writes the graph does not show. A call out of order runs dense.
+the pipeline's cache update: the ``window-input`` pattern), the writes are found by content: the layer keeps the first key token of each
+frame-sized block of its window and the number of the call that last saw it change. A frame-aligned write of at
+least one frame changes at least one of those tokens (a write of identical values changes nothing the attention
+reads). A call is in order if the blocks changed since the layer's previous call end the window (appended, written
+again by a later denoising step, or shifted left by a roll that evicts the oldest history) and every block changed
+no earlier than the blocks before it: the window reads as written front to back; buffers not seen before only at a
+stream's start. (StreamDiffusionV2's ring is in order again whenever the slot it writes is the last one and the slots
+before it were written in turn.) Comparing the tokens waits for the device once per call: the price of a window
+whose writes the graph does not show. A call out of order runs dense.
 """
 
 from __future__ import annotations
@@ -54,12 +55,16 @@ class WindowOrder:
         self._seen: dict[tuple[int, int], _Seen] = {}  # (layer, K's storage) -> the previous call over those buffers
         self._calls = 0
 
+    @staticmethod
+    def _key(layer: int, k: torch.Tensor) -> tuple[int, int]:
+        return layer, storage_id(k)
+
     def _previous(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> _Seen | None:
-        seen = self._seen.get((layer, storage_id(k)))
+        seen = self._seen.get(self._key(layer, k))
         return seen if seen is not None and seen.mark.describes(k, v) else None
 
     def _remember(self, layer: int, k: torch.Tensor, seen: _Seen) -> None:
-        key = (layer, storage_id(k))
+        key = self._key(layer, k)
         if key not in self._seen:  # a new pair of buffers: forget the ones freed since
             self._seen = {kept: old for kept, old in self._seen.items() if old.mark.owner() is not None}
         self._seen[key] = seen
@@ -76,9 +81,9 @@ class WindowOrder:
 
     def sampled(self, layer: int, k: torch.Tensor, v: torch.Tensor, query_tokens: int, frame_tokens: int) -> bool:
         """A call over the window ``k``/``v`` ``[B, H, L, D]`` (views of the buffers) written by code outside the
-        graph. The blocks that changed since the layer's previous call (all, for buffers or positions not seen
-        before) must lie in the query's last tokens, and every block's last change must come no earlier than the
-        blocks before it: the window reads as written front to back."""
+        graph. The blocks that changed since the layer's previous call (blocks not seen before count as changed)
+        must end the window, and every block's last change must come no earlier than the blocks before it: the
+        window reads as written front to back. Buffers not seen before: only a window of the query's tokens alone."""
         self._calls += 1
         stride = k.stride(2)
         offset, rest = divmod(k.storage_offset(), stride) if stride else (0, 1)
@@ -87,9 +92,9 @@ class WindowOrder:
         if seen is not None and (rest or seen.firsts is None):
             seen = None
         changed, stamps = self._changes(seen, offset, firsts, frame_tokens)
-        current = -(-(k.shape[2] - query_tokens) // frame_tokens)  # the first block inside the query's tokens
         stamps = [self._calls if c else s for c, s in zip(changed, stamps)]
-        ordered = (not any(changed[:current])
+        suffix = True not in changed or all(changed[changed.index(True):])  # written since: the window's end
+        ordered = ((seen is not None or k.shape[2] == query_tokens) and suffix
                    and all(a <= b for a, b in zip(stamps, stamps[1:])))
         self._remember(layer, k, _Seen(CacheMark.of(k, v), ordered, offset, firsts, tuple(stamps)))
         return ordered
