@@ -13,6 +13,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# 0. needs no GPU: each kernel's default config compiled for sm_90a and sm_80 at real size (registers, spills,
+#    shared memory, SASS), what the GPU run's timings are read against: python -m fkv_compile.tools.gpu_static
+echo "== kernels compiled for sm_90a and sm_80 (no GPU needed)"
+mkdir -p benchmarks/results/gpu/static
+TRITON_INTERPRET=0 timeout 120 "$PY" -m fkv_compile.tools.gpu_static --defaults-only --dtypes bfloat16,float16 \
+  --out benchmarks/results/gpu/static \
+  || echo "== FAILED: the static compile (see above)" >&2
 if ! "$PY" -c 'import sys, torch, triton; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo "benchmarks/gpu.sh needs a CUDA GPU with PyTorch and Triton importable by $PY; none here, nothing measured." >&2
   exit 2

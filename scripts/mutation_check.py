@@ -255,6 +255,10 @@ MUTATIONS = (
     Mutation("ops: the attention fake declares q's layout (a transposed view's strides)", "ops.py",
              "        return q.new_empty(shape)\n", "        return torch.empty_like(q)[..., :shape[-1]]\n",
              ("tests/test_opcheck.py",)),
+    Mutation("tuning: the measured table ignored (autotune times configs that spill or cannot launch)",
+             "kernels/tuning.py", "    if measured is None:\n", "    if True:\n", ("tests/test_gpu_static.py",)),
+    Mutation("gpu_static: a build that spills taken as able to win", "tools/gpu_static.py",
+             "    return b.ok and b.spill_bytes == 0 and", "    return b.ok and", ("tests/test_gpu_static.py",)),
     Mutation("order: a window written outside the graph trusted to be in written order", "passes/__init__.py",
              "        checks_order=site.k_window.pattern in", "        checks_order=False and site.k_window.pattern in",
              ("tests/test_patterns.py::test_a_ring_buffer_is_compressed_while_written_in_order_and_exactly_dense_once_"

@@ -353,8 +353,8 @@ def _load_wan_inference(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dty
                 text: torch.Tensor) -> list[torch.Tensor]:
         pipe = pipes.setdefault(id(call), Pipeline(call, text))
         pipe.text, pipe.scheduler.calls = text, 0
-        _, latents = bound[entry](pipe, torch.cat(noise, 1), [""], return_latents=True)
         state["pipe"] = pipe
+        _, latents = bound[entry](pipe, torch.cat(noise, 1), [""], return_latents=True)
         return list(latents.split(tiny.chunk_frames, dim=1))
 
     return Loaded(model, rollout, lambda: getattr(state["pipe"], cache_attribute), heads, tiny)
@@ -488,8 +488,8 @@ def load_longlive2(checkout: Path, root: Path, tiny: Tiny, dtype: torch.dtype) -
                 text: torch.Tensor) -> list[torch.Tensor]:
         pipe = pipes.setdefault(id(call), Pipeline(call, text))
         pipe.text = text
-        latents = pipe.inference(torch.cat(noise, 1), [[""] * len(noise)], return_latents=True)
         state["pipe"] = pipe
+        latents = pipe.inference(torch.cat(noise, 1), [[""] * len(noise)], return_latents=True)
         return list(latents.split(chunk, dim=1))
 
     # WanDiffusionWrapper.configure_torch_compile's default: dynamic=False
@@ -699,7 +699,7 @@ class _LayerOrderOracle(TorchFunctionMode):
 def _oracle_rollout(loaded: Loaded, model: torch.nn.Module, inputs, plan: HeadPlan) -> list[torch.Tensor]:
     """The rollout with the oracle installed around every model call."""
     text_len = inputs[1].shape[1]
-    stamps = WriteStamps()
+    stamps = WriteStamps(lambda: [c[n] for c in loaded.caches() or () for n in "kv"])  # the pipeline's own caches
 
     def oracle_model(*args, **kwargs):
         with _LayerOrderOracle(plan, text_len, stamps):

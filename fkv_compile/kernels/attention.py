@@ -92,16 +92,19 @@ def _range_attention_kernel(
         tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=m_ok)
 
 
+CUDA_CONFIGS = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)] + [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+    for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
+    if (m, n, w, s) != (128, 64, 8, 3)
+]
+"""The autotune list on a GPU, the default first (cut per architecture to what can win: ``tuning.fitting``)."""
+
+
 def _configs() -> list[triton.Config]:
-    """Interpreter: one large block (its cost is programs x iterations). CUDA: the default first."""
+    """Interpreter: one large block (its cost is programs x iterations). CUDA: :data:`CUDA_CONFIGS`."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    default = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
-    return [default] + [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
-        if (m, n, w, s) != (128, 64, 8, 3)
-    ]
+    return CUDA_CONFIGS
 
 
 ATTENTION = TunedKernel("range_attention", _range_attention_kernel, _configs(), key=["HEAD_DIM", "Lq", "PRECISION"])

@@ -46,10 +46,14 @@ def _gather_tokens_kernel(
     tl.store(DST_V + dst, vx, mask=dst_ok)
 
 
+CUDA_CONFIGS = [triton.Config({"BLOCK_T": t}, num_warps=w, num_stages=1) for t in (64, 32, 128, 256) for w in (4, 2, 8)]
+"""The autotune list on a GPU, the default first (cut per architecture to what can win: ``tuning.fitting``)."""
+
+
 def _configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_T": t}, num_warps=w, num_stages=1) for t in (64, 32, 128, 256) for w in (4, 2, 8)]
+    return CUDA_CONFIGS
 
 
 GATHER = TunedKernel("gather_tokens", _gather_tokens_kernel, _configs(), key=["HEAD_DIM"])

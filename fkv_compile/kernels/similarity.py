@@ -63,11 +63,15 @@ def _segment_similarity_kernel(
     tl.store(SIM + (b * G + g) * S + seg, tl.sum(total, 0) / (seg_end - seg_start))
 
 
+CUDA_CONFIGS = [triton.Config({"BLOCK_T": t}, num_warps=w, num_stages=s)
+                for t in (32, 64, 16, 128) for w in (4, 2, 8) for s in (2, 3)]
+"""The autotune list on a GPU, the default first (cut per architecture to what can win: ``tuning.fitting``)."""
+
+
 def _configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({"BLOCK_T": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_T": t}, num_warps=w, num_stages=s)
-            for t in (32, 64, 16, 128) for w in (4, 2, 8) for s in (2, 3)]
+    return CUDA_CONFIGS
 
 
 SIMILARITY = TunedKernel("segment_similarity", _segment_similarity_kernel, _configs(), key=["HEAD_DIM", "HG"])

@@ -27,7 +27,8 @@ import triton
 
 from . import interpreting
 
-__all__ = ["TUNING_CACHE_ENV", "AUTOTUNE_ENV", "TuningCache", "TunedKernel", "tuning_enabled", "shared_cache"]
+__all__ = ["TUNING_CACHE_ENV", "AUTOTUNE_ENV", "TuningCache", "TunedKernel", "tuning_enabled", "shared_cache",
+           "fitting", "architecture", "FITS_PATH"]
 
 TUNING_CACHE_ENV = "FKV_TUNING_CACHE"
 AUTOTUNE_ENV = "FKV_AUTOTUNE"
@@ -149,34 +150,82 @@ def _cpu_bench(kernel_call: Callable[[], Any], quantiles: Sequence[float]) -> li
     return [times[min(len(times) - 1, int(q * len(times)))] for q in quantiles]
 
 
+FITS_PATH = Path(__file__).with_name("gpu_fits.json")
+"""Per kernel, GPU architecture, dtype and head dim: the autotune configs that compile there without spilling a
+register and within a block's shared memory, measured on a CPU by ``python -m fkv_compile.tools.gpu_static
+--write-fits`` (docs/gpu_static.md)."""
+ARCHITECTURES = {9: "sm_90a", 8: "sm_80", 10: "sm_100a"}  # compute capability major -> the target measured
+
+
+def architecture(device: torch.device) -> str | None:
+    """The measured target ``device`` compiles for (``None``: not a CUDA device, or an architecture not measured)."""
+    if device.type != "cuda":
+        return None
+    return ARCHITECTURES.get(torch.cuda.get_device_capability(device)[0])
+
+
+_FITS: dict[str, Any] | None = None
+
+
+def fitting(kernel: str, configs: Sequence[triton.Config], target: str | None, dtype: torch.dtype,
+            head_dim: int | None) -> list[triton.Config]:
+    """``configs`` that can win an autotune on ``target`` at ``dtype`` and ``head_dim``, in their order (the first is
+    the default there); all of them where the table has no entry. None fitting is an error that names the kernel."""
+    global _FITS
+    if _FITS is None:
+        _FITS = json.loads(FITS_PATH.read_text()) if FITS_PATH.exists() else {}
+    table = _FITS.get("kernels", {}).get(kernel, {}).get(target or "", {})
+    measured = table.get(f"{str(dtype).removeprefix('torch.')}/{head_dim}")
+    if measured is None:
+        return list(configs)
+    kept = [c for c in configs if _config_to_json(c) in measured]
+    if not kept:
+        raise RuntimeError(f"fkv kernel {kernel}: none of its {len(configs)} configs compiles for {target} at {dtype}, "
+                           f"head dim {head_dim} without spills within shared memory ({FITS_PATH})")
+    return kept
+
+
 class TunedKernel:
     """A Triton kernel under ``@triton.autotune`` whose tuned choices go through a :class:`TuningCache`.
 
-    ``configs[0]`` is the default: the only one under the interpreter or with ``FKV_AUTOTUNE=0``.
+    ``configs[0]`` is the default: the only one under the interpreter or with ``FKV_AUTOTUNE=0``. On a GPU the list
+    is first cut, per architecture, dtype and head dim, to the configs that can win there (:func:`fitting`): one that
+    spills or asks for more shared memory than a block has would only be timed to lose, or fail to launch.
     """
 
     def __init__(self, name: str, fn: Any, configs: Sequence[triton.Config], key: list[str],
                  cache: TuningCache | None = None):
         if not configs:
             raise ValueError(f"kernel {name}: no configurations")
-        self.name = name
+        self.name, self.fn, self.key = name, fn, key
         self.cache = cache
-        self.configs = list(configs) if tuning_enabled() else list(configs[:1])
-        self.autotuner = triton.autotune(
-            configs=self.configs, key=key, do_bench=_cpu_bench if interpreting() else None
-        )(fn)
-        self._preloaded: set[str] = set()
+        self.configs = list(configs)
+        self._tuners: dict[tuple, Any] = {}  # (architecture, dtype, head dim) -> its triton autotuner
+        self._preloaded: set[tuple] = set()
         self.benchmarked = 0  # keys tuned by benchmarking in this process (tests check reuse)
+
+    def autotuner(self, target: str | None, dtype: torch.dtype, head_dim: int | None) -> Any:
+        """The autotuner over the configs that can win on ``target`` (all on the interpreter, where one runs)."""
+        variant = (target, dtype, head_dim)
+        if variant not in self._tuners:
+            configs = fitting(self.name, self.configs, target, dtype, head_dim)
+            self._tuners[variant] = triton.autotune(
+                configs=configs if tuning_enabled() else configs[:1], key=self.key,
+                do_bench=_cpu_bench if interpreting() else None)(self.fn)
+        return self._tuners[variant]
 
     def launch(self, grid: Callable[[dict[str, Any]], tuple[int, ...]], device: torch.device, *args: Any,
                **kwargs: Any) -> None:
+        """Launch on ``device``; the first tensor argument's dtype and ``HEAD_DIM`` pick the configs that can win."""
+        dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor))
+        tuner = self.autotuner(architecture(device), dtype, kwargs.get("HEAD_DIM"))
         cache = self.cache or shared_cache()
         signature = machine_signature(device)
-        if len(self.configs) > 1 and signature["device"] not in self._preloaded:
-            self.autotuner.cache.update(cache.lookup(signature, self.name))
-            self._preloaded.add(signature["device"])
-        before = set(self.autotuner.cache)
-        self.autotuner[grid](*args, **kwargs)
-        for key in set(self.autotuner.cache) - before:
+        if len(tuner.configs) > 1 and (signature["device"], id(tuner)) not in self._preloaded:
+            tuner.cache.update(cache.lookup(signature, self.name))
+            self._preloaded.add((signature["device"], id(tuner)))
+        before = set(tuner.cache)
+        tuner[grid](*args, **kwargs)
+        for key in set(tuner.cache) - before:
             self.benchmarked += 1
-            cache.put(signature, self.name, key, self.autotuner.cache[key])
+            cache.put(signature, self.name, key, tuner.cache[key])

@@ -6,7 +6,8 @@ error an independent low-precision implementation of the same oracle makes again
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -110,20 +111,24 @@ def is_plain_sdpa(args: tuple, kwargs: Mapping[str, Any]) -> bool:
 class WriteStamps:
     """The writes an eager rollout made into its ``[B, L, H, D]`` buffers, to tell whether a window was written front
     to back: what the keep rule's positions assume (:mod:`fkv_compile.modes.order`). Every ``buf[:, a:b] = new``
-    stamps tokens ``a:b`` with the write's number; a window is in written order if its stamps never decrease. A
+    into one of ``buffers`` (all ``[B, L, H, D]`` tensors if not given) stamps tokens ``a:b`` with the write's number; a window is in written order if its stamps never decrease. A
     ring buffer's write inside the window (StreamDiffusionV2, once full) breaks it; there the pass runs dense."""
 
-    def __init__(self) -> None:
+    def __init__(self, buffers: Callable[[], Iterable[torch.Tensor]] | None = None) -> None:
+        self.buffers = buffers  # the caches whose writes count (others, e.g. a clone transformed in place, do not)
         self.tokens: dict[int, torch.Tensor] = {}  # per buffer (its storage): the last write's number per token
         self.writes = 0
 
     def stamp(self, buffer: torch.Tensor, index: object) -> None:
         tokens = index[1] if isinstance(index, tuple) and len(index) > 1 else None
-        if buffer.dim() == 4 and isinstance(tokens, slice):
-            stamps = self.tokens.setdefault(buffer.untyped_storage().data_ptr(),
-                                            torch.zeros(buffer.shape[1], dtype=torch.long))
+        tracked = self.buffers is None or any(buffer is b for b in self.buffers())
+        if tracked and buffer.dim() == 4 and isinstance(tokens, slice):
+            key = buffer.untyped_storage().data_ptr()
+            if key not in self.tokens:  # forgotten with the buffer: a later tensor at its address is another one
+                self.tokens[key] = torch.zeros(buffer.shape[1], dtype=torch.long)
+                weakref.finalize(buffer, self.tokens.pop, key, None)
             self.writes += 1
-            stamps[tokens] = self.writes
+            self.tokens[key][tokens] = self.writes
 
     def in_written_order(self, k: torch.Tensor) -> bool:
         """Whether the window ``k`` ``[B, H, L, D]`` was written front to back (a window of no stamped buffer: yes)."""
@@ -149,7 +154,7 @@ class OracleAttentionMode(TorchFunctionMode):
         super().__init__()
         self.plan = plan
         self.layer_of = {c[name].untyped_storage().data_ptr(): i for i, c in enumerate(kv_caches) for name in "kv"}
-        self.stamps = stamps if stamps is not None else WriteStamps()
+        self.stamps = stamps if stamps is not None else WriteStamps(lambda: [c[n] for c in kv_caches for n in "kv"])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
