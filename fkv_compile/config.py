@@ -283,7 +283,8 @@ class Config:
         plan = self.plan_name or (None if self.plan is None else self.plan.to_dict())
         return {"type": CONFIG_TYPE, "plan": plan, "frame_tokens": self.frame_tokens, "chunk_frames": self.chunk_frames,
                 "calibration": self.calibration.to_dict(), "mode": self.mode, "lowering": self.lowering,
-                "inductor_mode": self.inductor_mode, "strict": self.strict, "kv_recache": self.kv_recache, "release": self.release, "kernels": self.kernels,
+                "inductor_mode": self.inductor_mode, "strict": self.strict, "kv_recache": self.kv_recache,
+                "release": self.release, "kernels": self.kernels,
                 "head_range": None if self.head_range is None else list(self.head_range)}
 
     @classmethod

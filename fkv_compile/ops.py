@@ -541,7 +541,8 @@ def store_grown_attention(
     if s.plan is None:  # calibrating: the pipeline's own concatenation, then dense attention over it
         k, v = (torch.cat([c[:, :start], new], 1) for c, new in ((cache_k, k_new), (cache_v, v_new)))
         if s.calibrating(layer, q, k.transpose(1, 2), scale):
-            return _attention_out(q, v_new, _dense(s, site, layer, q, k.transpose(1, 2), v.transpose(1, 2), scale)), k, v
+            out = _dense(s, site, layer, q, k.transpose(1, 2), v.transpose(1, 2), scale)
+            return _attention_out(q, v_new, out), k, v
     out = _serve(s, site, layer, s.compact.unwatched(layer, q.device), q, k_new, v_new, cache_k, cache_v, (start, end),
                  (0, end), scale)
     grown = _grown(k_new, v_new, start)

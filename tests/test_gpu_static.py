@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 from fkv_compile.kernels import tuning  # noqa: E402
-from fkv_compile.tools.gpu_static import KERNELS, kernel_configs  # noqa: E402
+from fkv_compile.tools.gpu_static import KERNELS, kernel_configs, tuning_form  # noqa: E402
 
 # what each kernel must become on a Hopper at Self Forcing's geometry: its tensor-core MMA and its widest global load
 EXPECTED = {"range_attention": ("HGMMA", "LDGSTS.128"), "segment_similarity": (None, "LDG.128"),
@@ -33,17 +33,12 @@ def test_each_kernels_default_compiles_for_hopper_without_spills_on_tensor_cores
         assert load in b["loads"], f"{kernel}: no {load} global load in its SASS ({b['loads']})"
 
 
-def _as_json(config: dict) -> dict:
-    blocks = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
-    return {"kwargs": blocks, "num_warps": config["num_warps"], "num_stages": config["num_stages"]}
-
-
 def test_the_fits_table_is_measured_for_every_config_of_every_kernel():
     # a kernel whose autotune list changed needs the table measured anew: python -m fkv_compile.tools.gpu_static
     # --write-fits (configs are looked up by value: a stale table would keep none of a new config)
     table = json.loads(tuning.FITS_PATH.read_text())["kernels"]
     for kernel in KERNELS:
-        configs = [_as_json(c) for c in kernel_configs(kernel)]
+        configs = [tuning_form(c) for c in kernel_configs(kernel)]
         for target in ("sm_90a", "sm_80"):
             variants = table[kernel][target]
             assert set(variants) == {f"{d}/{h}" for d in ("bfloat16", "float16") for h in (64, 128)}

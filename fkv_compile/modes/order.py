@@ -10,9 +10,10 @@ frame sits inside the window and the positional rule would keep the wrong frames
 The order is proven per layer, over its calls on one pair of buffers. Where the op makes the write itself
 (:func:`fkv_compile.ops.select_cache_attention`) the written range is known: a call is in order if it wrote the
 window's last tokens and the previous window was in order, or if the window is the query's tokens alone (a stream's
-start). Where the window was cut in an earlier graph and written by code the pass never saw (a graph break inside
-the pipeline's cache update: the ``window-input`` pattern), the writes are found by content: the layer keeps the first key token of each
-frame-sized block of its window and the number of the call that last saw it change. A frame-aligned write of at
+start). Where the window was written by code the pass never saw (a graph break inside the pipeline's cache update:
+the ``window-input`` pattern, or a ``cache-window`` read by a graph that does not write the cache), the writes are
+found by content: the layer keeps the first key token of each frame-sized block of its window and the number of the
+call that last saw it change. A frame-aligned write of at
 least one frame changes at least one of those tokens (a write of identical values changes nothing the attention
 reads). A call is in order if the blocks changed since the layer's previous call end the window (appended, written
 again by a later denoising step, or shifted left by a roll that evicts the oldest history) and every block changed

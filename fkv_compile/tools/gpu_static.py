@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["Target", "TARGETS", "Build", "KERNELS", "build", "kernel_configs", "default_config", "fits", "fits_table",
-           "sweep"]
+           "sweep", "tuning_form"]
 
 FRAME_TOKENS, HEADS, CHUNK_FRAMES, WINDOW_FRAMES = 1560, 12, 3, 21  # Self Forcing 480p: [B, L, 12, D] buffers
 
@@ -158,6 +158,16 @@ def _plain(config: Any) -> dict[str, Any]:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
+def _blocks(config: dict[str, Any]) -> dict[str, Any]:
+    """A plain config's block sizes (its constexpr arguments), without ``num_warps`` and ``num_stages``."""
+    return {n: v for n, v in config.items() if n not in ("num_warps", "num_stages")}
+
+
+def tuning_form(config: dict[str, Any]) -> dict[str, Any]:
+    """A plain config as the tuning table and cache hold it (``fkv_compile.kernels.tuning``)."""
+    return {"kwargs": _blocks(config), "num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+
+
 def kernel_configs(kernel: str) -> list[dict[str, Any]]:
     """The kernel's autotune list on a GPU, as plain dicts (block sizes, ``num_warps``, ``num_stages``)."""
     return [_plain(c) for c in _module(kernel).CUDA_CONFIGS]
@@ -224,8 +234,7 @@ def build(kernel: str, target: str, dtype: str, head_dim: int, config: dict[str,
         raise RuntimeError("fkv gpu_static: Triton runs in its interpreter here (TRITON_INTERPRET=1): its kernels "
                            "are not compiled for a GPU; run without it")
     signature, constants, aligned = k.specialise(dtype, head_dim)
-    blocks = {n: v for n, v in config.items() if n not in ("num_warps", "num_stages")}
-    constants = {**constants, **blocks}
+    constants = {**constants, **_blocks(config)}
     full = {name: ("constexpr" if name in constants else signature[name]) for name in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     start = time.perf_counter()
@@ -251,8 +260,7 @@ def fits_table(builds: Iterable[Build]) -> dict[str, Any]:
     for b in builds:
         entry = kernels.setdefault(b.kernel, {}).setdefault(b.target, {}).setdefault(f"{b.dtype}/{b.head_dim}", [])
         if fits(b):
-            blocks = {k: v for k, v in b.config.items() if k not in ("num_warps", "num_stages")}
-            entry.append({"kwargs": blocks, "num_warps": b.config["num_warps"], "num_stages": b.config["num_stages"]})
+            entry.append(tuning_form(b.config))
     return {"triton": triton.__version__, "geometry": {"frame_tokens": FRAME_TOKENS, "heads": HEADS}, "kernels": kernels}
 
 

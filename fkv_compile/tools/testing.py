@@ -111,8 +111,9 @@ def is_plain_sdpa(args: tuple, kwargs: Mapping[str, Any]) -> bool:
 class WriteStamps:
     """The writes an eager rollout made into its ``[B, L, H, D]`` buffers, to tell whether a window was written front
     to back: what the keep rule's positions assume (:mod:`fkv_compile.modes.order`). Every ``buf[:, a:b] = new``
-    into one of ``buffers`` (all ``[B, L, H, D]`` tensors if not given) stamps tokens ``a:b`` with the write's number; a window is in written order if its stamps never decrease. A
-    ring buffer's write inside the window (StreamDiffusionV2, once full) breaks it; there the pass runs dense."""
+    into one of ``buffers`` (all ``[B, L, H, D]`` tensors if not given) stamps tokens ``a:b`` with the write's
+    number; a window is in written order if its stamps never decrease. A ring buffer's write inside the window
+    (StreamDiffusionV2, once full) breaks it; there the pass runs dense."""
 
     def __init__(self, buffers: Callable[[], Iterable[torch.Tensor]] | None = None) -> None:
         self.buffers = buffers  # the caches whose writes count (others, e.g. a clone transformed in place, do not)
@@ -145,16 +146,15 @@ class OracleAttentionMode(TorchFunctionMode):
 
     The layer of a call is the index of the cache its keys are a view of (or its values, where the keys are
     recomputed from the cache at every call: re-rotated); attention over anything else (cross-attention) runs
-    unchanged, and so does attention over a window not in written order (:class:`WriteStamps`, kept across the
-    calls of a rollout in ``stamps``).
+    unchanged, and so does attention over a window not in written order (:class:`WriteStamps` of the caches'
+    writes while the mode is on).
     """
 
-    def __init__(self, plan: HeadPlan, kv_caches: Sequence[Mapping[str, torch.Tensor]],
-                 stamps: WriteStamps | None = None):
+    def __init__(self, plan: HeadPlan, kv_caches: Sequence[Mapping[str, torch.Tensor]]):
         super().__init__()
         self.plan = plan
         self.layer_of = {c[name].untyped_storage().data_ptr(): i for i, c in enumerate(kv_caches) for name in "kv"}
-        self.stamps = stamps if stamps is not None else WriteStamps(lambda: [c[n] for c in kv_caches for n in "kv"])
+        self.stamps = WriteStamps(lambda: [c[n] for c in kv_caches for n in "kv"])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
