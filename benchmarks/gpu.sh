@@ -40,9 +40,11 @@ step 120 "kernels compiled for sm_90a and sm_80 (needs no GPU: registers, spills
   --out benchmarks/results/gpu/static
 step 100 "kernels against the float64 oracle, autotune cache" "$PY" benchmarks/gpu_check.py
 step 100 "kernels against SDPA/FlashAttention and dense" "$PY" benchmarks/kernels.py --dtype bfloat16
-step 270 "real-size Self Forcing, dense vs select vs compact" "$PY" -m fkv_compile.tools.cli bench \
+step 260 "real-size Self Forcing, dense vs select vs compact" "$PY" -m fkv_compile.tools.cli bench \
   --geometry self-forcing-5s --device cuda --side 1 --layers 30 --dtype bfloat16 --repeats 1 --no-png \
   --out benchmarks/results/gpu
+step 10 "the roofline model beside the measurements" "$PY" -m fkv_compile.tools.roofline \
+  --compare benchmarks/results/gpu/kernels_bfloat16.json --json benchmarks/results/gpu/model.json
 if [ -n "${OUT:-}" ]; then
   cp -r benchmarks/results/gpu/*.json benchmarks/results/gpu/static "$OUT"/ 2>/dev/null || true
 fi

@@ -259,6 +259,19 @@ MUTATIONS = (
              "kernels/tuning.py", "    if measured is None:\n", "    if True:\n", ("tests/test_gpu_static.py",)),
     Mutation("gpu_static: a build that spills taken as able to win", "tools/gpu_static.py",
              "    return b.ok and b.spill_bytes == 0 and", "    return b.ok and", ("tests/test_gpu_static.py",)),
+    Mutation("roofline: K and V bytes counted once for both", "tools/roofline.py",
+             "data = sum((2 * lq + 2 * t) * d * BYTES", "data = sum((2 * lq + t) * d * BYTES",
+             ("tests/test_roofline.py",)),
+    Mutation("roofline: ranges not rounded up to the kernel's key blocks", "tools/roofline.py",
+             "math.ceil(r / block) * block for r in ranges", "r for r in ranges", ("tests/test_roofline.py",)),
+    Mutation("contest: the slower contender wins", "modes/contest.py",
+             "min(times, key=times.__getitem__)", "max(times, key=times.__getitem__)", ("tests/test_contest.py",)),
+    Mutation("contest: persisted winners not read (every process races again)", "modes/contest.py",
+             "                    self.winners.setdefault(key, value[\"contender\"])\n", "                    pass\n",
+             ("tests/test_contest.py",)),
+    Mutation("contest: the shape ignores the window's length", "modes/contest.py",
+             "q.shape[-1], q.shape[2], k.shape[2], q.shape[1]", "q.shape[-1], q.shape[2], q.shape[1]",
+             ("tests/test_contest.py",)),
     Mutation("order: a window written outside the graph trusted to be in written order", "passes/__init__.py",
              "        checks_order=site.k_window.pattern in", "        checks_order=False and site.k_window.pattern in",
              ("tests/test_patterns.py::test_a_ring_buffer_is_compressed_while_written_in_order_and_exactly_dense_once_"
@@ -299,7 +312,7 @@ MUTATIONS = (
 
 
 def _copy(into: Path) -> None:
-    for name in ("fkv_compile", "tests"):
+    for name in ("fkv_compile", "tests", "docs"):  # docs: tests check tables generated into them
         shutil.copytree(ROOT / name, into / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", into / "pyproject.toml")
 

@@ -28,7 +28,7 @@ import triton
 from . import interpreting
 
 __all__ = ["TUNING_CACHE_ENV", "AUTOTUNE_ENV", "TuningCache", "TunedKernel", "tuning_enabled", "shared_cache",
-           "fitting", "architecture", "FITS_PATH"]
+           "fitting", "architecture", "FITS_PATH", "machine_signature", "cpu_bench"]
 
 TUNING_CACHE_ENV = "FKV_TUNING_CACHE"
 AUTOTUNE_ENV = "FKV_AUTOTUNE"
@@ -95,19 +95,32 @@ class TuningCache:
                 self._entries = read or []
             return self._entries
 
-    def lookup(self, signature: dict[str, str], kernel: str) -> dict[tuple, triton.Config]:
-        """The tuned configs of ``kernel`` on this machine, by autotune key."""
+    def values(self, signature: dict[str, str], kernel: str) -> dict[tuple, dict[str, Any]]:
+        """What was chosen for ``kernel`` on this machine, by key, as stored (a config's JSON form, or a contest's
+        winner)."""
         found = {}
         for entry in self.entries():
             try:
                 if entry["machine"] == signature and entry["kernel"] == kernel:
-                    found[tuple(entry["key"])] = _config_from_json(entry["config"])
+                    found[tuple(entry["key"])] = entry["config"]
+            except (KeyError, TypeError) as e:
+                warnings.warn(f"fkv tuning cache {self.path}: skipping a malformed entry ({e!r})")
+        return found
+
+    def lookup(self, signature: dict[str, str], kernel: str) -> dict[tuple, triton.Config]:
+        """The tuned configs of ``kernel`` on this machine, by autotune key."""
+        found = {}
+        for key, value in self.values(signature, kernel).items():
+            try:
+                found[key] = _config_from_json(value)
             except (KeyError, TypeError, ValueError) as e:
                 warnings.warn(f"fkv tuning cache {self.path}: skipping a malformed entry ({e!r})")
         return found
 
-    def put(self, signature: dict[str, str], kernel: str, key: tuple, config: triton.Config) -> None:
-        entry = {"machine": signature, "kernel": kernel, "key": list(key), "config": _config_to_json(config)}
+    def put(self, signature: dict[str, str], kernel: str, key: tuple, config: triton.Config | dict[str, Any]) -> None:
+        """Remember ``config`` (a Triton config, or any JSON object) for ``kernel`` at ``key`` on this machine."""
+        value = _config_to_json(config) if isinstance(config, triton.Config) else dict(config)
+        entry = {"machine": signature, "kernel": kernel, "key": list(key), "config": value}
         entries = self.entries()
         with self._lock:
             entries[:] = [e for e in entries if (e.get("machine"), e.get("kernel"), e.get("key")) != (
@@ -138,7 +151,7 @@ def shared_cache() -> TuningCache:
     return _SHARED.setdefault(cache.path, cache)
 
 
-def _cpu_bench(kernel_call: Callable[[], Any], quantiles: Sequence[float]) -> list[float]:
+def cpu_bench(kernel_call: Callable[[], Any], quantiles: Sequence[float]) -> list[float]:
     """Milliseconds of ``kernel_call`` on the interpreter (Triton's benchmarker needs a GPU driver)."""
     kernel_call()
     times = []
@@ -211,7 +224,7 @@ class TunedKernel:
             configs = fitting(self.name, self.configs, target, dtype, head_dim)
             self._tuners[variant] = triton.autotune(
                 configs=configs if tuning_enabled() else configs[:1], key=self.key,
-                do_bench=_cpu_bench if interpreting() else None)(self.fn)
+                do_bench=cpu_bench if interpreting() else None)(self.fn)
         return self._tuners[variant]
 
     def launch(self, grid: Callable[[dict[str, Any]], tuple[int, ...]], device: torch.device, *args: Any,

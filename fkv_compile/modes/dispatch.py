@@ -2,15 +2,18 @@
 
 ``select`` and the compact store call the ops through the :class:`Kernels` they are given, never
 deciding themselves. ``auto`` runs Triton on CUDA tensors (when Triton is installed) and torch
-elsewhere; ``triton`` forces the kernels, on CPU through the interpreter (``TRITON_INTERPRET=1``
-in the environment before Python starts); ``torch`` forces the torch code.
+elsewhere; there, range attention is a contest per shape between the kernel and SDPA over the kept
+tokens gathered (:mod:`.contest`). ``triton`` forces the kernels, on CPU through the interpreter
+(``TRITON_INTERPRET=1`` in the environment before Python starts); ``torch`` forces the torch code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -18,7 +21,7 @@ from ..config import KERNELS
 from ..kernels import interpreting, triton_installed
 from . import torch_ops
 
-__all__ = ["Kernels", "KernelsError", "kernels_for"]
+__all__ = ["Kernels", "KernelsError", "kernels_for", "contested"]
 
 
 class KernelsError(RuntimeError):
@@ -68,4 +71,14 @@ def kernels_for(choice: str, device_type: str) -> Kernels:
     from ..kernels.gather import gather_tokens
     from ..kernels.similarity import segment_similarity
 
-    return Kernels("triton", range_attention, segment_similarity, gather_tokens)
+    kernels = Kernels("triton", range_attention, segment_similarity, gather_tokens)
+    return contested(kernels) if choice == "auto" else kernels
+
+
+def contested(kernels: Kernels, **contest: Any) -> Kernels:
+    """``kernels`` with range attention raced per shape against the torch path (SDPA over the gathered kept
+    tokens); ``contest``: :class:`.contest.RangeAttentionContest`'s ``bench`` and ``cache``."""
+    from .contest import RangeAttentionContest
+
+    race = RangeAttentionContest({kernels.name: kernels.range_attention, "sdpa": torch_ops.range_attention}, **contest)
+    return dataclasses.replace(kernels, range_attention=race)
