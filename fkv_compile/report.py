@@ -90,7 +90,7 @@ class Report:
     def table(self) -> str:
         lines = [f"fkv_compile report: mode={self.mode}, {self.graphs} graphs compiled for {len(self.frames)} frames "
                  f"({self.graph_breaks} after graph breaks, {self.recompiles} recompiles), "
-                 f"{len(self.sites)} attention calls"]
+                 f"{len(self.sites)} attention sites"]
         if self.calibration:
             lines.append(f"calibration: {self.calibration}")
         if self.compact:

@@ -172,3 +172,59 @@ def test_the_real_code_script_names_what_a_checkout_lacks(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (f"real_code: {tmp_path} has no wan/modules/attention.py: not a "
                                                      "checkout of this pipeline's repository")
+
+
+def test_every_option_of_every_verb_says_what_it_does():
+    import argparse
+
+    from fkv_compile.tools.cli import build_parser
+
+    silent = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for verb, sub in action.choices.items():
+                    walk(sub, f"{name} {verb}")
+            elif not action.help and not isinstance(action, argparse._HelpAction):
+                silent.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "fkv")
+    assert not silent
+    assert "this one builds the parser" not in build_parser().format_help()
+
+
+@pytest.mark.parametrize("argv", [["profile", "--model", "mini", "--out", "p.json", "--png", "p.png"],
+                                  ["bench", "--geometry", "tiny"], ["plan", "show", "self-forcing", "--png", "p.png"]])
+def test_a_missing_matplotlib_is_said_in_one_line_before_any_work(argv, monkeypatch, tmp_path):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else
+                        find_spec(name, *a))
+    monkeypatch.chdir(tmp_path)
+    result = fkv(*argv, ok=False)
+    assert result.returncode == 1 and not result.stdout and not list(tmp_path.iterdir())  # nothing done
+    (line,) = result.stderr.strip().splitlines()
+    assert "matplotlib" in line and "pip install" in line
+
+
+def test_importing_the_package_warns_about_nothing():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import fkv_compile"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == ""  # e.g. torch's "Failed to initialize NumPy"
+
+
+def test_the_profile_picture_draws_each_curve_once_and_every_head_at_most_once():
+    from fkv_compile.tools.plots import _chosen_heads
+
+    scores = [[0.9, 0.1, 0.5], [0.95, 0.2, 0.6]]
+    same = [0.1, 0.2, 0.7]
+    curves = [[same, [0.5, 0.3, 0.2], same], [same, [0.4, 0.4, 0.2], [0.0, 0.1, 0.9]]]
+    picks = _chosen_heads(scores, curves, 3)
+    assert len(picks) == len(set(picks))
+    drawn = [tuple(curves[a][b]) for a, b in picks]
+    assert len(drawn) == len(set(drawn))  # (0, 0), (0, 2) and (1, 0) share a curve: one of them is drawn
+    assert picks[:2] == [(1, 0), (0, 1)]  # the most static, then the most dynamic

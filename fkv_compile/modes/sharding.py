@@ -124,8 +124,10 @@ def make_shard(plan: HeadPlan, traced_heads: int, config: Config, where: str) ->
     world_size = dist.get_world_size(group) if group is not None else 1
     if world_size == 1:
         raise PlanError(f"plan does not match the model: num_heads: plan has {plan.num_heads}, {where} has "
-                        f"{traced_heads}" + ("" if group is not None else
-                                             " (under head parallelism, initialize torch.distributed first)"))
+                        f"{traced_heads}; a plan made for another model (make one for this model: fkv profile)"
+                        + ("" if group is not None or plan.num_heads % traced_heads else
+                           f", or this is one of {plan.num_heads // traced_heads} ranks splitting the heads and "
+                           "torch.distributed is not initialized"))
     rank = dist.get_rank(group)
     try:
         mine: range | str = _local_slice(plan, traced_heads, config, rank, world_size, where)

@@ -557,36 +557,19 @@ def run_bench(s: BenchSettings, out_dir: Path, modes: tuple[str, ...] = MODES, a
                                             **attention_saving(r["attention_s"] / dense["attention_s"], kept)}
     if {"select", "compact"} <= set(rollouts):  # the goal "compact no slower than select", side by side too
         result["compact_vs_select"] = paired_ratio(video_times, "compact", "select")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["geometry", "mode", "chunk", "seconds", "kv_bytes", "rss_bytes"])
         for mode, r in rollouts.items():
             for chunk, row in enumerate(zip(r["chunk_s"], r["kv_bytes_per_chunk"], r["rss_bytes_per_chunk"])):
                 writer.writerow([s.geometry, mode, chunk, *row])
+    result["files"] = [str(stem.with_suffix(suffix)) for suffix in (".json", ".csv", ".png")[: 3 if png else 2]]
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     if png:
-        _plot(rollouts, s.geometry, stem.with_suffix(".png"))
+        from .plots import plot_rollouts
+
+        plot_rollouts(rollouts, s.geometry, stem.with_suffix(".png"))
     return result
-
-
-def _plot(rollouts: dict[str, dict[str, Any]], geometry: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    panels = (("chunk_s", 1e3, "time per chunk", "ms"), ("kv_bytes_per_chunk", 2**-20, "KV bytes", "MiB"),
-              ("rss_bytes_per_chunk", 2**-20, "process RSS", "MiB"))
-    for ax, (key, unit, title, ylabel) in zip(axes, panels):
-        for mode, r in rollouts.items():
-            ax.plot(range(len(r[key])), [unit * x for x in r[key]], marker="o", label=mode)
-        ax.set(title=f"{geometry}: {title}" if key == "chunk_s" else title, xlabel="chunk", ylabel=ylabel)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":  # the child process of one rollout mode

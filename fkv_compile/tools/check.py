@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ..config import MODES
-from ..plan import DYNAMIC, HeadPlan, RoleParams
+from ..plan import DYNAMIC, HeadPlan, PlanError, RoleParams
 
 __all__ = ["ModeCheck", "EquivalenceReport", "Target", "check_equivalence", "wrong_kept_sets", "DEFAULT_MODES",
            "CHECKED_MODES", "CONCLUSIVE"]
@@ -55,6 +55,11 @@ COMPRESSED_MODES = ("select", "compact")
 
 ModelFactory = Callable[[], torch.nn.Module]
 Rollout = Callable[[torch.nn.Module], Sequence[torch.Tensor]]
+Step = Callable[[str], None]  # told what runs next (progress)
+
+
+def _quiet(what: str) -> None:
+    """The default ``progress``: nothing."""
 
 
 @dataclass(frozen=True)
@@ -99,9 +104,14 @@ class EquivalenceReport:
         return all(c.passed for c in self.checks)
 
     def failures(self) -> list[str]:
-        return [f"{c.mode}: {c.error}" if c.error else
-                f"{c.mode}: max abs error {c.max_abs_error:.3e} vs {c.reference} (chunk {c.worst_chunk}) exceeds the "
-                f"budget {c.budget:.3e}" for c in self.checks if not c.passed]
+        """One line per distinct reason, naming every mode that failed for it."""
+        reasons: dict[str, list[str]] = {}
+        for c in self.checks:
+            if not c.passed:
+                reason = c.error or (f"max abs error {c.max_abs_error:.3e} vs {c.reference} (chunk {c.worst_chunk}) "
+                                     f"exceeds the budget {c.budget:.3e}")
+                reasons.setdefault(reason, []).append(c.mode)
+        return [f"{', '.join(modes)}: {reason}" for reason, modes in reasons.items()]
 
     def table(self) -> str:
         effects = ", ".join(f"{name} {value:.3e}" for name, value in self.effects.items())
@@ -112,7 +122,7 @@ class EquivalenceReport:
         for c in self.checks:
             budget = "info" if math.isinf(c.budget) else "bit-exact" if c.budget == 0 else f"{c.budget:.3e}"
             ratio = f"{c.effect / c.budget:.1f}" if math.isfinite(c.effect) and c.budget else "-"
-            result = "ok" if c.passed else f"FAIL {c.error}" if c.error else "FAIL"
+            result = "ok" if c.passed else "FAIL (below)" if c.error else "FAIL"
             lines.append(f"{c.mode:<8} {c.reference:<22} {c.max_abs_error:>11.3e} {c.max_rel_error:>9.2e} "
                          f"{c.worst_chunk:>5} {budget:>10} {ratio:>13} {c.graphs:>6} {c.graph_breaks:>6} "
                          f"{c.cache_sites:>5}  {result}")
@@ -194,27 +204,38 @@ class _Baseline:
         return self.effect >= CONCLUSIVE * self.budget
 
 
-def _baseline(target: Target, plan: HeadPlan, lowering: str, factor: float) -> _Baseline:
-    eager = _run(target.model_factory, target.rollout, "none", None)[0]
-    plain = _run(target.model_factory, target.rollout, lowering, None)[0]
-    noise = _errors(plain, eager)[0]
-    dtype = eager[0].dtype if eager[0].is_floating_point() else torch.float32
-    scale = max(float(o.double().abs().max()) for o in eager)
-    budget = max(factor * noise, ULPS * torch.finfo(dtype).eps * scale)
+def _baseline(target: Target, plan: HeadPlan, lowering: str, factor: float, step: Step) -> _Baseline:
+    """The oracle first: a plan that does not fit the model raises its ``PlanError`` before any other run."""
 
     def oracle(p: HeadPlan, lowering: str) -> tuple[list[torch.Tensor], Any, int]:
         return _run(target.model_factory, target.rollout, "forcing_kv", {"plan": p, "mode": "oracle",
                                                                            "lowering": lowering})
 
+    step("oracle (dense attention masked by the plan's keep rule)")
     try:
-        reference = oracle(plan, lowering)
-        effects = {"compression": _errors(reference[0], eager)[0]}
-        if effects["compression"] >= CONCLUSIVE * budget:  # else inconclusive already: spare the runs
-            # the wrong kept sets' effects are sizes, not comparisons: eager lowering (the quickest compile) will do
-            effects.update({name: _errors(oracle(wrong, "eager")[0], reference[0])[0]
-                            for name, wrong in wrong_kept_sets(plan).items()})
+        reference: tuple[list[torch.Tensor], Any, int] | None = oracle(plan, lowering)
+        failed = ""
     except Exception as exc:  # the modes' own runs report it, or this message does
-        return _Baseline(dtype, eager, plain, noise, scale, budget, None, {}, f"the oracle failed: {exc}")
+        cause = _cause(exc)
+        if isinstance(cause, PlanError):
+            raise cause from None
+        reference, failed = None, f"the oracle failed: {_reason(exc)}"
+    step("eager rollout (dense, the reference)")
+    eager = _run(target.model_factory, target.rollout, "none", None)[0]
+    step(f"{lowering} rollout (dense, the budget's base)")
+    plain = _run(target.model_factory, target.rollout, lowering, None)[0]
+    noise = _errors(plain, eager)[0]
+    dtype = eager[0].dtype if eager[0].is_floating_point() else torch.float32
+    scale = max(float(o.double().abs().max()) for o in eager)
+    budget = max(factor * noise, ULPS * torch.finfo(dtype).eps * scale)
+    if reference is None:
+        return _Baseline(dtype, eager, plain, noise, scale, budget, None, {}, failed)
+    effects = {"compression": _errors(reference[0], eager)[0]}
+    if effects["compression"] >= CONCLUSIVE * budget:  # else inconclusive already: spare the runs
+        # the wrong kept sets' effects are sizes, not comparisons: eager lowering (the quickest compile) will do
+        for name, wrong in wrong_kept_sets(plan).items():
+            step(f"oracle with a kept set {name} (an effect the budget must see)")
+            effects[name] = _errors(oracle(wrong, "eager")[0], reference[0])[0]
     return _Baseline(dtype, eager, plain, noise, scale, budget, reference, effects)
 
 
@@ -225,6 +246,18 @@ def _reproducible(base: _Baseline, lowering: str) -> ModeCheck:
                      error="" if err <= limit else
                      f"the plainly compiled rollout differs from the eager one by {rel:.1%} of the outputs' scale: the "
                      "rollout is not reproducible (seed the model's weights and the inputs), no budget can be derived")
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """What a compile failure wraps (``BackendCompilerFailed`` holds the backend's own exception)."""
+    inner = getattr(exc, "inner_exception", None)
+    return _cause(inner) if isinstance(inner, BaseException) else exc
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception in one line of what went wrong, without the compiler's wrapper and its advice."""
+    cause = _cause(exc)
+    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -246,11 +279,13 @@ def check_equivalence(
     lowering: str = "inductor",
     factor: float = NOISE_FACTOR,
     reference: Target | None = None,
+    progress: Step = _quiet,
 ) -> EquivalenceReport:
     """Run ``rollout(model)`` (a list of per-chunk outputs) eagerly, plainly compiled and under each of
     ``modes``; compare every chunk (see the module docstring for what against what). ``reference``: the same
     model and rollout in a higher precision, where ``select`` and ``compact`` are compared when the model's own
-    dtype cannot see the effects of a wrong result."""
+    dtype cannot see the effects of a wrong result. ``progress`` is told each rollout before it runs. A plan that
+    does not fit the model raises its :class:`~fkv_compile.plan.PlanError` at the first rollout."""
     from ..report import report
 
     unknown = [m for m in modes if m not in CHECKED_MODES]
@@ -259,17 +294,18 @@ def check_equivalence(
     if lowering not in ("inductor", "aot_eager", "eager"):
         raise ValueError(f"lowering expected 'inductor', 'aot_eager' or 'eager', got {lowering!r}")
     user = Target(model_factory, rollout)
-    base = _baseline(user, plan, lowering, factor)
+    base = _baseline(user, plan, lowering, factor, progress)
     compare = base
     checks = [_reproducible(base, lowering)]
     if not base.conclusive and reference is not None and any(m in COMPRESSED_MODES for m in modes):
-        compare = _baseline(reference, plan, lowering, factor)
+        compare = _baseline(reference, plan, lowering, factor, lambda what: progress(f"higher-precision twin: {what}"))
         checks.append(_reproducible(compare, lowering))
     for mode in modes:
         try:
             if mode == "oracle" and base.oracle_run is not None:  # the baseline ran it: the same run, not a second
                 outs, compiled, breaks = base.oracle_run
             else:
+                progress(f"mode {mode!r}")
                 outs, compiled, breaks = _run(model_factory, rollout, "forcing_kv",
                                               {"plan": plan, "mode": mode, "lowering": lowering})
             rep = report(compiled, print_table=False)
@@ -281,6 +317,7 @@ def check_equivalence(
             else:
                 effect = compare.effect
                 if compare is not base:  # the user's dtype ran (crashes, recompiles); compare in the twin's
+                    progress(f"mode {mode!r} in {_name(compare.dtype)}")
                     outs = _run(reference.model_factory, reference.rollout, "forcing_kv",
                                 {"plan": plan, "mode": mode, "lowering": lowering})[0]
                 if compare.oracle is None:
@@ -299,5 +336,5 @@ def check_equivalence(
                                     sum(s.action.is_site for s in rep.sites), error=error, effect=effect))
         except Exception as exc:  # a failing mode is a result to report, not the end of the check
             checks.append(ModeCheck(mode, "-", math.nan, math.nan, -1, compare.budget, 0, 0, 0,
-                                    error=f"{type(exc).__name__}: {exc}"))
+                                    error=_reason(exc)))
     return EquivalenceReport(tuple(checks), len(base.eager), base.noise, compare.effects, _name(compare.dtype))

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["Target", "TARGETS", "Build", "KERNELS", "build", "kernel_configs", "default_config", "fits", "fits_table",
-           "sweep", "tuning_form"]
+           "merge", "sweep", "tuning_form"]
 
 FRAME_TOKENS, HEADS, CHUNK_FRAMES, WINDOW_FRAMES = 1560, 12, 3, 21  # Self Forcing 480p: [B, L, 12, D] buffers
 
@@ -275,6 +275,25 @@ def _row(b: Build) -> str:
             f"{b.shared_bytes / 1024:>7.1f}  {verdict:<11} {mma:<14} {loads}")
 
 
+def _earlier(path: Path) -> list[Build]:
+    """The builds a former run wrote to ``path`` (none when it is missing or from another Triton)."""
+    import triton
+
+    if not path.exists():
+        return []
+    doc = json.loads(path.read_text())
+    if doc.get("triton") != triton.__version__:
+        return []
+    return [Build(**{k: v for k, v in b.items() if k != "fits"}) for b in doc["builds"]]
+
+
+def merge(earlier: Iterable[Build], measured: list[Build]) -> list[Build]:
+    """``measured`` and the ``earlier`` builds of the (target, dtype, head dim) it did not measure: a run of one dtype
+    or target replaces its own rows of the results and the fits table and keeps the rest."""
+    done = {(b.kernel, b.target, b.dtype, b.head_dim) for b in measured}
+    return [b for b in earlier if (b.kernel, b.target, b.dtype, b.head_dim) not in done] + measured
+
+
 def sweep(kernels: Iterable[str], targets: Iterable[str], dtypes: Iterable[str], head_dims: Iterable[int],
           defaults_only: bool = False) -> list[Build]:
     """Every build of the product, the kernels' whole autotune lists (or their first, default, config)."""
@@ -317,16 +336,19 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     import triton
 
+    kept = []
     for kernel in args.kernels.split(","):
+        merged = merge(_earlier(args.out / f"{kernel}.json"), [b for b in builds if b.kernel == kernel])
+        kept += merged
         doc = {"kernel": kernel, "triton": triton.__version__, "geometry": {
                    "frame_tokens": FRAME_TOKENS, "heads": HEADS, "chunk_frames": CHUNK_FRAMES,
                    "window_frames": WINDOW_FRAMES},
-               "builds": [dataclasses.asdict(b) | {"fits": fits(b)} for b in builds if b.kernel == kernel]}
+               "builds": [dataclasses.asdict(b) | {"fits": fits(b)} for b in merged]}
         (args.out / f"{kernel}.json").write_text(json.dumps(doc, indent=1))
     if args.write_fits:
         from ..kernels.tuning import FITS_PATH
 
-        FITS_PATH.write_text(json.dumps(fits_table(builds), indent=1) + "\n")
+        FITS_PATH.write_text(json.dumps(fits_table(kept), indent=1) + "\n")
         print(f"wrote {FITS_PATH}")
     failed = [b for b in builds if not b.ok]
     print(f"{len(builds)} builds, {sum(map(fits, builds))} can win an autotune, {len(failed)} failed to compile; "

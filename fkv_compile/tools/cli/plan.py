@@ -116,15 +116,7 @@ def cmd_plan_show(args: argparse.Namespace) -> int:
 def cmd_plan_validate(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
     g = geometry_of(args)
-    problems = []
-    if plan.frame_tokens != g.frame_tokens:
-        problems.append(f"frame_tokens: plan has {plan.frame_tokens}, model has {g.frame_tokens}")
-    if plan.chunk_frames != g.chunk_frames:
-        problems.append(f"chunk_frames: plan has {plan.chunk_frames}, model has {g.chunk_frames}")
-    try:
-        plan.validate_geometry(num_layers=g.num_layers, num_heads=g.num_heads, window_frames=g.window_frames)
-    except PlanError as exc:
-        problems.insert(0, str(exc).removeprefix("plan does not match the model: "))
+    problems = g.misfits(plan)
     if problems:
         message = "plan does not match the model: " + "; ".join(problems)
         if args.json:

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ...plan import DYNAMIC, STATIC
+from ...plan import DYNAMIC, STATIC, HeadPlan, PlanError
 from ..check import Target
 from .common import CliError, load_callable
 
-__all__ = ["Geometry", "ProfileTarget", "BUNDLED", "CHECKABLE", "profile_target", "check_target", "bundled_check_target",
-           "geometry_of"]
+__all__ = ["Geometry", "ProfileTarget", "Miniature", "MINIATURES", "BUNDLED", "CHECKABLE", "profile_target",
+           "check_target", "bundled_check_target", "geometry_of"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,20 @@ class Geometry:
     frame_tokens: int
     chunk_frames: int
     window_frames: int | None = None
+
+    def misfits(self, plan: HeadPlan) -> list[str]:
+        """Every way ``plan`` does not fit a model of this geometry (empty: it fits)."""
+        problems = []
+        try:
+            plan.validate_geometry(num_layers=self.num_layers, num_heads=self.num_heads,
+                                   window_frames=self.window_frames)
+        except PlanError as exc:
+            problems.append(str(exc).removeprefix("plan does not match the model: "))
+        if plan.frame_tokens != self.frame_tokens:
+            problems.append(f"frame_tokens: plan has {plan.frame_tokens}, model has {self.frame_tokens}")
+        if plan.chunk_frames != self.chunk_frames:
+            problems.append(f"chunk_frames: plan has {plan.chunk_frames}, model has {self.chunk_frames}")
+        return problems
 
 
 @dataclass(frozen=True)
@@ -34,25 +48,40 @@ class ProfileTarget:
     chunks: int
 
 
-def _mini_config(windowed: bool, **sizes: int):
-    from ...models import MiniConfig
+@dataclass(frozen=True)
+class Miniature:
+    """A bundled miniature: the one definition ``fkv profile``, ``fkv check`` and ``fkv plan validate`` share, so a
+    plan profiled on it fits what check runs."""
 
-    return MiniConfig(**sizes, **({"window_frames": 12, "sink_frames": 3} if windowed else {}))
+    windowed: bool
+    chunks: int  # per profiling sample and per checked video, unless --chunks
+
+    def config(self):
+        from ...models import MiniConfig
+
+        window = {"window_frames": 12, "sink_frames": 3} if self.windowed else {}
+        return MiniConfig(num_layers=4, num_heads=4, dim=256, ffn_dim=512, **window)
+
+    def geometry(self) -> Geometry:
+        cfg = self.config()
+        return Geometry(cfg.num_layers, cfg.num_heads, cfg.frame_tokens, cfg.chunk_frames, cfg.cache_frames)
 
 
-def _mini_target(windowed: bool, chunks: int | None) -> ProfileTarget:
+MINIATURES = {"mini": Miniature(windowed=False, chunks=7), "mini-windowed": Miniature(windowed=True, chunks=6)}
+
+
+def _mini_target(mini: Miniature, chunks: int | None) -> ProfileTarget:
     from ...models import build, make_inputs, rollout
 
-    cfg = _mini_config(windowed, num_layers=4, num_heads=4, dim=512, ffn_dim=1024)
-    n = chunks or (10 if windowed else cfg.num_frames // cfg.chunk_frames)
+    cfg = mini.config()
+    n = chunks or mini.chunks
     model = build(cfg)
 
     def run(compile_model, sample, on_chunk):
         inputs = make_inputs(cfg, chunks=n, seed=sample)
         rollout(compile_model(model), cfg, inputs, on_chunk=on_chunk)
 
-    geometry = Geometry(cfg.num_layers, cfg.num_heads, cfg.frame_tokens, cfg.chunk_frames, cfg.cache_frames)
-    return ProfileTarget(geometry, run, n)
+    return ProfileTarget(mini.geometry(), run, n)
 
 
 def _planted_target(chunks: int | None) -> ProfileTarget:
@@ -71,11 +100,10 @@ def _planted_target(chunks: int | None) -> ProfileTarget:
 
 
 BUNDLED: dict[str, Callable[[int | None], ProfileTarget]] = {
-    "mini": lambda chunks: _mini_target(False, chunks),
-    "mini-windowed": lambda chunks: _mini_target(True, chunks),
+    **{name: (lambda chunks, mini=mini: _mini_target(mini, chunks)) for name, mini in MINIATURES.items()},
     "planted": _planted_target,
 }
-CHECKABLE = ("mini", "mini-windowed")  # the bundled models `fkv check` runs
+CHECKABLE = tuple(MINIATURES)  # the bundled models `fkv check` runs
 
 
 def profile_target(args: argparse.Namespace) -> ProfileTarget:
@@ -91,12 +119,13 @@ def profile_target(args: argparse.Namespace) -> ProfileTarget:
     return ProfileTarget(geometry, lambda compile_model, sample, on_chunk: fn(compile_model, sample), 0)
 
 
-def bundled_check_target(name: str, chunks: int, dtype: torch.dtype = torch.float32) -> Target:
+def bundled_check_target(name: str, chunks: int | None = None, dtype: torch.dtype = torch.float32) -> Target:
     """A bundled miniature's check target in ``dtype``: seeded weights, and a rollout of two videos of ``chunks``
     chunks each (state carried from one video into the next shows in the second)."""
     from ...models import build, make_inputs, rollout
 
-    cfg = _mini_config(name == "mini-windowed")
+    mini = MINIATURES[name]
+    cfg, chunks = mini.config(), chunks or mini.chunks
     videos = [make_inputs(cfg, chunks=chunks, seed=seed, dtype=dtype) for seed in (0, 1)]
     return Target(lambda: build(cfg, seed=0, dtype=dtype),
                   lambda model: [out for inputs in videos for out in rollout(model, cfg, inputs)])
@@ -108,8 +137,8 @@ def check_target(args: argparse.Namespace) -> tuple[Target, Target | None]:
     ``(model_factory, rollout, (twin_model_factory, twin_rollout))``."""
     if args.model in CHECKABLE:
         dtype = getattr(torch, args.dtype)
-        twin = bundled_check_target(args.model, args.chunks or 5) if dtype != torch.float32 else None
-        return bundled_check_target(args.model, args.chunks or 5, dtype), twin
+        twin = bundled_check_target(args.model, args.chunks) if dtype != torch.float32 else None
+        return bundled_check_target(args.model, args.chunks, dtype), twin
     if args.dtype != "float32":
         raise CliError("--dtype applies to the bundled models; a module:callable target builds its model itself")
     target = load_callable(args.model, "--model", f"one of {list(CHECKABLE)}")()
