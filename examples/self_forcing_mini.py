@@ -1,67 +1,86 @@
-"""Self Forcing-style miniature, dense vs Forcing-KV (``select``), compiled with one line.
+"""What fkv-compile does to a Self Forcing-style model, on a CPU, in about three minutes.
 
-Builds the miniature (global attention over 21 latent frames, 3-frame chunks, 4 denoising steps +
-1 clean pass per chunk) and compiles it with ``backend="inductor"`` and with ``backend="forcing_kv"``
-and no options: the first video calibrates (dense, attention mass recorded), then the plan it made
-compresses the next ones. Prints the report and the plan, and measures the attention-call and
-rollout time ratios side by side.
+The model is the project's Self Forcing miniature at the rollout benchmark's scaled 480p geometry (390 tokens per
+latent frame: real 480p with the latent sides halved; 21 frames, global attention, 3-frame chunks, 4 denoising
+steps + 1 clean pass per chunk), 2 layers of 4 heads x 128, random weights, with a plan that makes 37% of the
+heads static as the reference Self Forcing plan does.
 
-    python examples/self_forcing_mini.py
+First the facts no machine can change: the key tokens each attention call keeps, over one call and over a whole
+video, and the KV bytes the ``compact`` store holds against the dense cache. Then the time: dense (plain
+``backend="inductor"``) and ``backend="forcing_kv"`` in ``compact`` mode, each in its own process, one video each
+in turns, round after round, so that a busy machine slows both alike; the ratio is the median of the same-round
+ratios, printed beside the best the kept tokens allow (Amdahl: only attention shrinks).
+
+    python examples/self_forcing_mini.py [--rounds 4]
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
-import time
 
-import torch
-import torch.nn.functional as F
+from fkv_compile.plan import STATIC
+from fkv_compile.semantics import kept_token_count
+from fkv_compile.tools.bench import (BenchSettings, alternating_rollouts, amdahl, kept_fraction, paired_ratio,
+                                     saving_in_words)
+from fkv_compile.tools.progress import Progress
+from fkv_compile.tools.roofline import MODELS, predictions
 
-import fkv_compile
-from fkv_compile.models import MiniConfig, build, make_inputs, new_caches, rollout
-from fkv_compile.modes.select import compressed_attention
-from fkv_compile.tools.bench import median_seconds
+MIB = 2**20
+
+
+def demo_settings(rounds: int) -> BenchSettings:
+    """The benchmark's Self Forcing geometry at half the latent side, with fewer and narrower layers than the bench's
+    default so that attention weighs as at real size (more than half of a dense video) and a CPU runs it in minutes."""
+    return BenchSettings(geometry="self-forcing-5s", side=2, layers=2, heads=4, repeats=rounds)
 
 
 def main() -> None:
-    # the model's .item()/.tolist() graph breaks are expected (Self Forcing has them); keep the demo quiet
-    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
-    cfg = MiniConfig(dim=512, num_heads=4, num_layers=4, ffn_dim=1024, latent_height=16, latent_width=24)
-    model = build(cfg)
-    inputs = make_inputs(cfg, chunks=cfg.num_frames // cfg.chunk_frames)
-    print(f"miniature: {cfg.num_layers} layers x {cfg.num_heads} heads x {cfg.head_dim}, {cfg.frame_tokens} tokens/frame, "
-          f"{len(inputs.noise)} chunks of {cfg.chunk_frames} frames, global attention over {cfg.num_frames} frames")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=4, help="timed videos per mode, in turns (default 4)")
+    args = parser.parse_args()
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # the models' graph breaks are expected
+    s = demo_settings(args.rounds)
+    cfg = s.config()
+    chunks = cfg.num_frames // cfg.chunk_frames
+    plan = s.head_plan(cfg)
+    f, frames = cfg.frame_tokens, cfg.num_frames  # global attention: the last window is the whole video
+    print(f"Self Forcing miniature: {cfg.num_layers} layers x {cfg.num_heads} heads x {cfg.head_dim}, {f} tokens per "
+          f"frame, {chunks} chunks of {cfg.chunk_frames} frames, global attention over {frames} frames; "
+          f"{plan.count(STATIC)} of {plan.num_layers * plan.num_heads} heads static")
 
-    dense = torch.compile(model, backend="inductor")
-    compressed = torch.compile(model, backend="forcing_kv")  # no plan: it calibrates itself on the first video
-    for name, m in (("inductor", dense), ("forcing_kv", compressed)):
-        start = time.perf_counter()
-        rollout(m, cfg, inputs)
-        print(f"{name:>10}: first video incl. compile {time.perf_counter() - start:.1f} s")
-    print("forcing_kv calibrated on that video (dense, bit-identical outputs); the next videos compress")
-    t_dense = median_seconds(lambda: rollout(dense, cfg, inputs), repeats=2)
-    t_fkv = median_seconds(lambda: rollout(compressed, cfg, inputs), repeats=2)
+    print("\n1. What each attention call attends to (the plan decides; no timing involved)")
+    per_role = {role: kept_token_count(plan, role, frames) for role in ("static", "dynamic")}
+    dense_tokens = frames * f
+    print(f"   last chunk, {dense_tokens} key tokens per head dense: a static head keeps {per_role['static']:.0f} "
+          f"({per_role['static'] / dense_tokens:.0%}), a dynamic head {per_role['dynamic']:.0f} "
+          f"({per_role['dynamic'] / dense_tokens:.0%})")
+    kept = kept_fraction(plan, None, chunks)
+    print(f"   whole video (the first chunks keep everything: nothing to drop yet): {kept:.1%} of the dense "
+          f"attention work")
 
-    print()
-    fkv_compile.report(compressed)
-    plan = fkv_compile.plan_of(compressed)  # plan.save("plan.json"), then options={"plan": "plan.json"} next time
-    scores = [f"{s:.2f}" for row in plan.provenance["scores"] for s in row]
-    print(f"calibrated plan: {plan.count('static')} static, {plan.count('dynamic')} dynamic heads (scores {', '.join(scores)}; "
-          "random weights spread attention, so heads come out dynamic)")
+    print("\n2. Memory and time, dense vs compact (each compiled in its own process, then one video each in turns)")
+    with Progress(2 + args.rounds, "   compiling, then timing") as bar:
+        rollouts, rounds = alternating_rollouts(s, ("dense", "compact"), bar.advance)
+    dense, compact = rollouts["dense"], rollouts["compact"]
+    print(f"   KV cache: dense {dense['kv_bytes'] / MIB:.1f} MiB, compact store {compact['kv_bytes'] / MIB:.1f} MiB "
+          f"({compact['kv_bytes'] / dense['kv_bytes']:.0%}; measured after the last chunk)")
+    times = {mode: [r[mode] for r in rounds] for mode in ("dense", "compact")}
+    ratio = paired_ratio(times, "compact", "dense")
+    best = amdahl(ratio, dense["attention_share"], kept)
+    print(f"   video time, compact / dense: {ratio:.3f}, {1 / ratio:.2f}x faster (median of {len(rounds)} same-round "
+          "ratios: " + ", ".join(f"{c / d:.3f}" for c, d in zip(times["compact"], times["dense"]))
+          + f"; dense {dense['video_s']:.1f} s per video)")
+    print(f"   the best the kept tokens allow: {best['amdahl_limit']:.3f} (attention is {dense['attention_share']:.0%} "
+          f"of the dense video, {kept:.0%} of it kept): "
+          + saving_in_words(best["saving_realised"], 1 - best["amdahl_limit"], "the"))
 
-    # one attention call at the last chunk, on the keys and values the model really cached
-    kv, cross = new_caches(cfg, batch=1, dtype=torch.float32)
-    rollout(model, cfg, inputs, caches=(kv, cross))
-    k, v = kv[1]["k"].transpose(1, 2), kv[1]["v"].transpose(1, 2)
-    q = torch.randn(1, cfg.num_heads, cfg.chunk_frames * cfg.frame_tokens, cfg.head_dim)
-    _, kept = compressed_attention(q, k, v, plan, 1)
-    a_dense = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v), repeats=20)
-    a_fkv = median_seconds(lambda: compressed_attention(q, k, v, plan, 1), repeats=20)
-    token_ratio = sum(kept.kept) / (len(kept.kept) * kept.window)
-    print()
-    print(f"attention call, last chunk (Lq={q.shape[2]}, Lk={k.shape[2]}): select/dense time {a_fkv / a_dense:.3f}, "
-          f"kept/dense tokens {token_ratio:.3f} (the limit)")
-    print(f"rollout: forcing_kv/inductor time {t_fkv / t_dense:.3f} ({t_dense:.2f} s -> {t_fkv:.2f} s per video)")
+    print("\n3. At real size (a model, not a measurement: docs/gpu_model.md)")
+    h100 = predictions()["geometries"]
+    for key, g in h100.items():
+        row = g["gpus"]["H100"]
+        print(f"   {MODELS[key].name}: attention {row['attention_share_dense']:.0%} of a dense video on an H100, "
+              f"predicted speed-up {row['speedup']['same_kernel_class']:.2f}x (paper: {g['paper_speedup']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -163,9 +163,9 @@ def test_fkv_bench_runs_end_to_end_and_writes_its_files(tmp_path):
     (-0.3, 0.2, "slower than dense: per-call costs outweigh"),
 ])
 def test_bench_says_what_a_share_of_the_saving_means_at_every_size(share, possible, words):
-    from fkv_compile.tools.cli.bench import _realised
+    from fkv_compile.tools.bench import saving_in_words
 
-    text = _realised(share, possible, "the video's")
+    text = saving_in_words(share, possible, "the video's")
     assert words in text and not re.search(r"-\d", text)  # no negative share of a saving
 
 

@@ -57,7 +57,7 @@ from ..semantics import kept_token_count
 
 __all__ = ["BenchGeometry", "GEOMETRIES", "BenchSettings", "run_bench", "ModeRollouts", "alternating_rollouts",
            "interleaved_times", "paired_ratio", "median_seconds", "in_fresh_process",
-           "pregathered", "flex_call", "kept_fraction", "amdahl", "attention_saving", "peak_rss"]
+           "pregathered", "flex_call", "kept_fraction", "amdahl", "attention_saving", "saving_in_words", "peak_rss"]
 
 MODES = ("dense", "select", "compact")
 ATTENTION_OPS = ("fkv::select_attention", "fkv::store_attention", "fkv::oracle_attention")
@@ -428,6 +428,19 @@ def amdahl(ratio: float, attention_share: float, kept: float) -> dict[str, float
     dense run's attention share), and the share of that saving a measured ``ratio`` realises."""
     limit = 1 - attention_share + attention_share * kept
     return {"amdahl_limit": limit, "saving_realised": (1 - ratio) / (1 - limit) if limit < 1 else math.nan}
+
+
+NOISE = 0.05  # a possible saving below this share of the time is within what a shared machine's timing moves
+
+
+def saving_in_words(share: float, possible: float, what: str) -> str:
+    """The share of a possible saving (``possible``: a fraction of the time) a run realised, in words that hold at
+    every size: at a tiny size the possible saving drowns in timing noise and the share means nothing."""
+    if possible < NOISE:
+        return f"{what} possible saving ({100 * possible:.1f}%) is within timing noise at this size"
+    if share < 0:
+        return f"slower than dense: per-call costs outweigh {what} possible {100 * possible:.0f}% at this size"
+    return f"{100 * share:.0f}% of {what} possible {100 * possible:.0f}% saving realised"
 
 
 def attention_saving(ratio: float, kept: float) -> dict[str, float]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..bench import GEOMETRIES, BenchSettings, run_bench
+from ..bench import GEOMETRIES, BenchSettings, run_bench, saving_in_words
 from ..progress import Progress
 from .common import CliError, emit
 
@@ -49,9 +49,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              + (f" (x{ratio['video_time']:.3f} of dense, rounds "
                                 + "/".join(f"{x:.3f}" for x in ratio["video_time_by_round"])
                                 + f"; limit x{ratio['amdahl_limit']:.3f}, "
-                                + _realised(ratio["saving_realised"], 1 - ratio["amdahl_limit"], "the video's")
+                                + saving_in_words(ratio["saving_realised"], 1 - ratio["amdahl_limit"], "the video's")
                                 + f"; attention x{ratio['attention_time']:.3f}, "
-                                + _realised(ratio["attention_saving_realised"], 1 - result["kept_fraction"],
+                                + saving_in_words(ratio["attention_saving_realised"], 1 - result["kept_fraction"],
                                             "attention's") + ")" if ratio else "")
                              + f"  attention {100 * r['attention_share']:4.1f}%  KV {r['kv_bytes'] / 2**20:8.1f} MiB"
                              + f"  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB  compile {r['compile_s']:6.1f} s"
@@ -69,15 +69,3 @@ def cmd_bench(args: argparse.Namespace) -> int:
     lines.append("wrote " + ", ".join(path for r in results.values() for path in r["files"]))
     emit(args, results, "\n".join(lines))
     return 0
-
-
-NOISE = 0.05  # a possible saving below this share of the time is within what a shared machine's timing moves
-
-
-def _realised(share: float, possible: float, what: str) -> str:
-    """The share of a possible saving a run realised, in words that hold at every size."""
-    if possible < NOISE:
-        return f"{what} possible saving ({100 * possible:.1f}%) is within timing noise at this size"
-    if share < 0:
-        return f"slower than dense: per-call costs outweigh {what} possible {100 * possible:.0f}% at this size"
-    return f"{100 * share:.0f}% of {what} possible {100 * possible:.0f}% saving realised"
