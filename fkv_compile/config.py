@@ -20,12 +20,10 @@ from .bundled import bundled_plan, is_bundled_name
 from .classify import ProfileSettings
 from .plan import DYNAMIC, HeadPlan, PlanError
 
-__all__ = ["Config", "Calibration", "OptionsError", "Choice", "MODES", "LOWERINGS", "INDUCTOR_MODES", "KERNELS",
+__all__ = ["Config", "Calibration", "OptionsError", "Choice", "Mode", "MODES", "LOWERINGS", "INDUCTOR_MODES", "KERNELS",
            "RELEASES",
            "KERNELS_ENV", "CONFIG_TYPE", "default_kernels"]
 
-MODES: tuple[str, ...] = ("off", "oracle", "select", "compact", "profile")
-"""What the pass does with the attention it finds (README, "Modes")."""
 LOWERINGS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
 """What compiles the rewritten graph."""
 INDUCTOR_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -56,6 +54,28 @@ class Choice(str, enum.Enum):
 
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
+
+    def __hash__(self) -> int:  # as its string's, since it equals it (Enum hashes the member's name)
+        return str.__hash__(self)
+
+
+class Mode(Choice):
+    """What the pass does with the attention it finds (docs/usage.md, "Modes"); the pass's choice per mode is one
+    table (:data:`fkv_compile.passes.pipeline.REWRITES`)."""
+
+    OFF = "off"  # nothing rewritten, sites found and reported
+    ORACLE = "oracle"  # dense attention masked by the keep rule
+    SELECT = "select"  # attention over the kept tokens of the model's own cache
+    COMPACT = "compact"  # the cache's writes, rolls and reads served by a compact store
+    PROFILE = "profile"  # dense attention, its frame-level mass recorded
+
+    @property
+    def rewrites(self) -> bool:
+        """Whether the pass replaces the attention it finds (all but ``off``)."""
+        return self is not Mode.OFF
+
+
+MODES: tuple[str, ...] = tuple(m.value for m in Mode)
 
 
 def default_kernels() -> str:
@@ -220,7 +240,7 @@ class Config:
     frame_tokens: int | None = None
     chunk_frames: int | None = None
     calibration: Calibration = Calibration()
-    mode: str = "select"
+    mode: Mode = Mode.SELECT
     lowering: str = "inductor"
     inductor_mode: str | None = None
     strict: bool = False
@@ -235,6 +255,7 @@ class Config:
             raise OptionsError(f"option plan expected a HeadPlan or a path, got "
                                f"{type(self.plan).__name__}; pass a HeadPlan or the path of one saved with HeadPlan.save")
         _choice("mode", self.mode, MODES)
+        object.__setattr__(self, "mode", Mode(self.mode))
         _choice("lowering", self.lowering, LOWERINGS)
         if self.inductor_mode is not None:
             _choice("inductor_mode", self.inductor_mode, INDUCTOR_MODES)

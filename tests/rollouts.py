@@ -6,7 +6,7 @@ import os
 
 import torch
 
-import fkv_compile.ops
+import fkv_compile.modes.calls
 from fkv_compile import HeadPlan
 from fkv_compile.models import MiniConfig, build, make_inputs, new_caches, rollout
 from fkv_compile.modes.store import LayerStore
@@ -71,14 +71,14 @@ Call = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, "float | None", torc
 
 def record_select_calls(monkeypatch) -> list[Call]:
     """Record every ``select`` call the compiled model makes (its op body's inputs and output)."""
-    calls, real = [], fkv_compile.ops.compressed_attention
+    calls, real = [], fkv_compile.modes.calls.compressed_attention
 
     def recording(q, k, v, plan, layer, scale=None, *args):
         out, kept = real(q, k, v, plan, layer, scale, *args)
         calls.append((q.clone(), k.clone(), v.clone(), layer, scale, out.clone()))
         return out, kept
 
-    monkeypatch.setattr(fkv_compile.ops, "compressed_attention", recording)
+    monkeypatch.setattr(fkv_compile.modes.calls, "compressed_attention", recording)
     return calls
 
 

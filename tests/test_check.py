@@ -252,11 +252,11 @@ def _store_one_frame_more(monkeypatch):
 # float32 is the easy case (bf16 is what once passed a dense select): kept as an extra
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.slow), torch.bfloat16], ids=str)
 def test_the_check_fails_a_dense_select_and_a_compact_off_by_one_frame(dtype, monkeypatch):
-    import fkv_compile.ops
+    import fkv_compile.modes.calls
 
     target = bundled_check_target("mini-windowed", 3, dtype)
     twin = bundled_check_target("mini-windowed", 3) if dtype != torch.float32 else None
-    monkeypatch.setattr(fkv_compile.ops, "compressed_attention", _dense_select)
+    monkeypatch.setattr(fkv_compile.modes.calls, "compressed_attention", _dense_select)
     _store_one_frame_more(monkeypatch)
     result = check_equivalence(target.model_factory, target.rollout, mixed_plan(WINDOWED), ("select", "compact"),
                                "aot_eager", reference=twin)

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from .attention import AttentionSite, CachePattern, CacheWindow, cat_operands, is_clone, is_view_like, sliced_dim
+from .graph import cat_operands, is_clone, is_view_like, sliced_dim
+from .sites import AttentionSite, CachePattern, CacheWindow
 
 __all__ = ["CacheAccesses", "GrownAccesses", "RollPair", "classify_accesses", "match_compact", "match_grown", "roll_source",
            "slice_of"]

@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from ..ops import GROWN_OP, OPS, ROLL_OP, SELECT_CACHE_OP, STAGED_OP
-from .attention import AttentionSite
+from .sites import AttentionSite
 from .compact import CacheAccesses, GrownAccesses
 
 __all__ = ["with_example", "erase_dead_chain", "rewrite_site", "rewrite_compact", "rewrite_select_cache", "rewrite_grown", "lint_and_recompile"]
