@@ -70,3 +70,26 @@ def test_the_demo_shows_facts_then_paired_times_beside_their_limit(monkeypatch, 
     assert facts < timing < model
     assert "a static head keeps" in out and "KV cache: dense" in out and "compact store" in out
     assert "median of 2 same-round ratios" in out and "the best the kept tokens allow" in out
+
+
+def test_the_design_pages_name_files_and_names_that_exist():
+    """docs/design.md and docs/walkthrough.md name modules (``passes/fit.py``) and what is in them
+    (``passes/fit.check_plan_fits``): each must exist, so that a rename leaves no stale page behind."""
+    import re
+
+    package = ROOT / "fkv_compile"
+    stale = []
+    for page in ("design.md", "walkthrough.md"):
+        text = (ROOT / "docs" / page).read_text()
+        for path in re.findall(r"`((?:[a-z_]+/)+[a-z_]+\.py)`", text):
+            if not (package / path).exists() and not (ROOT / path).exists():
+                stale.append(f"{page}: {path}")
+        for module, name in re.findall(r"`((?:[a-z_]+/)+[a-z_]+)\.([A-Za-z_]\w*)", text):
+            if name == "py":
+                continue
+            file = package / f"{module}.py"
+            if not file.exists() and (package / module / "__init__.py").exists():
+                file = package / module / "__init__.py"
+            if not file.exists() or not re.search(rf"\b{name}\b", file.read_text()):
+                stale.append(f"{page}: {module}.{name}")
+    assert not stale
