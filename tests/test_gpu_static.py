@@ -40,13 +40,16 @@ def test_the_fits_table_is_measured_for_every_config_of_every_kernel():
     for kernel in KERNELS:
         configs = [tuning_form(c) for c in kernel_configs(kernel)]
         for target in ("sm_90a", "sm_80"):
-            variants = table[kernel][target]
-            assert set(variants) == {f"{d}/{h}" for d in ("bfloat16", "float16") for h in (64, 128)}
+            variants = dict(table[kernel][target])
+            spilling = variants.pop("spilling", [])
+            assert set(variants) == {f"{d}/{h}" for d in ("bfloat16", "float16", "float32") for h in (64, 128)}
+            assert not {v for v in spilling if not v.startswith("float32")}, "bf16/fp16 must have a config that fits"
             for variant, kept in variants.items():
-                assert kept, f"{kernel} {target} {variant}: no config can win"
+                assert kept, f"{kernel} {target} {variant}: no config runs"
                 assert all(c in configs for c in kept), f"{kernel} {target} {variant}: configs not in its list"
                 order = [configs.index(c) for c in kept]
-                assert order == sorted(order), "the table keeps the kernel's order (its first is the default)"
+                if variant not in spilling:
+                    assert order == sorted(order), "the table keeps the kernel's order (its first is the default)"
 
 
 def test_fitting_keeps_what_can_win_in_order_and_all_where_nothing_was_measured(monkeypatch):
@@ -60,6 +63,24 @@ def test_fitting_keeps_what_can_win_in_order_and_all_where_nothing_was_measured(
     assert tuning.fitting("k", configs, None, torch.bfloat16, 128) == configs, "the interpreter: all"
     with pytest.raises(RuntimeError, match="none of its 3 configs compiles for sm_80"):
         tuning.fitting("k", configs, "sm_80", torch.float32, 128)
+    spilling = [tuning._config_to_json(configs[2]), tuning._config_to_json(configs[0])]  # the least spilling first
+    monkeypatch.setattr(tuning, "_FITS", {"kernels": {"k": {"sm_80": {"float32/64": spilling,
+                                                                      "spilling": ["float32/64"]}}}})
+    assert tuning.fitting("k", configs, "sm_80", torch.float32, 64) == [configs[2], configs[0]], "the table's order"
+
+
+def test_where_every_config_spills_the_table_keeps_the_least_spilling_that_run():
+    from fkv_compile.tools.gpu_static import LEAST_SPILLING, Build, fits_table
+
+    def build(m: int, spill: int, shared_kib: int = 64) -> Build:
+        return Build("range_attention", "sm_90a", "float32", 64, {"BLOCK_M": m, "BLOCK_N": 64, "num_warps": 4,
+                                                                   "num_stages": 2}, 1.0, registers=255,
+                     spill_bytes=spill, shared_bytes=shared_kib * 1024)
+
+    builds = [build(16, 900), build(32, 40), build(64, 8, shared_kib=300), build(128, 500), build(256, 120)]
+    table = fits_table(builds)["kernels"]["range_attention"]["sm_90a"]
+    assert table["spilling"] == ["float32/64"]
+    assert [c["kwargs"]["BLOCK_M"] for c in table["float32/64"]] == [32, 256, 128][:LEAST_SPILLING]  # 64 cannot launch
 
 
 def test_a_build_that_spills_or_overflows_shared_memory_cannot_win():

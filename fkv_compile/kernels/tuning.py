@@ -182,8 +182,9 @@ _FITS: dict[str, Any] | None = None
 
 def fitting(kernel: str, configs: Sequence[triton.Config], target: str | None, dtype: torch.dtype,
             head_dim: int | None) -> list[triton.Config]:
-    """``configs`` that can win an autotune on ``target`` at ``dtype`` and ``head_dim``, in their order (the first is
-    the default there); all of them where the table has no entry. None fitting is an error that names the kernel."""
+    """``configs`` that can win an autotune on ``target`` at ``dtype`` and ``head_dim``, in the table's order (the
+    kernel's; where every config spills, the least spilling first): the first is the default there. All of them
+    where the table has no entry; none that runs there is an error that names the kernel."""
     global _FITS
     if _FITS is None:
         _FITS = json.loads(FITS_PATH.read_text()) if FITS_PATH.exists() else {}
@@ -191,7 +192,8 @@ def fitting(kernel: str, configs: Sequence[triton.Config], target: str | None, d
     measured = table.get(f"{str(dtype).removeprefix('torch.')}/{head_dim}")
     if measured is None:
         return list(configs)
-    kept = [c for c in configs if _config_to_json(c) in measured]
+    by_form = {json.dumps(_config_to_json(c), sort_keys=True): c for c in configs}
+    kept = [by_form[form] for form in (json.dumps(m, sort_keys=True) for m in measured) if form in by_form]
     if not kept:
         raise RuntimeError(f"fkv kernel {kernel}: none of its {len(configs)} configs compiles for {target} at {dtype}, "
                            f"head dim {head_dim} without spills within shared memory ({FITS_PATH})")

@@ -251,16 +251,33 @@ def build(kernel: str, target: str, dtype: str, head_dim: int, config: dict[str,
     return dataclasses.replace(result, seconds=round(time.perf_counter() - start, 2))
 
 
+LEAST_SPILLING = 3
+"""Where no config of a variant can win (fp32 at head dim 64 spills in every config), the table keeps this many of
+those that compile within shared memory, the fewest spilled bytes first: slow, but they run."""
+
+
+def _runs(b: Build) -> bool:
+    """Whether the build launches at all: it compiled and its shared memory fits a block (spills only cost time)."""
+    return b.ok and b.shared_bytes is not None and b.shared_bytes <= TARGETS[b.target].shared_limit
+
+
 def fits_table(builds: Iterable[Build]) -> dict[str, Any]:
     """What :func:`fkv_compile.kernels.tuning.fitting` reads: per kernel, target and ``dtype/head_dim``, the configs
-    that can win an autotune, in the kernel's order."""
+    that can win an autotune, in the kernel's order; where none can, the :data:`LEAST_SPILLING` that spill least, in
+    that order, the variant named under ``spilling``."""
     import triton
 
-    kernels: dict[str, Any] = {}
+    grouped: dict[tuple[str, str, str], list[Build]] = {}
     for b in builds:
-        entry = kernels.setdefault(b.kernel, {}).setdefault(b.target, {}).setdefault(f"{b.dtype}/{b.head_dim}", [])
-        if fits(b):
-            entry.append(tuning_form(b.config))
+        grouped.setdefault((b.kernel, b.target, f"{b.dtype}/{b.head_dim}"), []).append(b)
+    kernels: dict[str, Any] = {}
+    for (kernel, target, variant), group in grouped.items():
+        table = kernels.setdefault(kernel, {}).setdefault(target, {})
+        winners = [b for b in group if fits(b)]
+        if not winners:
+            winners = sorted(filter(_runs, group), key=lambda b: b.spill_bytes)[:LEAST_SPILLING]
+            table.setdefault("spilling", []).append(variant)
+        table[variant] = [tuning_form(b.config) for b in winners]
     return {"triton": triton.__version__, "geometry": {"frame_tokens": FRAME_TOKENS, "heads": HEADS}, "kernels": kernels}
 
 
