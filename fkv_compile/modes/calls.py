@@ -97,12 +97,16 @@ def select_over_cache(s: state.Session, site: int, layer: int, q: torch.Tensor, 
                        history: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The chunk's write, made here between the memo's two looks at the buffers, then ``select`` over the window.
     ``history``: the pipeline's buffers whose history ``cache_k``/``cache_v`` hold (a staged clone's), for the
-    window's order."""
+    window's order; their write-back is the pipeline's own, after the call (replayed and checked against the store
+    in ``compact``), so only a clone's own buffers are checked for writes from elsewhere between calls."""
+    touched = history is None and s.order.touched(layer, cache_k, cache_v)
     s.selections.before_write(layer, cache_k, cache_v)
     write_chunk(cache_k, cache_v, k_new, v_new, *write)
     s.selections.after_write(layer, cache_k, cache_v)
     k, v = (window_of(c, *window, protected) for c in (cache_k, cache_v))
-    ordered = s.order.written(layer, *(history or (cache_k, cache_v)), write, window[1], k.shape[2], q.shape[2])
+    frame_tokens = s.plan.frame_tokens if s.plan is not None else q.shape[2]  # calibrating: no frames yet
+    ordered = s.order.written(layer, *(history or (cache_k, cache_v)), write, window[1], k.shape[2], q.shape[2],
+                              frame_tokens, touched)
     if s.calibrating(layer, q, k, scale):
         return dense(s, site, layer, q, k, v, scale)
     if not ordered:
