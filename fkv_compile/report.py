@@ -227,7 +227,7 @@ def memory_report(compiled: Any, options: Mapping[str, Any] | None = None) -> Me
 
 
 def is_released(t: Any) -> bool:
-    """True when ``t``'s storage was released by ``compact`` mode: do not read it (see the README)."""
+    """True when ``t``'s storage was released by ``compact`` mode: do not read it (docs/usage.md, "`compact`")."""
     return t.numel() > 0 and t.untyped_storage().nbytes() == 0
 
 
