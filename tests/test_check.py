@@ -13,10 +13,11 @@ from test_cli import fkv
 from fkv_compile import HeadPlan, PlanError, RecompileLimitWarning
 from fkv_compile.models import MiniConfig, build, make_inputs, rollout
 from fkv_compile.tools.check import CONCLUSIVE, check_equivalence
-from fkv_compile.tools.cli.targets import MINIATURES, bundled_check_target
+from fkv_compile.models import MINIATURES
+from fkv_compile.tools.cli.targets import bundled_check_target
 from fkv_compile.tools.testing import assert_equivalent
 
-WINDOWED = MINIATURES["mini-windowed"].config()  # what `fkv check mini-windowed` runs
+WINDOWED = MINIATURES["mini-windowed"].config  # what `fkv check mini-windowed` runs
 
 
 def test_fkv_check_passes_on_the_bundled_miniature(tmp_path):
@@ -67,9 +68,9 @@ def test_a_user_target_with_a_misfit_plan_fails_at_the_first_rollout_in_one_line
 DIVERGING = '''
 import torch
 from fkv_compile.models import build, make_inputs, rollout
-from fkv_compile.tools.cli.targets import MINIATURES
+from fkv_compile.models import MINIATURES
 
-CFG = MINIATURES["mini-windowed"].config()
+CFG = MINIATURES["mini-windowed"].config
 INPUTS = make_inputs(CFG, chunks=2, seed=0)
 
 
@@ -121,12 +122,12 @@ def test_a_frame_at_the_recompile_limit_fails_the_check_even_if_outputs_agree():
 
 
 def test_fkv_bench_runs_end_to_end_and_writes_its_files(tmp_path):
-    out = json.loads(fkv("bench", "--geometry", "tiny", "--layers", 1, "--heads", 2, "--head-dim", 16,
-                         "--repeats", 2, "--lowering", "aot_eager", "--out", tmp_path, "--json").stdout)["tiny"]
+    out = json.loads(fkv("bench", "--geometry", "mini-windowed", "--layers", 1, "--heads", 2, "--head-dim", 16,
+                         "--repeats", 2, "--lowering", "aot_eager", "--out", tmp_path, "--json").stdout)["mini-windowed"]
     assert out["settings"]["lowering"] == "aot_eager"
     assert set(out["rollout"]) == {"dense", "select", "compact"}
     for r in out["rollout"].values():
-        assert len(r["chunk_s"]) == 5 and all(t > 0 for t in r["chunk_s"])
+        assert len(r["chunk_s"]) == 6 and all(t > 0 for t in r["chunk_s"])
         assert 0 < r["attention_share"] < 1 and r["graphs_after_warmup"] == 0
         shares = [o["share"] for o in r["top_ops"]]  # the per-op profile: most self time first
         assert len(shares) == 8 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
@@ -152,9 +153,9 @@ def test_fkv_bench_runs_end_to_end_and_writes_its_files(tmp_path):
     assert call["kept_ratio"] < 1 and all(call[f"{name}_ms"] > 0 for name in ("select", "select_reused", "compact",
                                                                             "pregathered", "flex"))
     assert all(call[f"{name}_share_of_limit"] > 0 for name in ("select", "select_reused", "compact"))
-    assert (tmp_path / "bench_tiny.csv").read_text().count("\n") == 1 + 3 * 5
-    assert (tmp_path / "bench_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert out["files"] == [str(tmp_path / f"bench_tiny.{suffix}") for suffix in ("json", "csv", "png")]
+    assert (tmp_path / "bench_mini-windowed.csv").read_text().count("\n") == 1 + 3 * 6
+    assert (tmp_path / "bench_mini-windowed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out["files"] == [str(tmp_path / f"bench_mini-windowed.{suffix}") for suffix in ("json", "csv", "png")]
 
 
 @pytest.mark.parametrize(("share", "possible", "words"), [
@@ -181,7 +182,7 @@ def test_interleaved_times_rotate_the_order_from_round_to_round():
 def test_a_bench_rollout_that_fails_names_its_mode_and_the_error():
     from fkv_compile.tools.bench import BenchSettings, alternating_rollouts
 
-    settings = BenchSettings(geometry="tiny", side=1, layers=1, heads=2, head_dim=16, plan="no-such-plan.json")
+    settings = BenchSettings(geometry="mini-windowed", side=1, layers=1, heads=2, head_dim=16, plan="no-such-plan.json")
     with pytest.raises(RuntimeError, match=r"(?s)the select rollout failed.*no-such-plan.json"):
         alternating_rollouts(settings, ("select",))
     with pytest.raises(ValueError, match=r"unknown bench mode 'slow'"):
@@ -194,13 +195,13 @@ def test_a_bench_rollout_that_fails_names_its_mode_and_the_error():
 def test_a_bench_keeps_its_call_level_when_the_rollouts_fail_and_checks_its_modes_first(tmp_path):
     from fkv_compile.tools.bench import BenchSettings, run_bench
 
-    settings = BenchSettings(geometry="tiny", side=1, layers=1, heads=2, head_dim=16, repeats=1)
+    settings = BenchSettings(geometry="mini-windowed", side=1, layers=1, heads=2, head_dim=16, repeats=1)
     with pytest.raises(ValueError, match=r"unknown bench mode 'slow'"):
         run_bench(settings, tmp_path / "none", modes=("dense", "slow"))
     assert not (tmp_path / "none").exists()  # bad input changes nothing
     with pytest.raises(RuntimeError, match=r"(?s)the dense rollout failed.*no-such-backend"):
         run_bench(dataclasses.replace(settings, lowering="no-such-backend"), tmp_path, modes=("dense",))
-    partial = json.loads((tmp_path / "bench_tiny.json").read_text())  # what a run stopped by its time limit leaves
+    partial = json.loads((tmp_path / "bench_mini-windowed.json").read_text())  # what a run stopped by its time limit leaves
     assert "rollout" not in partial and partial["call"][0]["select_share_of_limit"] > 0
 
 
@@ -273,3 +274,16 @@ def test_a_bf16_check_without_a_float32_twin_is_inconclusive_and_fails():
     assert failure.startswith("select: inconclusive in bfloat16") and "float32 twin" in failure
 
 
+
+
+def test_fkv_bench_runs_the_miniature_profile_and_check_run_and_refuses_a_plan_for_another_model(tmp_path):
+    from fkv_compile.tools.bench import GEOMETRIES, BenchSettings
+
+    settings = BenchSettings(geometry="mini-windowed", layers=4, heads=4, head_dim=64)
+    assert settings.config() == dataclasses.replace(WINDOWED, num_frames=3 * GEOMETRIES["mini-windowed"].chunks)
+    plan = tmp_path / "plan.json"
+    HeadPlan.from_roles([["static", "dynamic"]] * 4, frame_tokens=WINDOWED.frame_tokens, chunk_frames=3).save(plan)
+    result = fkv("bench", "--geometry", "mini-windowed", "--plan", plan, "--out", tmp_path / "out", ok=False)
+    assert result.returncode == 1 and not (tmp_path / "out" / "bench_mini-windowed.json").exists()
+    (line,) = result.stderr.strip().splitlines()
+    assert "4 layers x 2 heads" in line and "--heads 2" in line

@@ -195,7 +195,7 @@ def test_every_option_of_every_verb_says_what_it_does():
 
 
 @pytest.mark.parametrize("argv", [["profile", "--model", "mini", "--out", "p.json", "--png", "p.png"],
-                                  ["bench", "--geometry", "tiny"], ["plan", "show", "self-forcing", "--png", "p.png"]])
+                                  ["bench", "--geometry", "mini-windowed"], ["plan", "show", "self-forcing", "--png", "p.png"]])
 def test_a_missing_matplotlib_is_said_in_one_line_before_any_work(argv, monkeypatch, tmp_path):
     import importlib.util
 

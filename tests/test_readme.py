@@ -48,7 +48,7 @@ def test_the_cli_flow_the_readme_shows_runs_as_written(tmp_path):
                               env={**os.environ, "PYTHONWARNINGS": "error::UserWarning:fkv_compile"})
         assert done.returncode == 0, f"{' '.join(argv)}:\n{done.stderr[-3000:]}"
         assert "Traceback" not in done.stderr
-    assert (tmp_path / "plan.json").exists() and (tmp_path / "bench_results" / "bench_tiny.json").exists()
+    assert (tmp_path / "plan.json").exists() and (tmp_path / "bench_results" / "bench_mini-windowed.json").exists()
 
 
 def test_the_demo_shows_facts_then_paired_times_beside_their_limit(monkeypatch, capsys):
@@ -60,7 +60,7 @@ def test_the_demo_shows_facts_then_paired_times_beside_their_limit(monkeypatch, 
     spec = importlib.util.spec_from_file_location("demo", ROOT / "examples" / "self_forcing_mini.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    tiny = bench.BenchSettings(geometry="tiny", side=1, layers=1, heads=2, head_dim=16, repeats=2,
+    tiny = bench.BenchSettings(geometry="mini-windowed", side=1, layers=1, heads=2, head_dim=16, repeats=2,
                                lowering="aot_eager")
     monkeypatch.setattr(demo, "demo_settings", lambda rounds: tiny)
     monkeypatch.setattr("sys.argv", ["self_forcing_mini.py", "--rounds", "2"])

@@ -127,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--geometry", nargs="+", default=["self-forcing-5s", "longlive-window"],
                    choices=list(GEOMETRIES), help="; ".join(f"{name}: {g.note}" for name, g in GEOMETRIES.items()))
     b.add_argument("--side", type=positive_int, help="divide the latent height and width by this (default 2 on CPU, 1 on CUDA)")
-    b.add_argument("--layers", type=positive_int, default=4, help="transformer layers (default 4; 30 at real size)")
-    b.add_argument("--heads", type=positive_int, default=12, help="attention heads (default 12, as Wan2.1-1.3B)")
-    b.add_argument("--head-dim", type=positive_int, default=128, help="head dim (default 128, as Wan2.1)")
+    b.add_argument("--layers", type=positive_int, help="transformer layers (default 4, a miniature's own; 30 at real "
+                   "size)")
+    b.add_argument("--heads", type=positive_int, help="attention heads (default 12 as Wan2.1-1.3B, a miniature's own)")
+    b.add_argument("--head-dim", type=positive_int, help="head dim (default 128 as Wan2.1, a miniature's own)")
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and KV (default float32; bfloat16 on a GPU)")
     b.add_argument("--repeats", type=positive_int, default=3,

@@ -19,21 +19,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError(f"--repeats must be at least 1, got {args.repeats}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     side = args.side if args.side is not None else (1 if device == "cuda" else 2)
+    runs = {name: _settings(args, name, side, device) for name in args.geometry}  # every misfit said before any work
     results, lines = {}, []
     with Progress(len(args.geometry) * (1 + len(args.modes) + args.repeats), "benchmarking",
                   enabled=not (args.quiet or args.json)) as bar:
-        for name in args.geometry:
-            settings = BenchSettings(geometry=name, side=1 if name == "tiny" else side, layers=args.layers,
-                                     heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
-                                     repeats=args.repeats, device=device, plan=args.plan, lowering=args.lowering)
+        for name, settings in runs.items():
             try:
                 result = run_bench(settings, Path(args.out), tuple(args.modes), bar.advance, png=not args.no_png)
             except (ValueError, RuntimeError) as exc:
                 raise CliError(str(exc)) from None
             results[name] = result
             g = result["geometry"]
-            lines.append(f"{name}: {GEOMETRIES[name].note}; {g['frame_tokens']} tokens per frame here "
-                         f"({g['real_frame_tokens']} at real size), {args.layers} layers x {args.heads} heads, {device}")
+            scale = "" if GEOMETRIES[name].miniature else f" ({g['real_frame_tokens']} at real size)"
+            lines.append(f"{name}: {GEOMETRIES[name].note}; {g['frame_tokens']} tokens per frame here{scale}, "
+                         f"{settings.layers} layers x {settings.heads} heads, {device}")
             for row in result["call"]:
                 lines.append(f"  call, layer {row['layer']}: kept/dense tokens {row['kept_ratio']:.3f}; time vs dense: "
                              f"select {row['select_ratio']:.3f} (ranges reused {row['select_reused_ratio']:.3f}), "
@@ -69,3 +68,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     lines.append("wrote " + ", ".join(path for r in results.values() for path in r["files"]))
     emit(args, results, "\n".join(lines))
     return 0
+
+
+def _settings(args: argparse.Namespace, name: str, side: int, device: str) -> BenchSettings:
+    """The run at geometry ``name``: a bundled miniature's sizes are its defaults (else BenchSettings'); its plan
+    checked against the model."""
+    mini = GEOMETRIES[name].miniature
+    own = (mini.num_layers, mini.num_heads, mini.head_dim) if mini else (None, None, None)
+    sizes = {field: given or default for field, given, default in
+             zip(("layers", "heads", "head_dim"), (args.layers, args.heads, args.head_dim), own) if given or default}
+    settings = BenchSettings(geometry=name, side=1 if mini else side, dtype=args.dtype, repeats=args.repeats,
+                             device=device, plan=args.plan, lowering=args.lowering, **sizes)
+    try:
+        settings.head_plan(settings.config())
+    except (ValueError, OSError) as exc:  # PlanError is a ValueError; OSError: the plan file
+        raise CliError(str(exc)) from None
+    return settings

@@ -8,7 +8,8 @@ import time
 
 from ..check import check_equivalence
 from .common import CliError, emit, load_plan
-from .targets import MINIATURES, check_target
+from ...models.miniatures import MINIATURES
+from .targets import check_target, miniature_geometry
 
 __all__ = ["cmd_check"]
 
@@ -16,7 +17,7 @@ __all__ = ["cmd_check"]
 def cmd_check(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
     if args.model in MINIATURES:  # a bundled miniature's geometry is known: a misfit is said before anything runs
-        problems = MINIATURES[args.model].geometry().misfits(plan)
+        problems = miniature_geometry(args.model).misfits(plan)
         if problems:
             raise CliError(f"{args.plan} does not fit {args.model}: {'; '.join(problems)} (make a plan for it: "
                            f"fkv profile --model {args.model} --out plan.json)")

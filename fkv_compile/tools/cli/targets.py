@@ -8,12 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ...models.miniatures import MINIATURES
 from ...plan import DYNAMIC, STATIC, HeadPlan, PlanError
 from ..check import Target
 from .common import CliError, load_callable
 
-__all__ = ["Geometry", "ProfileTarget", "Miniature", "MINIATURES", "BUNDLED", "CHECKABLE", "profile_target",
-           "check_target", "bundled_check_target", "geometry_of"]
+__all__ = ["Geometry", "ProfileTarget", "BUNDLED", "CHECKABLE", "profile_target", "check_target",
+           "bundled_check_target", "geometry_of", "miniature_geometry"]
 
 
 @dataclass(frozen=True)
@@ -48,40 +49,24 @@ class ProfileTarget:
     chunks: int
 
 
-@dataclass(frozen=True)
-class Miniature:
-    """A bundled miniature: the one definition ``fkv profile``, ``fkv check`` and ``fkv plan validate`` share, so a
-    plan profiled on it fits what check runs."""
-
-    windowed: bool
-    chunks: int  # per profiling sample and per checked video, unless --chunks
-
-    def config(self):
-        from ...models import MiniConfig
-
-        window = {"window_frames": 12, "sink_frames": 3} if self.windowed else {}
-        return MiniConfig(num_layers=4, num_heads=4, dim=256, ffn_dim=512, **window)
-
-    def geometry(self) -> Geometry:
-        cfg = self.config()
-        return Geometry(cfg.num_layers, cfg.num_heads, cfg.frame_tokens, cfg.chunk_frames, cfg.cache_frames)
+def miniature_geometry(name: str) -> Geometry:
+    """The geometry of the bundled miniature ``name`` (:data:`fkv_compile.models.MINIATURES`)."""
+    cfg = MINIATURES[name].config
+    return Geometry(cfg.num_layers, cfg.num_heads, cfg.frame_tokens, cfg.chunk_frames, cfg.cache_frames)
 
 
-MINIATURES = {"mini": Miniature(windowed=False, chunks=7), "mini-windowed": Miniature(windowed=True, chunks=6)}
-
-
-def _mini_target(mini: Miniature, chunks: int | None) -> ProfileTarget:
+def _mini_target(name: str, chunks: int | None) -> ProfileTarget:
     from ...models import build, make_inputs, rollout
 
-    cfg = mini.config()
-    n = chunks or mini.chunks
+    cfg = MINIATURES[name].config
+    n = chunks or MINIATURES[name].chunks
     model = build(cfg)
 
     def run(compile_model, sample, on_chunk):
         inputs = make_inputs(cfg, chunks=n, seed=sample)
         rollout(compile_model(model), cfg, inputs, on_chunk=on_chunk)
 
-    return ProfileTarget(mini.geometry(), run, n)
+    return ProfileTarget(miniature_geometry(name), run, n)
 
 
 def _planted_target(chunks: int | None) -> ProfileTarget:
@@ -100,7 +85,7 @@ def _planted_target(chunks: int | None) -> ProfileTarget:
 
 
 BUNDLED: dict[str, Callable[[int | None], ProfileTarget]] = {
-    **{name: (lambda chunks, mini=mini: _mini_target(mini, chunks)) for name, mini in MINIATURES.items()},
+    **{name: (lambda chunks, name=name: _mini_target(name, chunks)) for name in MINIATURES},
     "planted": _planted_target,
 }
 CHECKABLE = tuple(MINIATURES)  # the bundled models `fkv check` runs
@@ -124,8 +109,7 @@ def bundled_check_target(name: str, chunks: int | None = None, dtype: torch.dtyp
     chunks each (state carried from one video into the next shows in the second)."""
     from ...models import build, make_inputs, rollout
 
-    mini = MINIATURES[name]
-    cfg, chunks = mini.config(), chunks or mini.chunks
+    cfg, chunks = MINIATURES[name].config, chunks or MINIATURES[name].chunks
     videos = [make_inputs(cfg, chunks=chunks, seed=seed, dtype=dtype) for seed in (0, 1)]
     return Target(lambda: build(cfg, seed=0, dtype=dtype),
                   lambda model: [out for inputs in videos for out in rollout(model, cfg, inputs)])
