@@ -21,8 +21,8 @@ import logging
 
 from fkv_compile.plan import STATIC
 from fkv_compile.semantics import kept_token_count
-from fkv_compile.tools.bench import (BenchSettings, alternating_rollouts, amdahl, kept_fraction, paired_ratio,
-                                     saving_in_words)
+from fkv_compile.tools.bench import (GEOMETRIES, BenchSettings, alternating_rollouts, amdahl, kept_fraction,
+                                     paired_ratio, saving_in_words)
 from fkv_compile.tools.progress import Progress
 from fkv_compile.tools.roofline import MODELS, predictions
 
@@ -41,12 +41,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # the models' graph breaks are expected
     s = demo_settings(args.rounds)
-    cfg = s.config()
-    chunks = cfg.num_frames // cfg.chunk_frames
+    cfg, geometry = s.config(), GEOMETRIES[s.geometry]
     plan = s.head_plan(cfg)
-    f, frames = cfg.frame_tokens, cfg.num_frames  # global attention: the last window is the whole video
+    f, frames = cfg.frame_tokens, cfg.cache_frames  # the last chunk's window: the whole video under global attention
     print(f"Self Forcing miniature: {cfg.num_layers} layers x {cfg.num_heads} heads x {cfg.head_dim}, {f} tokens per "
-          f"frame, {chunks} chunks of {cfg.chunk_frames} frames, global attention over {frames} frames; "
+          f"frame, {geometry.chunks} chunks of {cfg.chunk_frames} frames, attention over up to {frames} frames; "
           f"{plan.count(STATIC)} of {plan.num_layers * plan.num_heads} heads static")
 
     print("\n1. What each attention call attends to (the plan decides; no timing involved)")
@@ -55,7 +54,7 @@ def main() -> None:
     print(f"   last chunk, {dense_tokens} key tokens per head dense: a static head keeps {per_role['static']:.0f} "
           f"({per_role['static'] / dense_tokens:.0%}), a dynamic head {per_role['dynamic']:.0f} "
           f"({per_role['dynamic'] / dense_tokens:.0%})")
-    kept = kept_fraction(plan, None, chunks)
+    kept = kept_fraction(plan, geometry.window_frames, geometry.chunks)
     print(f"   whole video (the first chunks keep everything: nothing to drop yet): {kept:.1%} of the dense "
           f"attention work")
 
@@ -76,8 +75,7 @@ def main() -> None:
           + saving_in_words(best["saving_realised"], 1 - best["amdahl_limit"], "the"))
 
     print("\n3. At real size (a model, not a measurement: docs/gpu_model.md)")
-    h100 = predictions()["geometries"]
-    for key, g in h100.items():
+    for key, g in predictions()["geometries"].items():
         row = g["gpus"]["H100"]
         print(f"   {MODELS[key].name}: attention {row['attention_share_dense']:.0%} of a dense video on an H100, "
               f"predicted speed-up {row['speedup']['same_kernel_class']:.2f}x (paper: {g['paper_speedup']:.2f}x)")
